@@ -1,0 +1,230 @@
+"""Model builders (one per size), the name -> builder dict, and checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+PROMPT_EMBED_DIM = 256
+IMAGE_SIZE = 1024
+PATCH_SIZE = 16
+
+# Encoder hyper-parameters of each size: (embed_dim, depth, num_heads, global_attn_indexes).
+ENCODER_CONFIGS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    # Untrained, for tests and examples only: a 2-block encoder with the real decoder.
+    "vit_tiny": (64, 2, 2, (1,)),
+}
+
+
+def _build_sam(
+    *,
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: tuple[int, ...],
+    checkpoint: str | os.PathLike | None = None,
+) -> Sam:
+    grid = IMAGE_SIZE // PATCH_SIZE
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=4.0,
+            out_chans=PROMPT_EMBED_DIM,
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=14,
+            global_attn_indexes=encoder_global_attn_indexes,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=PROMPT_EMBED_DIM,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    sam.eval()
+    if checkpoint is not None:
+        load_checkpoint(sam, checkpoint)
+    return sam
+
+
+def _build_named(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
+    dim, depth, heads, global_idx = ENCODER_CONFIGS[name]
+    return _build_sam(
+        encoder_embed_dim=dim,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        encoder_global_attn_indexes=global_idx,
+        checkpoint=checkpoint,
+    )
+
+
+def build_sam_vit_h(checkpoint: str | os.PathLike | None = None) -> Sam:
+    """ViT-H SAM (636M parameters); Meta's file: sam_vit_h_4b8939.pth."""
+    return _build_named("vit_h", checkpoint)
+
+
+def build_sam_vit_l(checkpoint: str | os.PathLike | None = None) -> Sam:
+    """ViT-L SAM (308M parameters); Meta's file: sam_vit_l_0b3195.pth."""
+    return _build_named("vit_l", checkpoint)
+
+
+def build_sam_vit_b(checkpoint: str | os.PathLike | None = None) -> Sam:
+    """ViT-B SAM (94M parameters); Meta's file: sam_vit_b_01ec64.pth."""
+    return _build_named("vit_b", checkpoint)
+
+
+def build_sam_vit_tiny(checkpoint: str | os.PathLike | None = None) -> Sam:
+    """A tiny, untrained SAM (2-block 64-wide encoder, full decoder) for tests and examples.
+
+    It has no released weights: its masks are meaningless until it is trained.
+    """
+    return _build_named("vit_tiny", checkpoint)
+
+
+build_sam = build_sam_vit_h
+
+sam_model_registry: dict[str, Callable[..., Sam]] = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+    "vit_tiny": build_sam_vit_tiny,
+}
+
+
+def build_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
+    """Build by name, with a clear error for an unknown name."""
+    if model_type not in sam_model_registry:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(sam_model_registry)}")
+    return sam_model_registry[model_type](checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+# Parameters of the seed's text-prompt models that a plain SAM does not have.
+_TEXT_PREFIXES = ("text_encoder.", "prompt_encoder.text_proj.", "prompt_encoder.text_embeddings.")
+
+
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes wherever they appear."""
+    out = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def identify_model_size(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The size name a SAM state dict belongs to (by encoder width and depth), or None."""
+    pos = state.get("image_encoder.pos_embed")
+    if pos is None or pos.ndim != 4:
+        return None
+    dim = pos.shape[-1]
+    depth = len({m.group(1) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
+    for name, (d, n, _, _) in ENCODER_CONFIGS.items():
+        if d == dim and n == depth:
+            return name
+    return f"an unknown size (width {dim}, depth {depth})"
+
+
+def model_size_name(model: nn.Module) -> str | None:
+    return identify_model_size({k: v for k, v in model.state_dict().items() if k.startswith("image_encoder.")})
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``name -> tensor`` dict with Meta's parameter names.
+
+    Accepts Meta's ``.pth`` (also wrapped as ``{"model": state_dict}`` and with ``module.`` or
+    ``_orig_mod.`` prefixes), samkit's training checkpoints and the seed's MindSpore ``.ckpt``.
+    Pickled code never runs (``weights_only=True``).
+    """
+    from .utils.mindspore_ckpt import looks_like_mindspore_checkpoint, mindspore_to_torch_names, read_mindspore_checkpoint
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if looks_like_mindspore_checkpoint(path):
+        state = mindspore_to_torch_names(read_mindspore_checkpoint(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for bad files; all mean the same to a user
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "weights_only" in str(err) or "Unsupported global" in str(err):
+                reason = "it contains pickled code or objects, which samkit refuses to run (weights_only=True)"
+            raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    for _ in range(2):  # {"model": {...}} or {"state_dict": {"model": ...}}
+        if isinstance(state, Mapping) and not _is_tensor_dict(state):
+            inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+            if inner is not None:
+                state = inner
+    if not isinstance(state, Mapping) or not _is_tensor_dict(state):
+        raise CheckpointError(f"{path} is not a SAM checkpoint (no tensor state dict found)")
+    return clean_state_dict(state)
+
+
+def _is_tensor_dict(state: Mapping) -> bool:
+    return len(state) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
+    """Load weights strictly into ``model``; errors name the file, the sizes and the mismatched keys."""
+    source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    state = clean_state_dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    expected = model.state_dict()
+    # The seed's text-prompt checkpoints carry extra text parameters; a plain SAM ignores them.
+    if not any(k.startswith(_TEXT_PREFIXES) for k in expected):
+        state = {k: v for k, v in state.items() if not k.startswith(_TEXT_PREFIXES)}
+    ckpt_size, model_size = identify_model_size(state), model_size_name(model)
+    if ckpt_size != model_size and ckpt_size is not None:
+        raise CheckpointError(f"checkpoint is {ckpt_size}, model is {model_size}: {source}")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{source} does not match a {model_size} SAM ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+
+
+__all__ = [
+    "build_model",
+    "build_sam",
+    "build_sam_vit_b",
+    "build_sam_vit_h",
+    "build_sam_vit_l",
+    "build_sam_vit_tiny",
+    "load_checkpoint",
+    "read_checkpoint",
+    "sam_model_registry",
+]

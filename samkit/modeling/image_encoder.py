@@ -1,0 +1,234 @@
+"""ViT image encoder (ViTDet style): windowed and global attention with decomposed relative positions,
+followed by a convolutional neck that maps to the 256-channel image embedding.
+
+Parameter names follow Meta's release so its checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d, MLPBlock
+
+# Upper bound on the float relative-position bias materialised at once for global attention
+# (elements). A 64x64-token image has 4096x4096 scores per head: 64 MiB in fp32. Chunking over
+# heads keeps peak memory flat for big models and big batches.
+_BIAS_CHUNK_ELEMENTS = 64 * 4096 * 4096 // 4
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> BxHxWxC tokens."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Gather the (q_size, k_size, C) table of relative-position embeddings.
+
+    ``rel_pos`` holds one embedding per relative offset (2*max(q,k)-1 rows); a table of another
+    length is linearly resized first, as for checkpoints trained at another resolution.
+    """
+    span = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != span:
+        rel_pos = F.interpolate(rel_pos.t()[None].float(), size=span, mode="linear")[0].t().to(rel_pos.dtype)
+    q_scale = max(k_size / q_size, 1.0)
+    k_scale = max(q_size / k_size, 1.0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * q_scale
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * k_scale
+    offsets = (q_coords - k_coords) + (k_size - 1) * k_scale
+    return rel_pos[offsets.long()]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a grid of tokens with decomposed relative-position bias.
+
+    The bias ``q·Rh[y_q, y_k] + q·Rw[x_q, x_k]`` is computed from the unscaled queries and handed to
+    ``scaled_dot_product_attention`` as an additive mask, so the fused kernel does the softmax.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = True,
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("input_size is required when use_rel_pos is True")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """q, k, v: NxHeadsxLxD with L = grid[0]*grid[1] (row-major). Returns NxHeadsxLxD."""
+        if not self.use_rel_pos:
+            return F.scaled_dot_product_attention(q, k, v)
+        gh, gw = grid
+        n, heads, length, d = q.shape
+        rh = relative_position_table(gh, gh, self.rel_pos_h).to(q.dtype)
+        rw = relative_position_table(gw, gw, self.rel_pos_w).to(q.dtype)
+        chunk = max(1, _BIAS_CHUNK_ELEMENTS // (length * length))
+        qf, kf, vf = (t.reshape(n * heads, length, d) for t in (q, k, v))
+        outs = []
+        for s in range(0, n * heads, chunk):
+            qc = qf[s : s + chunk]
+            grid_q = qc.view(-1, gh, gw, d)
+            rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh)
+            rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw)
+            bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(-1, length, length)
+            outs.append(F.scaled_dot_product_attention(qc, kf[s : s + chunk], vf[s : s + chunk], attn_mask=bias))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.view(n, heads, length, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global attention over x: BxHxWxC."""
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).view(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self.attend(qkv[0], qkv[1], qkv[2], (h, w))
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+    def forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """Attention within non-overlapping window x window tiles of x: BxHxWxC.
+
+        The grid is padded to a multiple of the window. Padded tokens are zeros after the norm, so
+        their q/k/v equal the qkv bias: they are filled in directly instead of running the linear
+        layer on them, and the output projection runs on real tokens only.
+        """
+        b, h, w, c = x.shape
+        ph, pw = -h % window, -w % window
+        qkv = self.qkv(x)
+        if ph or pw:
+            fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * c)
+            padded = fill.to(qkv.dtype).expand(b, h + ph, w + pw, 3 * c).clone()
+            padded[:, :h, :w] = qkv
+            qkv = padded
+        hp, wp = h + ph, w + pw
+        nh, nw = hp // window, wp // window
+        qkv = (
+            qkv.view(b, nh, window, nw, window, 3, self.num_heads, self.head_dim)
+            .permute(5, 0, 1, 3, 6, 2, 4, 7)
+            .reshape(3, b * nh * nw, self.num_heads, window * window, self.head_dim)
+        )
+        out = self.attend(qkv[0], qkv[1], qkv[2], (window, window))
+        out = (
+            out.view(b, nh, nw, self.num_heads, window, window, self.head_dim)
+            .permute(0, 1, 4, 2, 5, 3, 6)
+            .reshape(b, hp, wp, c)
+        )
+        return self.proj(out[:, :h, :w])
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``window_size`` 0 means global attention."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = True,
+        window_size: int = 0,
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        attn_size = (window_size, window_size) if window_size > 0 else input_size
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=attn_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn(y)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoderViT(nn.Module):
+    """Bx3xSxS normalised, padded images -> Bx(out_chans)x(S/patch)x(S/patch) embeddings."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        qkv_bias: bool = True,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = True,
+        window_size: int = 14,
+        global_attn_indexes: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim)) if use_abs_pos else None
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                use_rel_pos=use_rel_pos,
+                window_size=0 if i in global_attn_indexes else window_size,
+                input_size=(grid, grid),
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+def count_encoder_flops(encoder: ImageEncoderViT) -> float:
+    """Multiply-adds x2 of one forward pass (linear layers and attention; norms ignored)."""
+    grid = encoder.img_size // encoder.patch_embed.proj.stride[0]
+    tokens = grid * grid
+    dim = encoder.patch_embed.proj.out_channels
+    flops = 2.0 * tokens * dim * 3 * encoder.patch_embed.proj.kernel_size[0] ** 2
+    for blk in encoder.blocks:
+        hidden = blk.mlp.lin1.out_features
+        flops += 2.0 * tokens * dim * (3 * dim + dim + 2 * hidden)
+        win = blk.window_size
+        length = win * win if win else tokens
+        n_windows = math.ceil(grid / win) ** 2 if win else 1
+        flops += 2.0 * 2 * n_windows * length * length * dim
+    out = encoder.neck[0].out_channels
+    flops += 2.0 * tokens * (dim * out + out * out * 9)
+    return flops

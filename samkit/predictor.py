@@ -1,0 +1,252 @@
+"""SamPredictor: embed an image once, then prompt it as often as you like.
+
+Same names, arguments, return types and shapes as Meta's ``segment_anything.SamPredictor``, plus
+many prompts and many images per call (``predict_batch``, ``set_image_batch``).
+
+Conventions: points are XY pixels of the original image, boxes XYXY pixels, labels 1 (foreground)
+and 0 (background); sizes are (H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import PromptError
+from .modeling import Sam
+from .utils.image import to_rgb_uint8
+from .utils.transforms import ResizeLongestSide, upscale_masks
+
+
+class SamPredictor:
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.reset_image()
+
+    # ------------------------------------------------------------------ images
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed one image: HxWx3 uint8 RGB (or BGR with ``image_format="BGR"``).
+
+        Grayscale, RGBA and 16-bit arrays are converted by the rule in :mod:`samkit.utils.image`.
+        """
+        image = to_rgb_uint8(image, image_format)
+        self.set_torch_image(self._to_input_tensor(image), image.shape[:2])
+
+    @torch.inference_mode()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """Embed one image already resized by ``self.transform``: 1x3xHxW, pixel values 0-255."""
+        self._check_input_tensor(transformed_image, batch=1)
+        self.reset_image()
+        self.original_size = tuple(int(s) for s in original_image_size)
+        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        self.features = self.model.image_encoder(self.model.preprocess(transformed_image))
+        self.is_image_set = True
+        self.original_sizes = [self.original_size]
+        self.input_sizes = [self.input_size]
+
+    @torch.inference_mode()
+    def set_image_batch(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
+        """Embed several images in one encoder call (images may differ in size).
+
+        Afterwards ``features`` is Bx256x64x64 and ``predict_batch`` takes one prompt set per image.
+        """
+        if len(images) == 0:
+            raise ValueError("set_image_batch needs at least one image")
+        arrays = [to_rgb_uint8(im, image_format) for im in images]
+        inputs = [self._to_input_tensor(a) for a in arrays]
+        self.reset_image()
+        batch = torch.cat([self.model.preprocess(x) for x in inputs])
+        self.features = self.model.image_encoder(batch)
+        self.original_sizes = [tuple(a.shape[:2]) for a in arrays]
+        self.input_sizes = [tuple(int(s) for s in x.shape[-2:]) for x in inputs]
+        self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
+        self.is_image_set = True
+
+    def _to_input_tensor(self, image: np.ndarray) -> torch.Tensor:
+        resized = self.transform.apply_image(image)
+        return torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1).contiguous()[None]
+
+    def _check_input_tensor(self, x: torch.Tensor, batch: int) -> None:
+        size = self.model.image_encoder.img_size
+        if x.ndim != 4 or x.shape[0] != batch or x.shape[1] != 3 or max(x.shape[2:]) != size:
+            raise ValueError(
+                f"set_torch_image expects 1x3xHxW with long side {size} (use predictor.transform.apply_image), "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    # ------------------------------------------------------------------ prompts
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict masks for one prompt on the current image.
+
+        point_coords: Nx2 XY pixels; point_labels: N; box: 4 (XYXY); mask_input: 1x256x256 low-res
+        logits from an earlier call. Returns masks CxHxW (bool, or float32 logits with
+        ``return_logits``), IoU predictions C and low-res logits Cx256x256 (C = 3 with
+        ``multimask_output`` else 1).
+        """
+        self._require_image()
+        coords, labels, boxes, masks = self._prompt_tensors(
+            point_coords, point_labels, box, mask_input, self.original_size, batched=False
+        )
+        out = self.predict_torch(coords, labels, boxes, masks, multimask_output, return_logits)
+        return tuple(t[0].cpu().numpy() for t in out)  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict masks for B prompts on the current image, coordinates already in the model frame.
+
+        point_coords: BxNx2 (``transform.apply_coords_torch``); point_labels: BxN; boxes: Bx4
+        (``transform.apply_boxes_torch``); mask_input: Bx1x256x256. Returns masks BxCxHxW,
+        IoU predictions BxC and low-res logits BxCx256x256, all on the model's device.
+        """
+        self._require_image()
+        return self._decode(
+            self.features[:1], self.input_size, self.original_size,
+            point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
+        )  # fmt: skip
+
+    def predict_batch(
+        self,
+        prompts: Sequence[Mapping[str, Any]],
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Many prompts on each of the images given to ``set_image_batch`` (or ``set_image``).
+
+        ``prompts[i]`` holds image i's prompts in its original pixels, with keys (all optional)
+        ``point_coords`` BxNx2, ``point_labels`` BxN, ``boxes`` Bx4 and ``mask_input`` Bx1x256x256;
+        B is the number of prompts for that image (a single prompt may drop the B axis: Nx2, N, 4).
+        Returns, per image, masks BxCxHxW, IoU predictions BxC and low-res logits BxCx256x256.
+        """
+        self._require_image()
+        if len(prompts) != len(self.original_sizes):
+            raise ValueError(f"got prompts for {len(prompts)} images, but {len(self.original_sizes)} are set")
+        results = []
+        for i, p in enumerate(prompts):
+            unknown = set(p) - {"point_coords", "point_labels", "boxes", "mask_input"}
+            if unknown:
+                raise ValueError(f"unknown prompt keys {sorted(unknown)} for image {i}")
+            coords, labels, boxes, masks = self._prompt_tensors(
+                p.get("point_coords"), p.get("point_labels"), p.get("boxes"), p.get("mask_input"),
+                self.original_sizes[i], batched=True,
+            )  # fmt: skip
+            out = self._decode(
+                self.features[i : i + 1], self.input_sizes[i], self.original_sizes[i],
+                coords, labels, boxes, masks, multimask_output, return_logits,
+            )  # fmt: skip
+            results.append(tuple(t.cpu().numpy() for t in out))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _decode(
+        self,
+        features: torch.Tensor,
+        input_size: tuple[int, ...],
+        original_size: tuple[int, ...],
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if point_coords is not None and point_labels is None:
+            raise PromptError("point_labels must be given with point_coords")
+        points = (point_coords, point_labels) if point_coords is not None else None
+        model = self.model
+        sparse, dense = model.prompt_encoder(points, boxes, mask_input)
+        low_res, iou = model.mask_decoder(
+            features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+        )
+        low_res, iou = low_res.float(), iou.float()
+        masks = upscale_masks(low_res, model.image_encoder.img_size, input_size, original_size)
+        if not return_logits:
+            masks = masks > model.mask_threshold
+        return masks, iou, low_res
+
+    def _prompt_tensors(
+        self,
+        point_coords: Any,
+        point_labels: Any,
+        box: Any,
+        mask_input: Any,
+        original_size: tuple[int, ...],
+        batched: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Validate prompts in original pixels and move them to the model frame as tensors."""
+        dev = self.device
+        coords = labels = boxes = masks = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_labels must be given with point_coords")
+            pc = np.asarray(point_coords, dtype=np.float64)
+            pl = np.asarray(point_labels)
+            if pc.ndim == 2:
+                pc, pl = pc[None], pl.reshape(1, -1)
+            if pc.ndim != 3 or pc.shape[-1] != 2 or pl.shape != pc.shape[:2]:
+                raise PromptError(
+                    f"point_coords must be Nx2{' or BxNx2' if batched else ''} with matching point_labels, "
+                    f"got {tuple(np.shape(point_coords))} and {tuple(np.shape(point_labels))}"
+                )
+            coords = torch.as_tensor(self.transform.apply_coords(pc, original_size), dtype=torch.float, device=dev)
+            labels = torch.as_tensor(pl, dtype=torch.int, device=dev)
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64)
+            if b.shape == (4,) or (not batched and b.shape == (1, 4)):
+                b = b.reshape(1, 4)
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise PromptError(f"box must be 4 values (XYXY){' or Bx4' if batched else ''}, got {tuple(b.shape)}")
+            boxes = torch.as_tensor(self.transform.apply_boxes(b, original_size), dtype=torch.float, device=dev)
+        if mask_input is not None:
+            m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=dev)
+            if m.ndim == 3:
+                m = m[None]
+            size = self.model.prompt_encoder.mask_input_size
+            if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != size:
+                raise PromptError(f"mask_input must be 1x{size[0]}x{size[1]} per prompt, got {tuple(m.shape)}")
+            masks = m
+        counts = {t.shape[0] for t in (coords, boxes, masks) if t is not None}
+        if len(counts) > 1:
+            raise PromptError(f"points, boxes and masks disagree on the number of prompts: {sorted(counts)}")
+        return coords, labels, boxes, masks
+
+    # ------------------------------------------------------------------ state
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image's embedding: 1x256x64x64 (Bx... after ``set_image_batch``)."""
+        self._require_image()
+        return self.features
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+        self.original_size: tuple[int, ...] | None = None
+        self.input_size: tuple[int, ...] | None = None
+        self.original_sizes: list[tuple[int, ...]] = []
+        self.input_sizes: list[tuple[int, ...]] = []
+
+    def _require_image(self) -> None:
+        if not self.is_image_set or self.features is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")

@@ -1,0 +1,104 @@
+"""Resizing images, coordinates and masks between the original image and the model-input frame."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class ResizeLongestSide:
+    """Resize so the longest side is ``target_length`` (aspect kept, sides rounded half up).
+
+    Coordinates are XY pixels; boxes are XYXY. Numpy methods take HxWxC uint8 images and Nx2 /
+    Nx4 arrays; torch methods take BxCxHxW images and ...x2 / Bx4 tensors.
+    """
+
+    def __init__(self, target_length: int) -> None:
+        self.target_length = target_length
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        scale = long_side_length * 1.0 / max(oldh, oldw)
+        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """HxWxC uint8 -> resized HxWxC uint8 (PIL bilinear, anti-aliased when shrinking)."""
+        h, w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
+        old_h, old_w = original_size
+        new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
+        coords = deepcopy(coords).astype(float)
+        coords[..., 0] = coords[..., 0] * (new_w / old_w)
+        coords[..., 1] = coords[..., 1] * (new_h / old_h)
+        return coords
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
+        return self.apply_coords(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
+        """BxCxHxW float -> resized BxCxHxW (bilinear, anti-aliased)."""
+        size = self.get_preprocess_shape(image.shape[2], image.shape[3], self.target_length)
+        return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+        old_h, old_w = original_size
+        new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
+        coords = coords.clone().to(torch.float)
+        coords[..., 0] = coords[..., 0] * (new_w / old_w)
+        coords[..., 1] = coords[..., 1] * (new_h / old_h)
+        return coords
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+
+def _interp_matrix(src: int, dst: int) -> torch.Tensor:
+    """The dst x src matrix of 1-D bilinear resizing (align_corners=False), taken from F.interpolate."""
+    eye = torch.eye(src, dtype=torch.float64)[None, None]  # 1x1xsrc x src: rows are unit impulses
+    return F.interpolate(eye, size=(dst, src), mode="bilinear", align_corners=False)[0, 0]
+
+
+@lru_cache(maxsize=64)
+def _sparse_resize(low: int, frame: int, crop: int, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Taps of: upsample low->frame, keep the first ``crop`` rows, resize crop->out.
+
+    Returns (index, weight), each out x K: output row r = sum_k weight[r,k] * input[index[r,k]].
+    """
+    dense = _interp_matrix(crop, out) @ _interp_matrix(low, frame)[:crop]  # out x low
+    nonzero = dense != 0
+    first = nonzero.float().argmax(dim=1)
+    last = low - 1 - nonzero.flip(1).float().argmax(dim=1)
+    taps = int((last - first).max()) + 1
+    index = first[:, None] + torch.arange(taps)[None, :]
+    valid = index < low
+    index = index.clamp(max=low - 1)
+    weight = torch.where(valid, dense.gather(1, index), torch.zeros(()))
+    return index, weight.float()
+
+
+def upscale_masks(
+    low_res: torch.Tensor, frame_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """Low-res logits ...xhxw -> logits ...xHxW at the original size, in fp32.
+
+    Equal (up to float rounding) to bilinear upsampling to the padded frame, cropping to
+    ``input_size`` and bilinear resizing to ``original_size``, but each output pixel is computed
+    directly from the few low-res pixels it depends on: no frame-sized intermediate.
+    """
+    x = low_res.float()
+    h, w = x.shape[-2:]
+    ih, iw = _sparse_resize(h, frame_size, int(input_size[0]), int(original_size[0]))
+    jw, ww = _sparse_resize(w, frame_size, int(input_size[1]), int(original_size[1]))
+    dev = x.device
+    ih, iw, jw, ww = ih.to(dev), iw.to(dev), jw.to(dev), ww.to(dev)
+    # Rows: ...x h x w -> ... x H x w
+    rows = (x[..., ih, :] * iw[..., None]).sum(-2)
+    # Columns: ... x H x w -> ... x H x W
+    return (rows[..., jw] * ww).sum(-1)
