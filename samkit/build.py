@@ -154,7 +154,9 @@ def identify_model_size(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def model_size_name(model: nn.Module) -> str | None:
-    return identify_model_size({k: v for k, v in model.state_dict().items() if k.startswith("image_encoder.")})
+    return identify_model_size(
+        {k: v for k, v in model.state_dict().items() if k.startswith("image_encoder.")}
+    )
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -164,7 +166,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``_orig_mod.`` prefixes), samkit's training checkpoints and the seed's MindSpore ``.ckpt``.
     Pickled code never runs (``weights_only=True``).
     """
-    from .utils.mindspore_ckpt import looks_like_mindspore_checkpoint, mindspore_to_torch_names, read_mindspore_checkpoint
+    from .utils.mindspore_ckpt import (
+        looks_like_mindspore_checkpoint,
+        mindspore_to_torch_names,
+        read_mindspore_checkpoint,
+    )
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -177,7 +183,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as err:  # torch raises many types for bad files; all mean the same to a user
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if "weights_only" in str(err) or "Unsupported global" in str(err):
-                reason = "it contains pickled code or objects, which samkit refuses to run (weights_only=True)"
+                reason = (
+                    "it contains pickled code or objects, which samkit refuses to run (weights_only=True)"
+                )
             raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     for _ in range(2):  # {"model": {...}} or {"state_dict": {"model": ...}}
         if isinstance(state, Mapping) and not _is_tensor_dict(state):
@@ -190,7 +198,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _is_tensor_dict(state: Mapping) -> bool:
-    return len(state) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    return len(state) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    )
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:

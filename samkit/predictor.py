@@ -206,22 +206,30 @@ class SamPredictor:
                     f"point_coords must be Nx2{' or BxNx2' if batched else ''} with matching point_labels, "
                     f"got {tuple(np.shape(point_coords))} and {tuple(np.shape(point_labels))}"
                 )
-            coords = torch.as_tensor(self.transform.apply_coords(pc, original_size), dtype=torch.float, device=dev)
+            coords = torch.as_tensor(
+                self.transform.apply_coords(pc, original_size), dtype=torch.float, device=dev
+            )
             labels = torch.as_tensor(pl, dtype=torch.int, device=dev)
         if box is not None:
             b = np.asarray(box, dtype=np.float64)
             if b.shape == (4,) or (not batched and b.shape == (1, 4)):
                 b = b.reshape(1, 4)
             if b.ndim != 2 or b.shape[1] != 4:
-                raise PromptError(f"box must be 4 values (XYXY){' or Bx4' if batched else ''}, got {tuple(b.shape)}")
-            boxes = torch.as_tensor(self.transform.apply_boxes(b, original_size), dtype=torch.float, device=dev)
+                raise PromptError(
+                    f"box must be 4 values (XYXY){' or Bx4' if batched else ''}, got {tuple(b.shape)}"
+                )
+            boxes = torch.as_tensor(
+                self.transform.apply_boxes(b, original_size), dtype=torch.float, device=dev
+            )
         if mask_input is not None:
             m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=dev)
             if m.ndim == 3:
                 m = m[None]
             size = self.model.prompt_encoder.mask_input_size
             if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != size:
-                raise PromptError(f"mask_input must be 1x{size[0]}x{size[1]} per prompt, got {tuple(m.shape)}")
+                raise PromptError(
+                    f"mask_input must be 1x{size[0]}x{size[1]} per prompt, got {tuple(m.shape)}"
+                )
             masks = m
         counts = {t.shape[0] for t in (coords, boxes, masks) if t is not None}
         if len(counts) > 1:

@@ -76,7 +76,9 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
         """q, k, v: NxHeadsxLxD with L = grid[0]*grid[1] (row-major). Returns NxHeadsxLxD."""
         if not self.use_rel_pos:
             return F.scaled_dot_product_attention(q, k, v)
@@ -93,7 +95,9 @@ class Attention(nn.Module):
             rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh)
             rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw)
             bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(-1, length, length)
-            outs.append(F.scaled_dot_product_attention(qc, kf[s : s + chunk], vf[s : s + chunk], attn_mask=bias))
+            outs.append(
+                F.scaled_dot_product_attention(qc, kf[s : s + chunk], vf[s : s + chunk], attn_mask=bias)
+            )
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.view(n, heads, length, d)
 
@@ -151,7 +155,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         attn_size = (window_size, window_size) if window_size > 0 else input_size
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=attn_size)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=attn_size
+        )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
         self.window_size = window_size

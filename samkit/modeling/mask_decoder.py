@@ -36,9 +36,12 @@ class MaskDecoder(nn.Module):
             activation(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
         )
-        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
 
     def forward(
         self,
@@ -54,7 +57,9 @@ class MaskDecoder(nn.Module):
         image_pe: 1xCxHxW; sparse: BxNxC; dense: BxCxHxW (or 1xCxHxW, broadcast).
         Returns mask logits Bx(3 or 1)x4Hx4W and IoU predictions Bx(3 or 1).
         """
-        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou_pred[:, sel]
 
@@ -68,7 +73,9 @@ class MaskDecoder(nn.Module):
         """All mask tokens: logits Bx(num_mask_tokens)x4Hx4W and IoU Bx(num_mask_tokens)."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(b, -1, -1), sparse_prompt_embeddings.to(output_tokens.dtype)], dim=1)
+        tokens = torch.cat(
+            [output_tokens.expand(b, -1, -1), sparse_prompt_embeddings.to(output_tokens.dtype)], dim=1
+        )
 
         # One copy of the image per prompt (the transformer updates the image tokens per prompt).
         src = (image_embeddings + dense_prompt_embeddings).expand(b, -1, -1, -1)

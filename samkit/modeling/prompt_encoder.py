@@ -119,7 +119,9 @@ class PromptEncoder(nn.Module):
 
     @staticmethod
     def _batch_size(
-        points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, masks: torch.Tensor | None
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
     ) -> int:
         if points is not None:
             return points[0].shape[0]
@@ -143,7 +145,11 @@ class PromptEncoder(nn.Module):
             parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
             parts.append(self._embed_boxes(boxes))
-        sparse = torch.cat(parts, dim=1) if parts else torch.empty(bs, 0, self.embed_dim, device=device, dtype=self._dtype)
+        sparse = (
+            torch.cat(parts, dim=1)
+            if parts
+            else torch.empty(bs, 0, self.embed_dim, device=device, dtype=self._dtype)
+        )
         if masks is not None:
             dense = self._embed_masks(masks)
         else:

@@ -45,7 +45,9 @@ class Sam(nn.Module):
         """The dtype of the weights (the model computes in it)."""
         return self.mask_decoder.iou_token.weight.dtype
 
-    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
         """End-to-end prediction, differentiable (wrap in ``torch.no_grad()`` for inference).
 
         Each input dict holds ``image`` (3xHxW, already resized so the long side is the encoder's
@@ -79,7 +81,9 @@ class Sam(nn.Module):
         size = self.image_encoder.img_size
         masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False)
+        return F.interpolate(
+            masks, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False
+        )
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise 3xHxW (or Bx3xHxW) 0-255 pixels and pad bottom/right to a square input."""

@@ -18,7 +18,9 @@ class Attention(nn.Module):
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
-            raise ValueError(f"num_heads ({num_heads}) must divide embedding_dim/downsample_rate ({self.internal_dim})")
+            raise ValueError(
+                f"num_heads ({num_heads}) must divide embedding_dim/downsample_rate ({self.internal_dim})"
+            )
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)

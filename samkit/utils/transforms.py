@@ -60,8 +60,12 @@ class ResizeLongestSide:
 
 
 def _interp_matrix(src: int, dst: int) -> torch.Tensor:
-    """The dst x src matrix of 1-D bilinear resizing (align_corners=False), taken from F.interpolate."""
-    eye = torch.eye(src, dtype=torch.float64)[None, None]  # 1x1xsrc x src: rows are unit impulses
+    """The dst x src matrix of 1-D bilinear resizing (align_corners=False), taken from F.interpolate.
+
+    fp32 on purpose: the kernel computes source positions in the input's precision, and the taps
+    must sit exactly where they sit for fp32 logits.
+    """
+    eye = torch.eye(src, dtype=torch.float32)[None, None]  # 1x1xsrc x src: rows are unit impulses
     return F.interpolate(eye, size=(dst, src), mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -71,7 +75,7 @@ def _sparse_resize(low: int, frame: int, crop: int, out: int) -> tuple[torch.Ten
 
     Returns (index, weight), each out x K: output row r = sum_k weight[r,k] * input[index[r,k]].
     """
-    dense = _interp_matrix(crop, out) @ _interp_matrix(low, frame)[:crop]  # out x low
+    dense = _interp_matrix(crop, out).double() @ _interp_matrix(low, frame)[:crop].double()  # out x low
     nonzero = dense != 0
     first = nonzero.float().argmax(dim=1)
     last = low - 1 - nonzero.flip(1).float().argmax(dim=1)

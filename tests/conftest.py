@@ -1,0 +1,66 @@
+"""Shared fixtures: samkit and Meta's segment_anything with the same random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samkit import build_model
+from samkit.build import ENCODER_CONFIGS
+
+
+def perturbed_state(state: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """Add noise to EVERY tensor: Meta zero-initialises pos_embed and rel_pos_*, and zeros hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
+
+
+def meta_model(name: str):
+    from segment_anything.build_sam import _build_sam
+
+    dim, depth, heads, global_idx = ENCODER_CONFIGS[name]
+    return _build_sam(
+        encoder_embed_dim=dim,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        encoder_global_attn_indexes=global_idx,
+    ).eval()
+
+
+def model_pair(name: str, seed: int, scale: float = 0.1):
+    """(samkit model, Meta model) holding identical random weights."""
+    torch.manual_seed(seed)
+    meta = meta_model(name)
+    state = perturbed_state(meta.state_dict(), seed, scale)
+    meta.load_state_dict(state)
+    ours = build_model(name)
+    ours.load_state_dict(state)
+    return ours, meta
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    return model_pair("vit_tiny", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    model = build_model("vit_tiny")
+    model.load_state_dict(perturbed_state(model.state_dict(), seed=0))
+    return model
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "sam_vit_tiny.pth"
+    torch.save(tiny_model.state_dict(), path)
+    return str(path)

@@ -1,0 +1,94 @@
+"""Model-level checks: shapes, gradients reach every parameter, precision, builders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samkit import SamPredictor, build_model, sam_model_registry
+from samkit.modeling.image_encoder import Attention, relative_position_table
+
+
+def test_registry_names():
+    assert set(sam_model_registry) >= {"default", "vit_b", "vit_l", "vit_h"}
+    with pytest.raises(ValueError, match="vit_b"):
+        build_model("vit_x")
+
+
+def test_every_parameter_gets_a_gradient(tiny_model):
+    model = tiny_model.train()
+    try:
+        image = torch.rand(3, 600, 1024) * 255
+        batch = [
+            {
+                "image": image,
+                "original_size": (300, 512),
+                "point_coords": torch.tensor([[[100.0, 200.0], [400.0, 300.0]]]),
+                "point_labels": torch.tensor([[1, 0]]),
+                "boxes": torch.tensor([[50.0, 60.0, 700.0, 500.0]]),
+                "mask_inputs": torch.randn(1, 1, 256, 256),
+            },
+            {
+                "image": image,
+                "original_size": (300, 512),
+                "point_coords": torch.tensor([[[10.0, 20.0]]]),
+                "point_labels": torch.tensor([[1]]),
+            },
+        ]
+        loss = 0
+        for multimask in (True, False):
+            for out in model(batch, multimask_output=multimask):
+                assert torch.isfinite(out["low_res_logits"]).all()
+                loss = loss + out["low_res_logits"].mean() + out["iou_predictions"].mean()
+        loss.backward()
+        missing = [
+            n
+            for n, p in model.named_parameters()
+            if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+        ]
+        assert missing == []
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_relative_position_table_resizes():
+    table = torch.randn(27, 8)
+    assert relative_position_table(14, 14, table).shape == (14, 14, 8)
+    # A table made for another window size is resized to 2*size-1 rows first.
+    assert relative_position_table(7, 7, table).shape == (7, 7, 8)
+
+
+def test_global_attention_chunking_matches_unchunked(monkeypatch):
+    import samkit.modeling.image_encoder as enc
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, input_size=(8, 8))
+    torch.nn.init.normal_(attn.rel_pos_h)
+    torch.nn.init.normal_(attn.rel_pos_w)
+    x = torch.randn(2, 8, 8, 32)
+    full = attn(x)
+    monkeypatch.setattr(enc, "_BIAS_CHUNK_ELEMENTS", 64 * 64)  # one head at a time
+    torch.testing.assert_close(attn(x), full)
+
+
+def test_bfloat16_predictor(tiny_model, photo):
+    ref = SamPredictor(tiny_model)
+    ref.set_image(photo)
+    model16 = build_model("vit_tiny")
+    model16.load_state_dict(tiny_model.state_dict())
+    model16.to(torch.bfloat16)
+    p16 = SamPredictor(model16)
+    p16.set_image(photo)
+    assert p16.features.dtype == torch.bfloat16
+    kwargs = dict(
+        point_coords=np.array([[200, 150]]), point_labels=np.array([1]), box=np.array([50, 60, 400, 450])
+    )
+    m32, s32, l32 = ref.predict(**kwargs, multimask_output=False)
+    m16, s16, l16 = p16.predict(**kwargs, multimask_output=False)
+    assert m16.dtype == bool and s16.dtype == np.float32 and l16.dtype == np.float32
+    iou = (m16 & m32).sum() / max((m16 | m32).sum(), 1)
+    assert iou > 0.9
+    # Prompts are encoded in fp32 before the cast: sin/cos of large arguments need it.
+    assert np.abs(s16 - s32).max() < 0.1 * max(1.0, np.abs(s32).max())
