@@ -17,11 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m samkit.demo_data $(DEMO_IMAGE)
-	@set -e; for t in point box point_box batch_point batch_box batch_point_box; do \
-	  $(PY) demo/inference_with_prompts.py --prompt-type $$t --model-type $(MODEL_TYPE) \
-	    $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) \
-	    --input $(DEMO_IMAGE) --output-dir outputs/demo || exit 1; \
-	done
+	$(PY) demo/inference_with_prompts.py --prompt-type all --model-type $(MODEL_TYPE) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) \
+	  --input $(DEMO_IMAGE) --output-dir outputs/demo
 
 test: install
 	$(PY) -m pytest -q tests
