@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, ImageError, PromptError, SamkitError
+from .errors import CheckpointError, PromptError, SamkitError
 
 PROMPT_TYPES: tuple[str, ...] = ("point", "box", "point_box", "batch_point", "batch_box", "batch_point_box")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -346,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
     from .build import build_model
     from .download import download_checkpoint
     from .predictor import SamPredictor
+    from .utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
     types = PROMPT_TYPES if args.prompt_type == "all" else (args.prompt_type,)
@@ -353,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     boxes = [parse_box(b) for b in args.box or []]
     device = _check_device(args.device)
     dtype = getattr(torch, args.dtype)
-    image = _load_image(args.input)
+    image = load_image(args.input)
     plans = [
         plan_prompts(t, *_prompts_for(t, args.prompt_type, points, boxes), image.shape[:2]) for t in types
     ]
@@ -382,17 +383,6 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
-
-
-def _load_image(path: str) -> np.ndarray:
-    from PIL import Image
-
-    from .utils.image import load_image
-
-    try:
-        return load_image(path)
-    except Image.DecompressionBombError as err:  # not an OSError, so load_image lets it through
-        raise ImageError(f"cannot read image {path}: {err}") from None
 
 
 def _check_device(name: str) -> Any:

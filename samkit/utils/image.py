@@ -12,6 +12,7 @@ The rule (documented in the README):
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -54,10 +55,15 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     if os.path.isdir(path):
         raise ImageError(f"expected an image file, got a directory: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            array = _pil_to_array(img)
+        with warnings.catch_warnings():
+            # Pillow warns from ~89 megapixels; such photos are fine, only its hard limit is an error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                array = _pil_to_array(img)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"cannot read image {path}: {err}") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot read image {path}: not an image file") from None
     except (OSError, ValueError, SyntaxError) as err:

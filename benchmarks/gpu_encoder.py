@@ -1,0 +1,157 @@
+"""Image-encoder throughput on a GPU: samkit (bf16, eager and torch.compile) against Meta's fp32.
+
+    python benchmarks/gpu_encoder.py --models vit_b,vit_h --batches 1,8,32 [--out results.json]
+
+Both implementations get the SAME random weights (every tensor perturbed) and the same inputs;
+each configuration is warmed up, then timed with CUDA events; medians are reported with the
+agreement of samkit's embeddings against Meta's fp32 ones (relative L2 difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from samkit.build import ENCODER_CONFIGS, build_model
+
+
+def meta_encoder(name: str):
+    from segment_anything.build_sam import _build_sam
+
+    dim, depth, heads, global_idx = ENCODER_CONFIGS[name]
+    return _build_sam(
+        encoder_embed_dim=dim,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        encoder_global_attn_indexes=global_idx,
+    ).image_encoder
+
+
+def timed(fn, x, iters: int, budget_s: float) -> list[float]:
+    """Per-call seconds of ``fn(x)`` (after two warm-up calls), at most ``iters`` or ``budget_s``."""
+    for _ in range(2):
+        fn(x)
+    torch.cuda.synchronize()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < iters and (time.perf_counter() - start_all < budget_s or len(times) < 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return times
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vit_b,vit_h")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--meta-batches", default="1,8")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=8.0, help="seconds of timing per configuration")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(samkit encoder)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    dev = torch.device(args.device)
+    rows = []
+    name_gpu = torch.cuda.get_device_name(dev)
+    print(f"device: {name_gpu}, torch {torch.__version__}", flush=True)
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        meta = meta_encoder(name).to(dev).eval()
+        g = torch.Generator(device=dev).manual_seed(1)
+        with torch.no_grad():
+            for p in meta.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g, device=dev))
+        state = {f"image_encoder.{k}": v for k, v in meta.state_dict().items()}
+        sam = build_model(name).to(dev)
+        sam.load_state_dict({**sam.state_dict(), **state})
+        ours32 = sam.image_encoder.eval()
+        ours16 = build_model(name).image_encoder.to(dev).eval()
+        ours16.load_state_dict(ours32.state_dict())
+        ours16.to(torch.bfloat16)
+        variants = {"samkit bf16": ours16}
+        if args.compile:
+            variants["samkit bf16 compiled"] = torch.compile(ours16)
+        x1 = torch.randn(1, 3, 1024, 1024, device=dev, generator=g)
+        with torch.inference_mode():
+            ref = meta(x1)
+            agree = {
+                "samkit fp32": rel(ours32(x1), ref),
+                "samkit bf16": rel(ours16(x1.bfloat16()), ref),
+            }
+        print(f"{name}: rel. difference vs Meta fp32: {agree}", flush=True)
+        plan = [("meta fp32", meta, torch.float32, int(b)) for b in args.meta_batches.split(",")]
+        plan += [("samkit fp32", ours32, torch.float32, int(b)) for b in args.meta_batches.split(",")]
+        plan += [
+            (label, mod, torch.bfloat16, int(b))
+            for label, mod in variants.items()
+            for b in args.batches.split(",")
+        ]
+        for label, module, dtype, batch in plan:
+            x = torch.randn(batch, 3, 1024, 1024, device=dev, generator=g).to(dtype)
+            torch.cuda.reset_peak_memory_stats(dev)
+            try:
+                with torch.inference_mode():
+                    t = timed(module, x, args.iters, args.budget)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{name} {label} batch {batch}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            med = statistics.median(t)
+            row = {
+                "model": name,
+                "impl": label,
+                "batch": batch,
+                "median_s": med,
+                "images_per_s": batch / med,
+                "runs": len(t),
+                "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30,
+                "device": name_gpu,
+            }
+            rows.append(row)
+            print(
+                f"{name:6s} {label:22s} batch {batch:3d}: {row['images_per_s']:8.1f} img/s "
+                f"(median {med * 1000:.1f} ms over {len(t)} runs, peak {row['peak_gib']:.1f} GiB)",
+                flush=True,
+            )
+            del x
+        for r in rows:
+            if r["model"] == name:
+                r["agreement_vs_meta_fp32"] = agree.get(r["impl"].replace(" compiled", ""))
+        del meta, ours32, ours16, variants, sam
+        torch.cuda.empty_cache()
+    print("\nmodel  impl                   batch   img/s   x Meta fp32 (same batch)")
+    for r in rows:
+        base = next(
+            (
+                b
+                for b in rows
+                if b["model"] == r["model"] and b["impl"] == "meta fp32" and b["batch"] == r["batch"]
+            ),
+            None,
+        )
+        base = base or next(b for b in rows if b["model"] == r["model"] and b["impl"] == "meta fp32")
+        print(
+            f"{r['model']:6s} {r['impl']:22s} {r['batch']:5d} {r['images_per_s']:7.1f}   {r['images_per_s'] / base['images_per_s']:.2f}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": name_gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
