@@ -25,8 +25,8 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(PY) -m ruff check samkit tests demo benchmarks scripts *.py
-	$(PY) -m ruff format --check samkit tests demo benchmarks scripts *.py
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -87,18 +87,28 @@ class Attention(nn.Module):
         rh = relative_position_table(gh, gh, self.rel_pos_h).to(q.dtype)
         rw = relative_position_table(gw, gw, self.rel_pos_w).to(q.dtype)
         chunk = max(1, _BIAS_CHUNK_ELEMENTS // (length * length))
-        qf, kf, vf = (t.reshape(n * heads, length, d) for t in (q, k, v))
+        # 4-D (1, N*heads, L, D) views: the fused GPU kernels (memory-efficient attention with a
+        # bias) only take 4-D inputs; 3-D ones fall back to the unfused math path.
+        qf, kf, vf = (t.reshape(1, n * heads, length, d) for t in (q, k, v))
+        differentiable = torch.is_grad_enabled() and (q.requires_grad or rh.requires_grad)
         outs = []
         for s in range(0, n * heads, chunk):
-            qc = qf[s : s + chunk]
-            grid_q = qc.view(-1, gh, gw, d)
+            qc = qf[:, s : s + chunk]
+            grid_q = qc.reshape(-1, gh, gw, d)
             rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh)
             rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw)
-            bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(-1, length, length)
+            if differentiable or torch.compiler.is_compiling():
+                bias = rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+            else:
+                # Written straight into a contiguous buffer: a broadcast add may pick a permuted
+                # output layout, and the reshape below would then copy the block's largest tensor.
+                bias = qc.new_empty(grid_q.shape[0], gh, gw, gh, gw)
+                torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
+            bias = bias.reshape(1, -1, length, length)
             outs.append(
-                F.scaled_dot_product_attention(qc, kf[s : s + chunk], vf[s : s + chunk], attn_mask=bias)
+                F.scaled_dot_product_attention(qc, kf[:, s : s + chunk], vf[:, s : s + chunk], attn_mask=bias)
             )
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.view(n, heads, length, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
