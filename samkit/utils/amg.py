@@ -1,0 +1,186 @@
+"""Helpers of automatic mask generation: point grids, crops, stability scores, boxes and RLE.
+
+Masks are BxHxW tensors; boxes are XYXY with inclusive pixel indices (x1 = last column of the mask);
+RLEs are COCO's uncompressed form ``{"size": [H, W], "counts": [...]}`` over the column-major
+(Fortran-order) pixel sequence, starting with a run of zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """Cell centres of an n x n grid over [0, 1]^2 as (n*n)x2 XY, row by row."""
+    offset = 1 / (2 * n_per_side)
+    centres = np.linspace(offset, 1 - offset, n_per_side)
+    xs, ys = np.meshgrid(centres, centres, indexing="xy")
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> list[np.ndarray]:
+    """One grid per crop layer; layer i has n_per_side / scale_per_layer**i points per side."""
+    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(
+    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
+) -> tuple[list[list[int]], list[int]]:
+    """The whole image, then 2^i x 2^i overlapping crops for layer i = 1..n_layers (XYXY, exclusive ends)."""
+    im_h, im_w = im_size
+    boxes, layers = [[0, 0, im_w, im_h]], [0]
+    for layer in range(1, n_layers + 1):
+        n = 2**layer
+        overlap = int(overlap_ratio * min(im_h, im_w) * (2 / n))
+        crop_w = int(math.ceil((overlap * (n - 1) + im_w) / n))
+        crop_h = int(math.ceil((overlap * (n - 1) + im_h) / n))
+        x0s = [int((crop_w - overlap) * i) for i in range(n)]
+        y0s = [int((crop_h - overlap) * i) for i in range(n)]
+        for x0, y0 in product(x0s, y0s):
+            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layers.append(layer)
+    return boxes, layers
+
+
+def stability_score_from_counts(strict: torch.Tensor, loose: torch.Tensor) -> torch.Tensor:
+    """IoU of the masks thresholded at threshold+offset (``strict`` pixel counts) and -offset (``loose``)."""
+    return strict / loose
+
+
+def calculate_stability_score(
+    masks: torch.Tensor, mask_threshold: float, threshold_offset: float
+) -> torch.Tensor:
+    """Stability of BxHxW logits: IoU between the masks at threshold +- offset."""
+    strict = (masks > (mask_threshold + threshold_offset)).flatten(1).sum(-1, dtype=torch.int32)
+    loose = (masks > (mask_threshold - threshold_offset)).flatten(1).sum(-1, dtype=torch.int32)
+    return stability_score_from_counts(strict, loose)
+
+
+def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
+    """...xHxW bool -> ...x4 XYXY inclusive boxes; empty masks give [0, 0, 0, 0]."""
+    h, w = masks.shape[-2:]
+    if masks.numel() == 0:
+        return torch.zeros(*masks.shape[:-2], 4, device=masks.device, dtype=torch.long)
+    flat = masks.reshape(-1, h, w)
+    rows = flat.any(dim=-1)  # N x H
+    cols = flat.any(dim=-2)  # N x W
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    top = torch.where(rows, ys, h).amin(-1)
+    bottom = torch.where(rows, ys, -1).amax(-1)
+    left = torch.where(cols, xs, w).amin(-1)
+    right = torch.where(cols, xs, -1).amax(-1)
+    boxes = torch.stack([left, top, right, bottom], dim=-1)
+    empty = ~rows.any(-1)
+    boxes = torch.where(empty[:, None], torch.zeros_like(boxes), boxes)
+    return boxes.reshape(*masks.shape[:-2], 4)
+
+
+def is_box_near_crop_edge(
+    boxes: torch.Tensor, crop_box: list[int], orig_box: list[int], atol: float = 20.0
+) -> torch.Tensor:
+    """Boxes (in crop coordinates) within ``atol`` px of a crop edge that is not also an image edge."""
+    crop = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)
+    orig = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)
+    boxes = uncrop_boxes_xyxy(boxes, crop_box).float()
+    near_crop = (boxes - crop).abs() <= atol
+    near_image = (boxes - orig).abs() <= atol
+    return (near_crop & ~near_image).any(dim=1)
+
+
+def uncrop_boxes_xyxy(boxes: torch.Tensor, crop_box: list[int]) -> torch.Tensor:
+    x0, y0 = crop_box[:2]
+    return boxes + torch.tensor([x0, y0, x0, y0], device=boxes.device, dtype=boxes.dtype)
+
+
+def uncrop_points(points: torch.Tensor, crop_box: list[int]) -> torch.Tensor:
+    x0, y0 = crop_box[:2]
+    return points + torch.tensor([x0, y0], device=points.device, dtype=points.dtype)
+
+
+def uncrop_masks(masks: torch.Tensor, crop_box: list[int], orig_h: int, orig_w: int) -> torch.Tensor:
+    """Pad BxhxW crop masks with zeros to the full image."""
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, orig_w, orig_h):
+        return masks
+    return F.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
+
+
+def box_xyxy_to_xywh(box: torch.Tensor) -> torch.Tensor:
+    out = box.clone()
+    out[..., 2:] = box[..., 2:] - box[..., :2]
+    return out
+
+
+def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """BxHxW bool -> uncompressed RLEs, computed for the whole batch at once (one host transfer)."""
+    b, h, w = masks.shape
+    if b == 0:
+        return []
+    seq = masks.transpose(1, 2).reshape(b, h * w)  # column-major pixel order
+    # Run boundaries: positions where the value changes, plus both ends of each sequence.
+    changes = (seq[:, 1:] != seq[:, :-1]).nonzero()
+    mask_idx, pos = changes[:, 0].cpu().numpy(), changes[:, 1].cpu().numpy() + 1
+    starts_with_one = seq[:, 0].cpu().numpy()
+    splits = np.searchsorted(mask_idx, np.arange(1, b))
+    out = []
+    for i, bounds in enumerate(np.split(pos, splits)):
+        edges = np.concatenate([[0], bounds, [h * w]])
+        counts = np.diff(edges).tolist()
+        if starts_with_one[i]:
+            counts = [0] + counts
+        out.append({"size": [h, w], "counts": counts})
+    return out
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """Uncompressed RLE -> HxW bool."""
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape(w, h).T
+
+
+def area_from_rle(rle: dict[str, Any]) -> int:
+    return int(sum(rle["counts"][1::2]))
+
+
+def coco_encode_rle(uncompressed_rle: dict[str, Any]) -> dict[str, Any]:
+    """Uncompressed RLE -> COCO compressed RLE with a str ``counts`` (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = uncompressed_rle["size"]
+    rle = mask_utils.frPyObjects(uncompressed_rle, h, w)
+    rle["counts"] = rle["counts"].decode("utf-8")
+    return rle
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than ``area_thresh``.
+
+    Returns the new mask and whether it changed. If every island is small, the largest is kept.
+    """
+    import cv2
+
+    if mode not in ("holes", "islands"):
+        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
+    fill_holes = mode == "holes"
+    working = (mask ^ fill_holes).astype(np.uint8)  # the regions to examine: holes or islands
+    n_labels, labels, stats, _ = cv2.connectedComponentsWithStats(working, connectivity=8)
+    sizes = stats[1:, cv2.CC_STAT_AREA]
+    small = np.flatnonzero(sizes < area_thresh) + 1
+    if small.size == 0:
+        return mask, False
+    if fill_holes:
+        keep_labels = np.concatenate([[0], small])  # the mask itself plus the small holes
+    else:
+        keep_labels = np.setdiff1d(np.arange(1, n_labels), small)
+        if keep_labels.size == 0:
+            keep_labels = np.array([int(np.argmax(sizes)) + 1])
+    return np.isin(labels, keep_labels), True
