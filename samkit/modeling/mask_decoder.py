@@ -77,10 +77,12 @@ class MaskDecoder(nn.Module):
             [output_tokens.expand(b, -1, -1), sparse_prompt_embeddings.to(output_tokens.dtype)], dim=1
         )
 
-        # One copy of the image per prompt (the transformer updates the image tokens per prompt).
-        src = (image_embeddings + dense_prompt_embeddings).expand(b, -1, -1, -1)
+        # Without mask prompts every prompt sees the same image tokens: keep a batch of 1 and let
+        # the transformer broadcast it (its first layer projects the image once for all prompts).
+        src = image_embeddings + dense_prompt_embeddings
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
+        src = src.expand(b, -1, -1)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

@@ -31,11 +31,17 @@ class Attention(nn.Module):
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: BxNqxC, k and v: BxNkxC -> BxNqxC."""
-        out = F.scaled_dot_product_attention(
-            self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        )
-        b, _, n, _ = out.shape
+        """q: BxNqxC, k and v: BxNkxC -> BxNqxC. A batch of 1 broadcasts against B.
+
+        Projecting a shared (batch 1) input once and broadcasting it is what makes many prompts on
+        one image cheap: the image tokens are the same for every prompt until the first layer
+        updates them.
+        """
+        qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        b = max(qh.shape[0], kh.shape[0], vh.shape[0])
+        qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
+        out = F.scaled_dot_product_attention(qh, kh, vh)
+        _, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
     """Cell centres of an n x n grid over [0, 1]^2 as (n*n)x2 XY, row by row."""
+    if n_per_side < 1:
+        raise ValueError(f"a point grid needs at least 1 point per side, got {n_per_side}")
     offset = 1 / (2 * n_per_side)
     centres = np.linspace(offset, 1 - offset, n_per_side)
     xs, ys = np.meshgrid(centres, centres, indexing="xy")

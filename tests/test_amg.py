@@ -1,0 +1,80 @@
+"""SamAutomaticMaskGenerator against Meta's on the same weights and images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator as MetaGenerator
+
+from samkit import build_model
+from samkit.amg import SamAutomaticMaskGenerator
+
+RELAXED = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+def same_segmentation(a, b) -> bool:
+    return np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+
+
+def compare_records(ref: list[dict], got: list[dict], min_identical: float = 0.98) -> None:
+    assert len(got) == len(ref)
+    assert all(set(r) == set(g) for r, g in zip(ref, got))
+    identical = sum(same_segmentation(r["segmentation"], g["segmentation"]) for r, g in zip(ref, got))
+    assert identical >= min_identical * len(ref), f"{identical} of {len(ref)} segmentations identical"
+    for r, g in zip(ref, got):
+        assert abs(r["predicted_iou"] - g["predicted_iou"]) < 1e-3
+        assert abs(r["stability_score"] - g["stability_score"]) < 1e-2
+        assert r["crop_box"] == g["crop_box"] and r["point_coords"] == g["point_coords"]
+        if same_segmentation(r["segmentation"], g["segmentation"]):
+            assert r["bbox"] == g["bbox"] and r["area"] == g["area"]
+        assert type(r["area"]) is type(g["area"]) and all(type(v) is int for v in g["bbox"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(points_per_side=5, **RELAXED),
+        dict(
+            points_per_side=4,
+            points_per_batch=7,
+            crop_n_layers=1,
+            crop_n_points_downscale_factor=2,
+            **RELAXED,
+            output_mode="uncompressed_rle",
+        ),
+        dict(points_per_side=4, min_mask_region_area=300, **RELAXED, output_mode="coco_rle"),
+        dict(points_per_side=8),
+    ],
+    ids=["relaxed", "crops", "cleanup-coco", "defaults"],
+)
+def test_random_tiny_model_matches_meta(tiny_pair, kwargs):
+    from skimage import data
+
+    ours, meta = tiny_pair
+    image = data.coffee()[::2, ::2].copy()
+    compare_records(
+        MetaGenerator(meta, **kwargs).generate(image),
+        SamAutomaticMaskGenerator(ours, **kwargs).generate(image),
+    )
+
+
+def test_argument_checks(tiny_model):
+    with pytest.raises(ValueError, match="exactly one"):
+        SamAutomaticMaskGenerator(tiny_model, points_per_side=None)
+    with pytest.raises(ValueError, match="output_mode"):
+        SamAutomaticMaskGenerator(tiny_model, output_mode="png")
+    with pytest.raises(ValueError, match="one grid per crop layer"):
+        SamAutomaticMaskGenerator(
+            tiny_model, points_per_side=None, point_grids=[np.zeros((4, 2))], crop_n_layers=1
+        )
+
+
+def test_bfloat16_model_runs(tiny_model):
+    from skimage import data
+
+    model = build_model("vit_tiny")
+    model.load_state_dict(tiny_model.state_dict())
+    model.to(torch.bfloat16)
+    records = SamAutomaticMaskGenerator(model, points_per_side=4, **RELAXED).generate(data.camera()[::4, ::4])
+    assert all(r["segmentation"].dtype == bool for r in records)
