@@ -38,10 +38,24 @@ class Attention(nn.Module):
         updates them.
         """
         qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        b = max(qh.shape[0], kh.shape[0], vh.shape[0])
-        qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
-        out = F.scaled_dot_product_attention(qh, kh, vh)
-        _, _, n, _ = out.shape
+        bq, bk = qh.shape[0], kh.shape[0]
+        if bq > 1 and bk == 1 and vh.shape[0] == 1:
+            # Many prompts' tokens attend to the same image: one attention over all their queries.
+            heads, nq, d = qh.shape[1:]
+            out = F.scaled_dot_product_attention(qh.transpose(0, 1).reshape(1, heads, bq * nq, d), kh, vh)
+            out = out.view(heads, bq, nq, d).transpose(0, 1)
+        elif bq == 1 and bk > 1 and vh.shape[0] == bk:
+            # The shared image attends to each prompt's few tokens: scores for all prompts in one
+            # matmul instead of a copy of the image per prompt.
+            heads, nk, d = kh.shape[1:]
+            scores = qh[0] @ kh.permute(1, 3, 0, 2).reshape(heads, d, bk * nk) * d**-0.5
+            attn = scores.view(heads, -1, bk, nk).softmax(dim=-1, dtype=torch.float32).to(vh.dtype)
+            out = torch.einsum("hqbt,bhtd->bhqd", attn, vh)
+        else:
+            b = max(bq, bk, vh.shape[0])
+            qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
+            out = F.scaled_dot_product_attention(qh, kh, vh)
+        b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
 

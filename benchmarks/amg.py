@@ -1,0 +1,93 @@
+"""Automatic mask generation: samkit against Meta's generator, same weights, same photo.
+
+    python benchmarks/amg.py --model vit_b --points-per-side 32 --rounds 1 [--out results.json]
+
+Both generators run with Meta's default thresholds, in alternation, ``--rounds`` times each, in one
+process. Printed: median seconds per photo, the ratio, the record counts and the fraction of
+identical segmentations. Random weights find few masks at the default thresholds, so the run is
+repeated with thresholds relaxed to 0 (``--relaxed``) to compare many records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from samkit.amg import SamAutomaticMaskGenerator
+from samkit.build import ENCODER_CONFIGS, build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b", choices=list(ENCODER_CONFIGS))
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--relaxed", action="store_true", help="pred_iou_thresh and stability_score_thresh 0")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="samkit's dtype")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    from segment_anything import SamAutomaticMaskGenerator as MetaGenerator
+    from segment_anything.build_sam import _build_sam
+    from skimage import data
+
+    dim, depth, heads, global_idx = ENCODER_CONFIGS[args.model]
+    torch.manual_seed(0)
+    meta = _build_sam(
+        encoder_embed_dim=dim,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        encoder_global_attn_indexes=global_idx,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in meta.state_dict().items()}
+    meta.load_state_dict(state)
+    ours = build_model(args.model)
+    ours.load_state_dict(state)
+    ours.to(getattr(torch, args.dtype))
+    kwargs = dict(points_per_side=args.points_per_side)
+    if args.relaxed:
+        kwargs.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    generators = {"meta": MetaGenerator(meta, **kwargs), "samkit": SamAutomaticMaskGenerator(ours, **kwargs)}
+    image = data.coffee()  # 400x600 photo shipped with scikit-image
+    times: dict[str, list[float]] = {k: [] for k in generators}
+    records: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for name, gen in generators.items():
+            start = time.perf_counter()
+            records[name] = gen.generate(image)
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref, got = records["meta"], records["samkit"]
+    identical = sum(np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(ref, got))
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "model": args.model,
+        "samkit_dtype": args.dtype,
+        "image": f"skimage.data.coffee() {image.shape[0]}x{image.shape[1]}",
+        "generator_kwargs": kwargs,
+        "rounds": args.rounds,
+        "median_s": med,
+        "speedup": med["meta"] / med["samkit"],
+        "records": {"meta": len(ref), "samkit": len(got)},
+        "identical_segmentations": identical,
+    }
+    print(f"AMG {args.model} {kwargs} on {result['image']}, {result['machine']}, {args.rounds} round(s):")
+    print(f"  Meta   {med['meta']:7.1f} s   {len(ref)} masks")
+    print(f"  samkit {med['samkit']:7.1f} s   {len(got)} masks ({args.dtype})   x{result['speedup']:.2f}")
+    print(f"  identical segmentations: {identical} of {len(ref)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
