@@ -20,9 +20,19 @@ demo: install
 	$(PY) demo/inference_with_prompts.py --prompt-type all --model-type $(MODEL_TYPE) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) \
 	  --input $(DEMO_IMAGE) --output-dir outputs/demo
+	$(PY) demo/inference_with_amg.py --model-type $(MODEL_TYPE) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) \
+	  --input $(DEMO_IMAGE) --output outputs/demo/amg.png
 
 test: install
 	$(PY) -m pytest -q tests
+
+# CPU benchmarks against Meta's implementation (slow: about 20 minutes), then BENCHMARKS.md from the results.
+bench: install
+	$(PY) benchmarks/cpu_encoder.py --model vit_b --rounds 3 --out benchmarks/results/cpu_encoder_vit_b.json
+	$(PY) benchmarks/amg.py --model vit_b --out benchmarks/results/amg_vit_b.json
+	$(PY) benchmarks/amg.py --model vit_b --dtype bfloat16 --out benchmarks/results/amg_vit_b_bf16.json
+	$(PY) benchmarks/report.py
 
 lint: install
 	$(PY) -m ruff check .
