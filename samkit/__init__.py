@@ -1,9 +1,10 @@
 """samkit: Segment Anything on PyTorch.
 
-Drop-in names from Meta's ``segment_anything``: ``sam_model_registry``, ``SamPredictor`` and the
-``build_sam*`` builders.
+Drop-in names from Meta's ``segment_anything``: ``sam_model_registry``, ``SamPredictor``,
+``SamAutomaticMaskGenerator`` and the ``build_sam*`` builders.
 """
 
+from .amg import SamAutomaticMaskGenerator
 from .build import (
     build_model,
     build_sam,
@@ -26,6 +27,7 @@ __all__ = [
     "DownloadError",
     "ImageError",
     "PromptError",
+    "SamAutomaticMaskGenerator",
     "SamPredictor",
     "SamkitError",
     "build_model",
