@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import __version__, prompt_demo
+from . import __version__, amg_cli, prompt_demo
 from .errors import SamkitError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -23,6 +23,7 @@ Run = Callable[[argparse.Namespace], int]
 
 COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "predict": (prompt_demo.add_arguments, prompt_demo.run),
+    "amg": (amg_cli.add_arguments, amg_cli.run),
 }
 
 USAGE_ERROR = 2  # argparse's own exit status for a bad command line; used for every user mistake

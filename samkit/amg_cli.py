@@ -1,0 +1,643 @@
+"""The automatic mask generator's command: ``demo/inference_with_amg.py`` and ``samkit amg``.
+
+One argument setup and one runner serve both commands. What ``--output`` means depends on the input:
+
+- a single image and an ``--output`` named like a picture (``.png``, ``.jpg``, ...; the seed's
+  default ``./amg_test.jpg``): one overlay picture of all the masks, each in its own colour;
+- otherwise ``--output`` is a directory that gets one result per image (a folder of images is
+  processed in sorted order, each image at most once): by default Meta's ``scripts/amg.py`` layout,
+  ``DIR/<stem>/0.png, 1.png, ...`` (uint8 0/255, one per mask) and ``DIR/<stem>/metadata.csv``; with
+  ``--convert-to-rle`` one ``DIR/<stem>.json`` in SA-1B's annotation format (COCO RLE masks); with
+  ``--overlay`` also the picture ``DIR/<stem>_overlay.png``.
+
+Every result appears complete or not at all: files are written under a hidden temporary name and
+renamed into place, so an interrupted run can be re-run and skips what is done (``--overwrite``
+redoes it). An image that cannot be read is skipped with a warning and the run ends with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import contextlib
+import inspect
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import ImageError, SamkitError
+from .prompt_demo import DTYPES, _check_device, _checkpoint_or_none
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_PICTURE = "./amg_test.jpg"  # the seed's --output
+METADATA_HEADER = (
+    "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
+    "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
+)
+OVERLAY_ALPHA = 0.5
+INTERRUPTED, TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+
+# ---------------------------------------------------------------------------------------------------
+# Flags and their checks
+
+
+def _parser_type(name: str, convert: Callable[[str], Any], check: Callable[[Any], Optional[str]]):
+    """An argparse ``type`` that converts, then checks; argparse prefixes its message with the flag."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+_positive_int = _parser_type("an integer", int, lambda v: None if v >= 1 else "must be at least 1")
+_non_negative_int = _parser_type("an integer", int, lambda v: None if v >= 0 else "must be at least 0")
+_fraction = _parser_type("a number", float, lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
+_non_negative_float = _parser_type("a number", float, lambda v: None if v >= 0 else "must be at least 0")
+
+# SamAutomaticMaskGenerator's arguments that have a flag (the seed's names): (name, parse, help).
+GENERATOR_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("points_per_side", _positive_int, "grid points per image side: points_per_side**2 prompts"),
+    ("points_per_batch", _positive_int, "prompts decoded at once (more is faster and uses more memory)"),
+    ("pred_iou_thresh", _fraction, "keep masks whose predicted IoU is above this (0 keeps all)"),
+    ("stability_score_thresh", _fraction, "keep masks whose stability score is at least this (0 keeps all)"),
+    ("stability_score_offset", _non_negative_float, "logit offset of the stability score"),
+    ("box_nms_thresh", _fraction, "box IoU above which NMS drops the lower-scored mask, within a crop"),
+    ("crop_n_layers", _non_negative_int, "extra layers of crops: layer i has 2^i x 2^i crops"),
+    ("crop_nms_thresh", _fraction, "box IoU above which NMS drops duplicate masks across crops"),
+    ("crop_overlap_ratio", _fraction, "overlap of neighbouring crops, as a fraction of the short side"),
+    ("crop_n_points_downscale_factor", _positive_int, "crop layer i has points_per_side / factor**i"),
+    ("min_mask_region_area", _non_negative_int, "fill holes and drop islands smaller than this (pixels)"),
+)
+
+
+def _generator_defaults() -> dict[str, Any]:
+    from .amg import SamAutomaticMaskGenerator
+
+    params = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    return {name: params[name].default for name, _, _ in GENERATOR_FLAGS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of automatic mask generation (the seed's flags, plus the batch ones of Meta's script)."""
+    from .build import sam_model_registry
+
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE_OR_FOLDER",
+        help=f"an image file, or a folder whose images ({' '.join(IMAGE_EXTENSIONS)}) are all processed",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="PATH",
+        help="for a single image, a picture name (.png, .jpg, ...; default: "
+        f"{DEFAULT_PICTURE}) gets the overlay of all masks; otherwise a directory that gets one result per "
+        "image: DIR/<stem>/ with 0.png, 1.png, ... and metadata.csv (Meta's layout), or DIR/<stem>.json "
+        "with --convert-to-rle",
+    )
+    parser.add_argument(
+        "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights file: Meta's .pth or the seed's .ckpt")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="without --checkpoint, download the official weights of --model-type (cached; $SAMKIT_CACHE)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute dtype")
+    parser.add_argument(
+        "--convert-to-rle",
+        action="store_true",
+        help="write DIR/<stem>.json in SA-1B's annotation format (COCO RLE masks; needs pycocotools) "
+        "instead of mask PNGs",
+    )
+    parser.add_argument(
+        "--overlay", action="store_true", help="with an output directory, also save DIR/<stem>_overlay.png"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo images whose results exist (by default a re-run skips them)",
+    )
+    # The seed's switch for saving the picture; it is always saved, so it is accepted and hidden.
+    parser.add_argument("--enable-plt-visual", action="store_true", help=argparse.SUPPRESS)
+    group = parser.add_argument_group(
+        "mask generator settings", "each defaults to SamAutomaticMaskGenerator's value, shown in brackets"
+    )
+    defaults = _generator_defaults()
+    for name, parse, text in GENERATOR_FLAGS:
+        default = defaults[name]
+        shown = f"{default:.4g}" if isinstance(default, float) else str(default)
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=parse,
+            default=None,
+            metavar="X" if isinstance(default, float) else "N",
+            help=f"{text} [{shown}]",
+        )
+
+
+def generator_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The generator arguments given on the command line (the others keep the generator's defaults)."""
+    given = {name: getattr(args, name) for name, _, _ in GENERATOR_FLAGS if getattr(args, name) is not None}
+    for name, parse, _ in GENERATOR_FLAGS:  # a Namespace built in code skips argparse's checks
+        if name in given:
+            try:
+                given[name] = parse(str(given[name]))
+            except argparse.ArgumentTypeError as err:
+                raise SamkitError(f"--{name.replace('_', '-')}: {err}") from None
+    merged = {**_generator_defaults(), **given}
+    side, factor = merged["points_per_side"], merged["crop_n_points_downscale_factor"]
+    for layer in range(merged["crop_n_layers"] + 1):
+        if int(side / factor**layer) < 1:
+            raise SamkitError(
+                f"--points-per-side {side} / --crop-n-points-downscale-factor {factor}^{layer} leaves no points "
+                f"in crop layer {layer} of --crop-n-layers {merged['crop_n_layers']}: raise --points-per-side or "
+                "lower the others"
+            )
+    return given
+
+
+# ---------------------------------------------------------------------------------------------------
+# What to read and where to write
+
+
+@dataclass
+class Job:
+    """The images to process, in order, and where their results go.
+
+    picture: the output is the single overlay picture ``output`` (else ``output`` is a directory).
+    """
+
+    inputs: list[str]
+    output: str
+    picture: bool
+
+    def image_id(self, image_path: str) -> int:
+        """The image's 1-based position in ``inputs``: its ``image_id`` in SA-1B annotations."""
+        if not hasattr(self, "_ids"):
+            self._ids = {p: i + 1 for i, p in enumerate(self.inputs)}
+        return self._ids[image_path]
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files directly in ``folder`` (by extension, hidden files left out), sorted by name."""
+    names = sorted(
+        n
+        for n in os.listdir(folder)
+        if not n.startswith(".")
+        and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+        and os.path.isfile(os.path.join(folder, n))
+    )
+    return [os.path.join(folder, n) for n in names]
+
+
+def plan_job(input_path: str, output: Optional[str], overlay: bool = False) -> Job:
+    """Check ``--input``/``--output`` and decide what is written; raises :class:`SamkitError`."""
+    if not os.path.exists(input_path):
+        raise SamkitError(f"--input {input_path}: not found")
+    is_folder = os.path.isdir(input_path)
+    looks_like_picture = (
+        output is not None
+        and not os.path.isdir(output)
+        and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS
+    )
+    if not is_folder and (output is None or looks_like_picture):
+        output = DEFAULT_PICTURE if output is None else output
+        if os.path.isdir(output):
+            raise SamkitError(f"--output {output}: is a directory")
+        return Job([input_path], output, picture=True)
+    if output is None:
+        raise SamkitError(f"--input {input_path} is a folder: give --output DIR for its results")
+    if looks_like_picture:
+        raise SamkitError(
+            f"--output {output}: a folder input writes one result per image into a directory, not a picture"
+        )
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise SamkitError(f"--output {output}: exists and is not a directory")
+    if is_folder:
+        inputs = list_images(input_path)
+        if not inputs:
+            raise SamkitError(
+                f"--input {input_path}: no images in this folder ({' '.join(IMAGE_EXTENSIONS)})"
+            )
+        if overlay and os.path.isdir(output) and os.path.samefile(output, input_path):
+            raise SamkitError(
+                f"--output {output} is the input folder: --overlay pictures would become inputs of the next run"
+            )
+    else:
+        inputs = [input_path]
+    by_stem: dict[str, str] = {}
+    for path in inputs:
+        stem = _stem(path)
+        if stem in by_stem:
+            raise SamkitError(
+                f"{os.path.basename(by_stem[stem])} and {os.path.basename(path)} would both write the results "
+                f"named {stem!r}: rename one of them"
+            )
+        by_stem[stem] = path
+    return Job(inputs, output, picture=False)
+
+
+def result_paths(job: Job, image_path: str, convert_to_rle: bool, overlay: bool) -> list[str]:
+    """Where one image's results go: its mask folder or JSON, then its overlay picture if asked for."""
+    stem = _stem(image_path)
+    paths = [os.path.join(job.output, stem + ".json" if convert_to_rle else stem)]
+    if overlay:
+        paths.append(os.path.join(job.output, f"{stem}_overlay.png"))
+    return paths
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate masks of everything in an image, or in each image of a folder (automatic mask generation)."""
+    import torch
+
+    from .amg import SamAutomaticMaskGenerator
+    from .build import build_model
+    from .download import download_checkpoint
+    from .utils.image import load_image
+
+    # Everything a user can get wrong is checked before the model is built or a file is written.
+    settings = generator_settings(args)
+    job = plan_job(args.input, args.output, args.overlay)
+    device = _check_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    output_mode = "coco_rle" if args.convert_to_rle and not job.picture else "binary_mask"
+    _check_packages(output_mode, settings)
+    checkpoint = _checkpoint_or_none(args)
+    # A single image file is read now (unreadable: a user mistake); a folder's images one by one later.
+    first_image = load_image(job.inputs[0]) if not os.path.isdir(args.input) else None
+    pending = job.inputs
+    if not job.picture:
+        pending = [
+            p
+            for p in job.inputs
+            if args.overwrite
+            or not all(os.path.lexists(r) for r in result_paths(job, p, args.convert_to_rle, args.overlay))
+        ]
+        skipped = len(job.inputs) - len(pending)
+        if skipped:
+            print(
+                f"skipping {skipped} of {len(job.inputs)} images: their results are in {job.output} "
+                "(--overwrite redoes them)"
+            )
+        if not pending:
+            return 0
+
+    if checkpoint is None and args.download:
+        checkpoint = download_checkpoint(args.model_type)
+    model = build_model(args.model_type, checkpoint).to(device=device, dtype=dtype)
+    # Notes come after the last check that can fail, so that an error stays the only line on stderr.
+    if job.picture and args.convert_to_rle:
+        print(
+            "note: --convert-to-rle applies to an output directory; a picture was asked for", file=sys.stderr
+        )
+    if checkpoint is None:
+        print(
+            f"warning: {args.model_type} runs with random weights: its masks are meaningless", file=sys.stderr
+        )
+    generator = SamAutomaticMaskGenerator(model, output_mode=output_mode, **settings)
+
+    if job.picture:
+        assert first_image is not None
+        records = generator.generate(first_image)
+        picture = overlay_masks(first_image, [r["segmentation"] for r in records])
+        try:
+            save_image(job.output, picture)
+        except OSError as err:
+            raise SamkitError(f"--output {job.output}: cannot write: {err.strerror or err}") from None
+        print(f"wrote {job.output} ({len(records)} masks)")
+        return 0
+    return _run_batch(job, pending, generator, args, load_image, first_image)
+
+
+def _run_batch(
+    job: Job,
+    pending: list[str],
+    generator: Any,
+    args: argparse.Namespace,
+    load_image: Callable[[str], np.ndarray],
+    first_image: Optional[np.ndarray],
+) -> int:
+    from tqdm import tqdm
+
+    try:
+        os.makedirs(job.output, exist_ok=True)
+    except OSError as err:
+        raise SamkitError(f"--output {job.output}: cannot create: {err.strerror or err}") from None
+    unreadable = done = 0
+    bar = tqdm(pending, desc="amg", unit="image", file=sys.stderr, dynamic_ncols=True)
+    try:
+        with _sigterm_as_interrupt():
+            for path in bar:
+                try:
+                    image = first_image if first_image is not None else load_image(path)
+                except ImageError as err:
+                    message = str(err) if path in str(err) else f"{path}: {err}"
+                    tqdm.write(f"warning: {message}; skipped", file=sys.stderr)
+                    unreadable += 1
+                    continue
+                records = generator.generate(image)
+                try:
+                    write_results(
+                        job, path, image, records, args.convert_to_rle, args.overlay, args.overwrite
+                    )
+                except OSError as err:
+                    raise SamkitError(f"cannot write the results of {path}: {err.strerror or err}") from None
+                done += 1
+                bar.set_postfix(masks=len(records), refresh=False)
+    except KeyboardInterrupt as stop:
+        bar.close()
+        why = "terminated" if isinstance(stop, _Terminated) else "interrupted"
+        print(
+            f"error: {why} after {done} of {len(pending)} images; their results are complete and a re-run "
+            "continues with the rest",
+            file=sys.stderr,
+        )
+        return TERMINATED if isinstance(stop, _Terminated) else INTERRUPTED
+    finally:
+        bar.close()
+    print(f"wrote the results of {done} images to {job.output}")
+    if unreadable:
+        print(f"error: {unreadable} of {len(job.inputs)} images could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_packages(output_mode: str, settings: dict[str, Any]) -> None:
+    try:
+        if output_mode == "coco_rle":
+            import pycocotools.mask  # noqa: F401
+        if settings.get("min_mask_region_area", 0) > 0:
+            import cv2  # noqa: F401
+    except ImportError as err:
+        flag = "--convert-to-rle" if output_mode == "coco_rle" else "--min-mask-region-area"
+        raise SamkitError(f"{flag} needs {err.name}: pip install 'samkit[amg]'") from None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing results, each complete or not at all
+
+
+def write_results(
+    job: Job,
+    image_path: str,
+    image: np.ndarray,
+    records: list[dict[str, Any]],
+    convert_to_rle: bool,
+    overlay: bool,
+    overwrite: bool = False,
+) -> None:
+    """Write the results of one image that are missing (all of them with ``overwrite``)."""
+    result, *picture = result_paths(job, image_path, convert_to_rle, overlay)
+    if overwrite or not os.path.lexists(result):
+        if convert_to_rle:
+            h, w = image.shape[:2]
+            write_json(
+                result, sa1b_annotation(records, job.image_id(image_path), os.path.basename(image_path), w, h)
+            )
+        else:
+            write_mask_folder(result, records)
+    if picture and (overwrite or not os.path.lexists(picture[0])):
+        masks = [_decode(r["segmentation"]) for r in records]
+        save_image(picture[0], overlay_masks(image, masks))
+
+
+def sa1b_annotation(
+    records: list[dict[str, Any]], image_id: int, file_name: str, width: int, height: int
+) -> dict[str, Any]:
+    """The generator's coco_rle records as one SA-1B annotation file (a dict ready for JSON)."""
+    keys = ("segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box")
+    return {
+        "image": {"image_id": image_id, "file_name": file_name, "width": width, "height": height},
+        "annotations": [{"id": i, **{k: r[k] for k in keys}} for i, r in enumerate(records)],
+    }
+
+
+def metadata_rows(records: list[dict[str, Any]]) -> list[str]:
+    """The lines of Meta's metadata.csv: the header, then one line per mask (its PNG's number first)."""
+    rows = [METADATA_HEADER]
+    for i, r in enumerate(records):
+        values = [i, r["area"], *r["bbox"], *r["point_coords"][0], r["predicted_iou"], r["stability_score"]]
+        rows.append(",".join(str(v) for v in values + list(r["crop_box"])))
+    return rows
+
+
+def write_mask_folder(path: str, records: list[dict[str, Any]]) -> None:
+    """Meta's layout: ``path/<i>.png`` (uint8 0/255) per mask and ``path/metadata.csv``.
+
+    The folder is built as ``.<name>.tmp-XXXX`` next to ``path`` and renamed into place when complete;
+    an existing ``path`` is replaced.
+    """
+    tmp = _unused_name(path, "tmp")
+    os.mkdir(tmp)
+    try:
+        for i, r in enumerate(records):
+            save_mask_png(os.path.join(tmp, f"{i}.png"), r["segmentation"])
+        with open(os.path.join(tmp, "metadata.csv"), "x", encoding="utf-8") as f:
+            f.write("\n".join(metadata_rows(records)) + "\n")
+        _move_into_place(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: no half-built folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_mask_png(path: str, mask: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255).save(path, format="PNG")
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file renamed into place."""
+    tmp = _unused_name(path, "tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_image(path: str, image: np.ndarray) -> None:
+    """Save an HxWx3 uint8 picture, its format from the extension (PNG if unknown), atomically.
+
+    Parent folders are created.
+    """
+    from PIL import Image
+
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    tmp = _unused_name(path, "tmp")
+    try:
+        with open(tmp, "xb") as f:
+            Image.fromarray(image).save(f, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _unused_name(path: str, kind: str) -> str:
+    """A hidden sibling of ``path``: ``.<name>.<kind>-<random>``. Random, so two writers never collide."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{kind}-{secrets.token_hex(4)}")
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` (file or folder) is moved aside first, then removed."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    old = _unused_name(path, "old")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if not os.path.lexists(path):
+            os.rename(old, path)
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The overlay picture
+
+
+def distinct_colors(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random, clearly different saturated colours as nx3 floats in 0-255.
+
+    Hues step by the golden ratio from a random start, so any number of them stay spread out.
+    """
+    rng = np.random.default_rng(seed)
+    hues = (rng.random() + np.arange(n) * 0.6180339887498949) % 1.0
+    saturations, values = rng.uniform(0.55, 1.0, n), rng.uniform(0.75, 1.0, n)
+    rgb = [colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hues, saturations, values)]
+    return np.asarray(rgb, dtype=np.float32).reshape(n, 3) * 255
+
+
+def overlay_masks(
+    image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = OVERLAY_ALPHA, seed: int = 0
+) -> np.ndarray:
+    """``image`` (HxWx3 uint8 RGB) with each HxW bool mask painted over it, semi-transparent, outlined.
+
+    Each mask gets its own colour from :func:`distinct_colors`; larger masks are painted first, so that
+    the smaller ones on top of them stay visible. Returns a new HxWx3 uint8 array.
+    """
+    out = np.asarray(image, dtype=np.float32).copy()
+    masks = sorted((np.asarray(m, dtype=bool) for m in masks), key=lambda m: -int(m.sum()))
+    colors = distinct_colors(len(masks), seed)
+    edge_width = max(1, round(max(out.shape[:2]) / 600))
+    for mask, color in zip(masks, colors):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not len(rows):
+            continue
+        # Work on the mask's box only, widened so that its sides are boundaries unless they are the image's.
+        h, w = mask.shape
+        y0, y1 = max(rows[0] - edge_width, 0), min(rows[-1] + 1 + edge_width, h)
+        x0, x1 = max(cols[0] - edge_width, 0), min(cols[-1] + 1 + edge_width, w)
+        region, m = out[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        region[m] = region[m] * (1 - alpha) + color * alpha
+        inner = m
+        for _ in range(edge_width):
+            inner = _eroded(inner)
+        region[m & ~inner] = color
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """The mask less its 4-connected boundary (the image border does not count as a boundary)."""
+    p = np.pad(mask, 1, mode="edge")
+    return mask & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+def _decode(segmentation: Any) -> np.ndarray:
+    """A record's segmentation as an HxW bool mask (binary masks pass through, COCO RLEs are decoded)."""
+    if isinstance(segmentation, dict):
+        from pycocotools import mask as mask_utils
+
+        counts = segmentation["counts"]
+        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+        with warnings.catch_warnings():  # pycocotools' own DeprecationWarning under numpy 2
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            return mask_utils.decode(rle).astype(bool)
+    return np.asarray(segmentation, dtype=bool)
+
+
+__all__ = [
+    "GENERATOR_FLAGS",
+    "IMAGE_EXTENSIONS",
+    "METADATA_HEADER",
+    "Job",
+    "add_arguments",
+    "distinct_colors",
+    "generator_settings",
+    "list_images",
+    "metadata_rows",
+    "overlay_masks",
+    "plan_job",
+    "result_paths",
+    "run",
+    "sa1b_annotation",
+    "save_image",
+    "write_json",
+    "write_mask_folder",
+    "write_results",
+]
