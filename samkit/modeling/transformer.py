@@ -33,30 +33,79 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: BxNqxC, k and v: BxNkxC -> BxNqxC. A batch of 1 broadcasts against B.
 
-        Projecting a shared (batch 1) input once and broadcasting it is what makes many prompts on
-        one image cheap: the image tokens are the same for every prompt until the first layer
-        updates them.
+        Between a few prompt tokens and thousands of image tokens the image side is never projected
+        per prompt: the projections are folded into the few tokens instead (same function, about half
+        the multiply-adds of the decoder). A shared (batch 1) image is projected once for all prompts.
         """
+        bq, bk = q.shape[0], k.shape[0]
+        # Folding pays when heads x (the short side) is below the projection width.
+        folds = self.num_heads * min(q.shape[1], k.shape[1]) < self.internal_dim and v.shape[0] == bk
+        if folds and k.shape[1] > q.shape[1] and bk == bq:
+            return self._few_queries(q, k, v)
+        if folds and q.shape[1] > k.shape[1] and bq in (1, bk):
+            return self._many_queries(q, k, v)
         qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        bq, bk = qh.shape[0], kh.shape[0]
-        if bq > 1 and bk == 1 and vh.shape[0] == 1:
+        bv = vh.shape[0]
+        if bq > 1 and bk == 1 and bv == 1:
             # Many prompts' tokens attend to the same image: one attention over all their queries.
             heads, nq, d = qh.shape[1:]
             out = F.scaled_dot_product_attention(qh.transpose(0, 1).reshape(1, heads, bq * nq, d), kh, vh)
             out = out.view(heads, bq, nq, d).transpose(0, 1)
-        elif bq == 1 and bk > 1 and vh.shape[0] == bk:
-            # The shared image attends to each prompt's few tokens: scores for all prompts in one
-            # matmul instead of a copy of the image per prompt.
-            heads, nk, d = kh.shape[1:]
-            scores = qh[0] @ kh.permute(1, 3, 0, 2).reshape(heads, d, bk * nk) * d**-0.5
-            attn = scores.view(heads, -1, bk, nk).softmax(dim=-1, dtype=torch.float32).to(vh.dtype)
-            out = torch.einsum("hqbt,bhtd->bhqd", attn, vh)
         else:
-            b = max(bq, bk, vh.shape[0])
+            b = max(bq, bk, bv)
             qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
             out = F.scaled_dot_product_attention(qh, kh, vh)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+
+    def _per_head(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight as heads x head_dim x C and bias as heads x head_dim."""
+        d = self.internal_dim // self.num_heads
+        return linear.weight.view(self.num_heads, d, -1), linear.bias.view(self.num_heads, d)
+
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Few tokens attend to many per-prompt image tokens, without projecting the image tokens.
+
+        q·(W_k x + b_k) = (W_k^T q)·x + q·b_k, and since attention rows sum to one,
+        attn @ (W_v x + b_v) = W_v (attn @ x) + b_v.
+        """
+        b, nk, c = k.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1)  # B x h x Nq x d
+        wk, bk = self._per_head(self.k_proj)
+        wv, bv = self._per_head(self.v_proj)
+        q_folded = torch.einsum("bhqd,hdc->bhqc", qh, wk).reshape(b, -1, c)  # B x (h Nq) x C
+        q_bias = torch.einsum("bhqd,hd->bhq", qh, bk).reshape(b, -1, 1)
+        scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5  # B x (h Nq) x Nk
+        attn = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
+        out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
+        nq = out.shape[2]
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
+
+    def _many_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Many image tokens (shared, batch 1, or per prompt) attend to each prompt's few tokens.
+
+        (W_q x + b_q)·k = x·(W_q^T k) + b_q·k, and out_proj(concat_h attn_h @ v_h) is
+        sum_h attn_h @ (v_h W_o,h^T) + b_o: the image side only meets the few folded tokens.
+        """
+        b, nk, c = k.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        kh, vh = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x d
+        wq, bq = self._per_head(self.q_proj)
+        k_folded = torch.einsum("bhkd,hdc->bhkc", kh, wq).reshape(b, heads * nk, c)
+        k_bias = torch.einsum("bhkd,hd->bhk", kh, bq).reshape(b, 1, heads * nk)
+        wo = self.out_proj.weight.view(c, heads, d)
+        v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
+        if q.shape[0] == 1 and b > 1:
+            # One image for all prompts: a single GEMM against every prompt's folded tokens.
+            scores = (q[0] @ k_folded.reshape(-1, c).t()).view(-1, b, heads * nk).transpose(0, 1)
+        else:
+            scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
+        scores = (scores + k_bias) * d**-0.5  # B x Nq x (h Nk)
+        nq = scores.shape[1]
+        attn = scores.view(b, nq, heads, nk).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.baddbmm(self.out_proj.bias.view(1, 1, c), attn.view(b, nq, heads * nk), v_folded)
 
 
 class TwoWayAttentionBlock(nn.Module):
