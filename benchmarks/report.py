@@ -99,6 +99,7 @@ def amg() -> list[str]:
             f"{r['median_s']['samkit']:.1f} | {r['speedup']:.2f}x | {r['records']['meta']} / {r['records']['samkit']} | "
             f"{r['identical_segmentations']} |"
         )
+    lines += [f"- {name}: {r['note']}" for name, r in runs if r.get("note")]
     machine = runs[0][1]["machine"]
     lines += [
         "",
