@@ -64,3 +64,28 @@ def tiny_checkpoint(tmp_path_factory, tiny_model) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "sam_vit_tiny.pth"
     torch.save(tiny_model.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def shapes_model(request, tmp_path_factory):
+    """(samkit model, Meta model) holding a vit_tiny trained on generated shapes (tests/shapes.py).
+
+    Trained once (about 80 s on 2 CPU cores) and cached in pytest's cache directory, keyed by the
+    trainer's source, so later sessions load it.
+    """
+    from .shapes import train_tiny_shapes_model
+
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    cache_dir = cache.mkdir("samkit-shapes-model") if cache is not None else tmp_path_factory.mktemp("shapes")
+    ours = train_tiny_shapes_model(cache_dir=cache_dir)
+    meta = meta_model("vit_tiny")
+    meta.load_state_dict(ours.state_dict())
+    return ours, meta
+
+
+@pytest.fixture(scope="session")
+def shapes_image() -> tuple[np.ndarray, np.ndarray]:
+    """A generated shapes picture that training never saw: (HxWx3 uint8 image, KxHxW bool masks)."""
+    from .shapes import make_shapes_image
+
+    return make_shapes_image(np.random.default_rng(12345))
