@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 import torch
+from common import samkit_sam, shared_random_weights
 
 from samkit.amg import SamAutomaticMaskGenerator
-from samkit.build import ENCODER_CONFIGS, build_model
+from samkit.build import ENCODER_CONFIGS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,23 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segment_anything import SamAutomaticMaskGenerator as MetaGenerator
-    from segment_anything.build_sam import _build_sam
     from skimage import data
 
-    dim, depth, heads, global_idx = ENCODER_CONFIGS[args.model]
-    torch.manual_seed(0)
-    meta = _build_sam(
-        encoder_embed_dim=dim,
-        encoder_depth=depth,
-        encoder_num_heads=heads,
-        encoder_global_attn_indexes=global_idx,
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in meta.state_dict().items()}
-    meta.load_state_dict(state)
-    ours = build_model(args.model)
-    ours.load_state_dict(state)
-    ours.to(getattr(torch, args.dtype))
+    meta, state = shared_random_weights(args.model)
+    ours = samkit_sam(args.model, state, getattr(torch, args.dtype))
     kwargs = dict(points_per_side=args.points_per_side)
     if args.relaxed:
         kwargs.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)

@@ -18,38 +18,25 @@ import time
 
 import numpy as np
 import torch
+from common import samkit_sam, shared_random_weights
 
 from samkit import SamPredictor
-from samkit.build import ENCODER_CONFIGS, build_model
+from samkit.build import ENCODER_CONFIGS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_b", choices=[k for k in ENCODER_CONFIGS if k != "vit_tiny"])
+    parser.add_argument("--model", default="vit_b", choices=list(ENCODER_CONFIGS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     from segment_anything import SamPredictor as MetaPredictor
-    from segment_anything.build_sam import _build_sam
     from skimage import data
 
-    dim, depth, heads, global_idx = ENCODER_CONFIGS[args.model]
-    torch.manual_seed(0)
-    meta = _build_sam(
-        encoder_embed_dim=dim,
-        encoder_depth=depth,
-        encoder_num_heads=heads,
-        encoder_global_attn_indexes=global_idx,
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in meta.state_dict().items()}
-    meta.load_state_dict(state)
-    ours32 = build_model(args.model)
-    ours32.load_state_dict(state)
-    ours16 = build_model(args.model)
-    ours16.load_state_dict(state)
-    ours16.to(torch.bfloat16)
+    meta, state = shared_random_weights(args.model)
+    ours32 = samkit_sam(args.model, state)
+    ours16 = samkit_sam(args.model, state, torch.bfloat16)
     predictors = {
         "meta fp32": MetaPredictor(meta),
         "samkit fp32": SamPredictor(ours32),

@@ -16,20 +16,13 @@ import sys
 import time
 
 import torch
+from common import meta_sam
 
-from samkit.build import ENCODER_CONFIGS, build_model
+from samkit.build import build_model
 
 
 def meta_encoder(name: str):
-    from segment_anything.build_sam import _build_sam
-
-    dim, depth, heads, global_idx = ENCODER_CONFIGS[name]
-    return _build_sam(
-        encoder_embed_dim=dim,
-        encoder_depth=depth,
-        encoder_num_heads=heads,
-        encoder_global_attn_indexes=global_idx,
-    ).image_encoder
+    return meta_sam(name).image_encoder
 
 
 def timed(fn, x, iters: int, budget_s: float) -> list[float]:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import ImageError, SamkitError
-from .prompt_demo import DTYPES, _check_device, _checkpoint_or_none
+from .prompt_demo import _check_device, _checkpoint_or_none, add_model_arguments
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_PICTURE = "./amg_test.jpg"  # the seed's --output
@@ -100,7 +100,6 @@ def _generator_defaults() -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of automatic mask generation (the seed's flags, plus the batch ones of Meta's script)."""
-    from .build import sam_model_registry
 
     parser.add_argument(
         "--input",
@@ -116,17 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "image: DIR/<stem>/ with 0.png, 1.png, ... and metadata.csv (Meta's layout), or DIR/<stem>.json "
         "with --convert-to-rle",
     )
-    parser.add_argument(
-        "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
-    )
-    parser.add_argument("--checkpoint", metavar="PATH", help="weights file: Meta's .pth or the seed's .ckpt")
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="without --checkpoint, download the official weights of --model-type (cached; $SAMKIT_CACHE)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute dtype")
+    add_model_arguments(parser)
     parser.add_argument(
         "--convert-to-rle",
         action="store_true",

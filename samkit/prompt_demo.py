@@ -292,9 +292,26 @@ def _run_plan(predictor: Any, image: np.ndarray, plan: PromptPlan, output_dir: s
 # The command: demo/inference_with_prompts.py and `samkit predict`
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that builds a model shares: --model-type, --checkpoint, --download,
+    --device and --dtype (read by ``_checkpoint_or_none`` and ``_check_device``)."""
+    from .build import sam_model_registry
+
+    parser.add_argument(
+        "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights file: Meta's .pth or the seed's .ckpt")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="without --checkpoint, download the official weights of --model-type (cached; $SAMKIT_CACHE)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute dtype")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the prompt demo (the seed's flags; every one settable from the command line)."""
-    from .build import sam_model_registry
 
     parser.add_argument(
         "--prompt-type",
@@ -309,15 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"where the pictures go, named after the prompt type (default: {DEFAULT_OUTPUT_DIR})",
     )
-    parser.add_argument(
-        "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
-    )
-    parser.add_argument("--checkpoint", metavar="PATH", help="weights file: Meta's .pth or the seed's .ckpt")
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="without --checkpoint, download the official weights of --model-type (cached; $SAMKIT_CACHE)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--point",
         action="append",
@@ -333,8 +342,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the first box; batch_* = one prompt per point / box / (i-th box, i-th point). Without any, "
         "defaults placed relative to the image size are used",
     )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute dtype")
     # The seed's switch for saving pictures; they are always saved, so it is accepted and hidden.
     parser.add_argument("--enable-plt-visual", action="store_true", help=argparse.SUPPRESS)
 
