@@ -16,7 +16,15 @@ from .build import (
     sam_model_registry,
 )
 from .download import download_checkpoint
-from .errors import CheckpointError, DownloadError, ImageError, PromptError, SamkitError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    DownloadError,
+    ImageError,
+    PromptError,
+    SamkitError,
+)
 from .predictor import SamPredictor
 from .utils.image import load_image
 
@@ -24,6 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
+    "DatasetError",
     "DownloadError",
     "ImageError",
     "PromptError",

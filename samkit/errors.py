@@ -19,3 +19,11 @@ class PromptError(SamkitError, ValueError):
 
 class DownloadError(SamkitError, RuntimeError):
     """A checkpoint could not be downloaded or failed its size/sha256 check."""
+
+
+class DatasetError(SamkitError, ValueError):
+    """A dataset folder or annotation file is missing, unpaired or malformed."""
+
+
+class ConfigError(SamkitError, ValueError):
+    """A config file or ``-o key=value`` override names an unknown key or has a wrong type."""
