@@ -1,0 +1,307 @@
+"""Fine-tuning configuration: dataclasses, YAML files and ``-o key=value`` overrides, strictly checked.
+
+The YAML is the only place configs come from; modules never see these objects (the training script
+reads them and passes plain arguments). An unknown key, a missing section or a value of the wrong
+type stops with one line that names the key and the file (:class:`~samkit.errors.ConfigError`).
+
+Overrides use dotted keys and YAML values: ``-o amp=bf16 optimizer.lr=1e-4 train_data.max_objects=10``.
+Two spellings of the seed's commands are accepted: ``amp_level=O0|O1|O2|O3`` (O0 = off, otherwise
+bf16 on CPU and fp16 on GPUs, as the seed ran O2 in fp16) and ``network.model.<key>`` for ``model.<key>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    type: str = "vit_b"
+    # Meta's .pth, a seed .ckpt or a samkit checkpoint; null trains from random weights (tests only).
+    checkpoint: Optional[str] = None
+    # Parameters whose names start with one of these prefixes are frozen ...
+    freeze: list[str] = field(default_factory=lambda: ["image_encoder", "prompt_encoder"])
+    # ... except those starting with one of these (e.g. "prompt_encoder.text_proj").
+    unfreeze: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    type: str = "coco"  # coco | sa1b | flare
+    data_dir: str = ""
+    annotation_path: Optional[str] = None  # COCO only
+    max_objects: int = 20  # a seeded random subset when an image has more
+    include_crowd: bool = False  # COCO only
+    box_jitter: int = 0  # outward noise on box prompts, 0..box_jitter px per side (FLARE: 20)
+    min_area: int = 10000  # SA-1B only: masks below this area (original pixels) are dropped
+    max_images: Optional[int] = None  # use only the first N images (quick runs)
+    num_workers: int = 2
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 6.4e-5
+    weight_decay: float = 1e-4  # decoupled (AdamW); never on norms, biases, embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_steps: int = 250
+    decay: str = "cosine"  # cosine | linear | step | constant
+    min_lr_ratio: float = 0.01  # cosine/linear end at lr * min_lr_ratio
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.9])  # step: fractions of training
+    step_factor: float = 0.1  # step: lr multiplied by this at each milestone
+
+
+@dataclass
+class LossConfig:
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_data: Optional[DataConfig] = None
+    eval_data: Optional[DataConfig] = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    work_dir: str = "./work_dir/run"
+    epochs: int = 8
+    batch_size: int = 16  # global: split evenly over the processes
+    max_steps: Optional[int] = (
+        None  # stop after this many optimizer steps (the schedule still spans all epochs)
+    )
+    amp: str = "off"  # off | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | ...
+    seed: int = 42
+    eval_every: int = 1  # epochs between evaluations (0 = only `python eval.py`)
+    eval_batch_size: int = 1
+    save_every_steps: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
+    keep_checkpoints: int = 2  # full training checkpoints kept in work_dir/checkpoints (0 = all)
+    log_every: int = 10  # steps between log lines / TensorBoard points
+    tensorboard: bool = True
+    progress: bool = True  # console progress bar
+    cache_embeddings: bool = False  # frozen image encoder: compute embeddings once, reuse every epoch
+    cache_dir: Optional[str] = None  # default <work_dir>/embedding_cache
+    resume: Optional[str] = None  # "auto" (newest checkpoint in work_dir) or a checkpoint path
+    eval_output: Optional[str] = None  # eval.py's JSON (default <work_dir>/eval_<checkpoint>.json)
+
+
+AMP_CHOICES = ("off", "bf16", "fp16")
+DECAY_CHOICES = ("cosine", "linear", "step", "constant")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``key=value`` overrides, check everything. Raises ConfigError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(TrainConfig, _rename_seed_keys(raw), prefix="", source=path)
+    validate(cfg, source=path)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    cfg = _build(TrainConfig, _rename_seed_keys(dict(raw)), prefix="", source=source)
+    validate(cfg, source=source)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. optimizer.lr=1e-4)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    # The seed's spellings, applied here so that they beat the file's own keys.
+    if key == "amp_level":
+        key, value = "amp", _amp_from_level(value)
+    elif key.startswith("network.model."):
+        key = key[len("network.") :]
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _rename_seed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """The seed's spellings: ``amp_level`` and ``network.model.*``."""
+    raw = dict(raw)
+    if "amp_level" in raw:
+        raw.setdefault("amp", _amp_from_level(raw.pop("amp_level")))
+    network = raw.pop("network", None)
+    if network is not None:
+        if not isinstance(network, dict) or set(network) - {"model"}:
+            raise ConfigError("only network.model.<key> is understood (the seed's spelling of model.<key>)")
+        model = dict(raw.get("model") or {})
+        model.update(network.get("model") or {})
+        raw["model"] = model
+    return raw
+
+
+def _amp_from_level(level: Any) -> str:
+    if str(level) not in ("O0", "O1", "O2", "O3"):
+        raise ConfigError(f"amp_level must be O0, O1, O2 or O3, got {level!r}")
+    return "off" if str(level) == "O0" else "auto"
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping in {source}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} in {source} (valid keys here: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}", source) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if dataclasses.is_dataclass(hint):
+        if value is None:
+            return hint()
+        return _build(hint, value, key + ".", source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key} must be a list, got {value!r} in {source}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key} must be true or false, got {value!r} in {source}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key} must be an integer, got {value!r} in {source}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key} must be a number, got {value!r} in {source}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config key {key} must be a string, got {value!r} in {source}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file, not a user mistake
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    """Value checks that types cannot express; each names the key."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"config key {key} {message} in {source}")
+
+    if cfg.amp not in AMP_CHOICES + ("auto",):
+        fail("amp", f"must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
+    if cfg.scheduler.decay not in DECAY_CHOICES:
+        fail("scheduler.decay", f"must be one of {', '.join(DECAY_CHOICES)}, got {cfg.scheduler.decay!r}")
+    for key, value in (
+        ("epochs", cfg.epochs),
+        ("batch_size", cfg.batch_size),
+        ("eval_batch_size", cfg.eval_batch_size),
+    ):
+        if value < 1:
+            fail(key, f"must be at least 1, got {value}")
+    for key, value in (
+        ("eval_every", cfg.eval_every),
+        ("save_every_steps", cfg.save_every_steps),
+        ("keep_checkpoints", cfg.keep_checkpoints),
+        ("scheduler.warmup_steps", cfg.scheduler.warmup_steps),
+    ):
+        if value < 0:
+            fail(key, f"must not be negative, got {value}")
+    if cfg.log_every < 1:
+        fail("log_every", f"must be at least 1, got {cfg.log_every}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        fail("max_steps", f"must be at least 1, got {cfg.max_steps}")
+    if cfg.optimizer.lr <= 0:
+        fail("optimizer.lr", f"must be positive, got {cfg.optimizer.lr}")
+    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
+        fail("optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
+    if not 0 <= cfg.scheduler.min_lr_ratio <= 1:
+        fail("scheduler.min_lr_ratio", f"must be in [0, 1], got {cfg.scheduler.min_lr_ratio}")
+    if any(not 0 < m < 1 for m in cfg.scheduler.milestones):
+        fail(
+            "scheduler.milestones", f"must be fractions of training in (0, 1), got {cfg.scheduler.milestones}"
+        )
+    for section in ("train_data", "eval_data"):
+        data = getattr(cfg, section)
+        if data is None:
+            continue
+        if data.type not in ("coco", "sa1b", "flare"):
+            fail(f"{section}.type", f"must be coco, sa1b or flare, got {data.type!r}")
+        if data.max_objects < 1:
+            fail(f"{section}.max_objects", f"must be at least 1, got {data.max_objects}")
+        if data.box_jitter < 0 or data.num_workers < 0:
+            fail(f"{section}.box_jitter/num_workers", "must not be negative")
+        if data.type == "coco" and not data.annotation_path:
+            fail(f"{section}.annotation_path", "is required for COCO data")
+        if not data.data_dir:
+            fail(f"{section}.data_dir", "is required")
+    if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
+        fail("resume", f"must be 'auto' or an existing checkpoint file, got {cfg.resume!r}")
+
+
+def resolve_amp(amp: str, device_type: str) -> str:
+    """``auto`` (from the seed's amp_level O1-O3) -> bf16 on CPUs, fp16 on GPUs."""
+    if amp == "auto":
+        return "bf16" if device_type == "cpu" else "fp16"
+    return amp

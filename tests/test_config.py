@@ -1,0 +1,179 @@
+"""Configs: every shipped YAML loads; unknown keys and wrong types fail with the key's name; the
+learning-rate schedule, the data order over processes and the checkpoint helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from samkit.checkpointing import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    save_atomically,
+)
+from samkit.config import TrainConfig, load_config
+from samkit.distributed import epoch_batches, shard_indices
+from samkit.errors import ConfigError
+from samkit.finetune import freeze_parameters, lr_at, parameter_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"coco_box_finetune.yaml", "flare_box_finetune.yaml", "sa1b_box_finetune.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.type == "vit_b"
+    assert cfg.train_data is not None
+    assert set(cfg.model.freeze) >= {"image_encoder", "prompt_encoder"}
+
+
+def test_seed_recipes():
+    coco = load_config(ROOT / "configs/coco_box_finetune.yaml")
+    flare = load_config(ROOT / "configs/flare_box_finetune.yaml")
+    sa1b = load_config(ROOT / "configs/sa1b_box_finetune.yaml")
+    assert (coco.batch_size, coco.epochs, coco.optimizer.lr) == (16, 8, 6.4e-5)
+    assert (flare.batch_size, flare.epochs, flare.optimizer.lr) == (16, 20, 1.28e-4)
+    assert (sa1b.batch_size, sa1b.epochs, sa1b.optimizer.lr) == (16, 8, 8e-6)
+    assert coco.eval_data.max_objects == 40 and coco.train_data.max_objects == 20
+    assert flare.train_data.box_jitter == 20 and flare.eval_data.box_jitter == 20
+    assert sa1b.train_data.min_area == 10000 and sa1b.eval_data is None
+
+
+def test_overrides():
+    cfg = load_config(
+        ROOT / "configs/coco_box_finetune.yaml",
+        [
+            "amp=fp16",
+            "optimizer.lr=1e-4",
+            "train_data.max_objects=5",
+            "resume=auto",
+            "model.freeze=[image_encoder]",
+        ],
+    )
+    assert cfg.amp == "fp16" and cfg.optimizer.lr == 1e-4 and cfg.train_data.max_objects == 5
+    assert cfg.resume == "auto" and cfg.model.freeze == ["image_encoder"]
+
+
+def test_seed_spellings():
+    cfg = load_config(
+        ROOT / "configs/coco_box_finetune.yaml", ["amp_level=O0", "network.model.checkpoint=/x/sam.ckpt"]
+    )
+    assert cfg.amp == "off" and cfg.model.checkpoint == "/x/sam.ckpt"
+    cfg = load_config(ROOT / "configs/coco_box_finetune.yaml", ["amp_level=O2", "amp=auto"])
+    assert cfg.amp == "auto"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optimizer.lrr=1", "optimizer.lrr"),
+        ("epochz=3", "epochz"),
+        ("epochs=three", "epochs"),
+        ("epochs=2.5", "epochs"),
+        ("batch_size=0", "batch_size"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("tensorboard=maybe", "tensorboard"),
+        ("amp=fp8", "amp"),
+        ("scheduler.decay=exp", "scheduler.decay"),
+        ("train_data.type=voc", "train_data.type"),
+        ("optimizer.betas=0.9", "optimizer.betas"),
+        ("model=vit_b", "model"),
+        ("resume=/no/such/file.pt", "resume"),
+        ("amp_level=O9", "amp_level"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/coco_box_finetune.yaml", [override])
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  type: vit_b\n  chekpoint: x.pth\n")
+    with pytest.raises(ConfigError, match=r"model\.chekpoint .*unknown.yaml"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ROOT / "configs/coco_box_finetune.yaml", ["amp"])
+
+
+def test_lr_schedule_warms_up_and_decays():
+    kw = dict(warmup_steps=10, min_lr_ratio=0.01)
+    lrs = [lr_at(s, 100, 1.0, decay="cosine", **kw) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.01)
+    linear = [lr_at(s, 100, 1.0, decay="linear", **kw) for s in range(100)]
+    assert linear[-1] == pytest.approx(0.01) and linear[54] == pytest.approx((1 + 0.01) / 2, abs=0.02)
+    step = [
+        lr_at(s, 100, 1.0, decay="step", warmup_steps=0, milestones=[0.5, 0.8], step_factor=0.1)
+        for s in range(100)
+    ]
+    assert step[49] == 1.0 and step[50] == pytest.approx(0.1) and step[80] == pytest.approx(0.01)
+    assert lr_at(99, 100, 1.0, decay="constant", warmup_steps=0) == 1.0
+
+
+def test_epoch_batches_split_the_global_batch():
+    one = epoch_batches(23, 4, seed=1, epoch=0)
+    assert len(one) == 5 and len({i for b in one for i in b}) == 20
+    two = [epoch_batches(23, 4, seed=1, epoch=0, rank=r, world_size=2) for r in range(2)]
+    for s in range(5):
+        assert two[0][s] + two[1][s] == one[s]
+    assert epoch_batches(23, 4, seed=1, epoch=1) != one
+    assert epoch_batches(23, 4, seed=1, epoch=0) == one
+    with pytest.raises(ValueError):
+        epoch_batches(23, 3, seed=1, epoch=0, world_size=2)
+    assert sorted(shard_indices(7, 0, 2) + shard_indices(7, 1, 2)) == list(range(7))
+
+
+def test_freezing_and_parameter_groups(tiny_model):
+    trainable = freeze_parameters(tiny_model, ["image_encoder", "prompt_encoder"])
+    decoder = sum(p.numel() for p in tiny_model.mask_decoder.parameters())
+    assert trainable == decoder
+    assert not any(p.requires_grad for p in tiny_model.image_encoder.parameters())
+    groups = parameter_groups(tiny_model, 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in tiny_model.named_parameters() if id(p) in decayed}
+    assert names and all(n.endswith("weight") for n in names)
+    assert not any("norm" in n or "token" in n for n in names)
+    freeze_parameters(tiny_model, ["image_encoder"], ["image_encoder.neck"])
+    assert all(p.requires_grad for p in tiny_model.image_encoder.neck.parameters())
+    with pytest.raises(ValueError, match="image_encodr"):
+        freeze_parameters(tiny_model, ["image_encodr"])
+    for p in tiny_model.parameters():
+        p.requires_grad_(True)
+
+
+def test_checkpoint_files(tmp_path):
+    work = str(tmp_path)
+    for step in (3, 10, 7):
+        save_atomically({"step": step}, checkpoint_path(work, step))
+    assert [Path(p).name for p in list_checkpoints(work)] == [
+        "step_00000003.pt",
+        "step_00000007.pt",
+        "step_00000010.pt",
+    ]
+    assert latest_checkpoint(work).endswith("step_00000010.pt")
+    prune_checkpoints(work, 2)
+    assert len(list_checkpoints(work)) == 2
+    assert torch.load(latest_checkpoint(work), weights_only=True)["step"] == 10
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
