@@ -1,0 +1,195 @@
+"""Losses for fine-tuning SAM with box prompts: focal + dice on the mask logits, MSE on the IoU head.
+
+Conventions: mask logits and targets are ...xHxW (targets 0/1 as bool, uint8 or float); a mask's
+pixels are inside where its logit is > 0 (``Sam.mask_threshold``). Every loss is computed in float32
+whatever the input dtype (bf16/fp16 logits under autocast are cast), and returns one value per mask;
+:func:`sam_loss` reduces over the valid prompts of a batch.
+
+Total = 20 * focal + 1 * dice + 1 * IoU-MSE: the SAM paper's per-pixel sigmoid focal loss, the
+seed's V-Net dice and the seed's weighting.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import mask_iou
+
+# Masks are processed this many pixels at a time (8 masks of 1024x1024), so that the float32
+# temporaries of the pixel-wise terms stay bounded whatever the batch (~32 MB each).
+_CHUNK_PIXELS = 1 << 23
+
+
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al.), averaged over the pixels of each mask.
+
+    Per pixel: -a_t * (1 - p_t)^gamma * log(p_t), with p_t the predicted probability of the target
+    class, and a_t = ``alpha`` on positive pixels, 1 - ``alpha`` on negative ones (``alpha`` < 0
+    turns the weighting off). logits, targets: ...xHxW. Returns ... (one value per mask).
+    """
+    x, t = _fp32(logits), _fp32(targets)
+    # BCE with logits is -log(p_t) computed without overflow for large |logits|.
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p = torch.sigmoid(x)
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return loss.mean(dim=(-2, -1))
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """V-Net dice loss per mask: 1 - 2 * sum(p * g) / (sum(p^2) + sum(g^2) + eps), p = sigmoid(logits).
+
+    logits, targets: ...xHxW. Returns ... (one value per mask).
+    """
+    x, t = _fp32(logits), _fp32(targets)
+    p = torch.sigmoid(x)
+    inter = (p * t).sum(dim=(-2, -1))
+    return 1 - 2 * inter / ((p * p).sum(dim=(-2, -1)) + (t * t).sum(dim=(-2, -1)) + eps)
+
+
+def iou_mse_loss(iou_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error of the IoU head: (iou_pred - IoU(logits > 0, targets))^2 per mask.
+
+    iou_pred: ...; logits, targets: ...xHxW. The IoU target carries no gradient. Returns ... (one value per
+    mask).
+    """
+    with torch.no_grad():
+        target_iou = mask_iou(logits > 0, targets)
+    return (_fp32(iou_pred) - target_iou) ** 2
+
+
+def sam_loss(
+    logits: torch.Tensor,
+    iou_pred: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    focal_weight: float = 20.0,
+    dice_weight: float = 1.0,
+    iou_weight: float = 1.0,
+    num_valid: Optional[Union[float, torch.Tensor]] = None,
+) -> dict[str, torch.Tensor]:
+    """The box fine-tuning loss of a batch of B images with K prompts each.
+
+    logits: BxKxHxW mask logits at the full padded input frame (1024x1024); iou_pred: BxK;
+    targets: BxKxHxW 0/1; valid: BxK bool, False for the padding prompts of images with fewer
+    than K objects.
+
+    Each term is reduced as sum(term * valid) / N, N = ``num_valid`` when given, else the number of
+    valid prompts (at least 1). In data-parallel training pass the number of valid prompts of the
+    whole global batch divided by the world size: gradient averaging across ranks then equals one
+    process over the whole batch. A ``num_valid`` <= 0 (no object anywhere) counts as 1; the loss
+    is then 0.
+
+    Padding prompts are never read: their logits and IoU predictions may hold anything (NaN
+    included) and receive zero gradient. Only the valid masks are processed, a few at a time, and
+    the backward pass recomputes what it needs instead of keeping pixel-wise intermediates, so the
+    loss adds little memory beyond a gradient the size of ``logits``.
+
+    Returns ``loss`` (weighted total, differentiable) and the detached terms ``focal``, ``dice``
+    and ``iou`` (the same reductions, unweighted), all float32 scalars (float64 for float64 logits).
+    """
+    if logits.ndim != 4 or targets.shape != logits.shape:
+        raise ValueError(
+            f"logits and targets must both be BxKxHxW, got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    if tuple(iou_pred.shape) != tuple(logits.shape[:2]) or tuple(valid.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"iou_pred and valid must be BxK = {tuple(logits.shape[:2])}, "
+            f"got {tuple(iou_pred.shape)} and {tuple(valid.shape)}"
+        )
+    b, k, h, w = logits.shape
+    rows = valid.to(device=logits.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
+    # The SAM paper's focal alpha 0.25 and gamma 2, the seed's dice eps 1e-5.
+    focal, dice, target_iou = _MaskTerms.apply(
+        logits.reshape(b * k, h, w), targets.reshape(b * k, h, w), rows, 0.25, 2.0, 1e-5
+    )
+    iou = (_fp32(iou_pred).reshape(-1)[rows] - target_iou) ** 2
+
+    if num_valid is None:
+        n = torch.tensor(max(rows.numel(), 1), dtype=torch.float32, device=logits.device)
+    else:
+        n = torch.as_tensor(num_valid, dtype=torch.float32, device=logits.device)
+        n = torch.where(n > 0, n, torch.ones_like(n))
+    terms = {"focal": focal.sum() / n, "dice": dice.sum() / n, "iou": iou.sum() / n}
+    loss = focal_weight * terms["focal"] + dice_weight * terms["dice"] + iou_weight * terms["iou"]
+    return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+
+
+class _MaskTerms(torch.autograd.Function):
+    """Per-mask focal loss, dice loss and IoU target of the masks ``rows`` of MxHxW logits.
+
+    The values are those of :func:`focal_loss`, :func:`dice_loss` and :func:`mask_iou`. Autograd
+    through those would keep several float32 copies of every mask for the backward pass; here
+    only the inputs are kept and the backward recomputes sigmoid and BCE chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows, alpha, gamma, eps):  # type: ignore[override]
+        ctx.save_for_backward(logits, targets, rows)
+        ctx.alpha, ctx.gamma, ctx.eps = alpha, gamma, eps
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        focal, dice, iou = (torch.empty(rows.numel(), dtype=dtype, device=logits.device) for _ in range(3))
+        for idx, sl in _chunks(rows, logits.shape[-2] * logits.shape[-1]):
+            x, t = _fp32(logits[idx]), _fp32(targets[idx])
+            focal[sl] = focal_loss(x, t, alpha, gamma)
+            dice[sl] = dice_loss(x, t, eps)
+            iou[sl] = mask_iou(x > 0, t)
+        ctx.mark_non_differentiable(iou)
+        return focal, dice, iou
+
+    @staticmethod
+    def backward(ctx, grad_focal, grad_dice, _grad_iou):  # type: ignore[override]
+        logits, targets, rows = ctx.saved_tensors
+        alpha, gamma, eps = ctx.alpha, ctx.gamma, ctx.eps
+        # Masks outside ``rows`` (padding prompts) get exactly zero, whatever their logits hold.
+        grad = torch.zeros_like(logits)
+        pixels = logits.shape[-2] * logits.shape[-1]
+        for idx, sl in _chunks(rows, pixels):
+            x, t = _fp32(logits[idx]), _fp32(targets[idx])
+            gf, gd = grad_focal[sl, None, None], grad_dice[sl, None, None]
+            p = torch.sigmoid(x)
+            dp = p * (1 - p)  # d sigmoid / dx
+
+            # Focal: f = a_t * q^gamma * ce with q = 1 - p_t = p + t(1 - 2p), dq/dx = (1 - 2t) dp and
+            # dce/dx = p - t, so df/dx = a_t * (q^gamma (p - t) + gamma q^(gamma-1) (1 - 2t) dp ce).
+            q = p + t * (1 - 2 * p)
+            g = q**gamma * (p - t)
+            if gamma != 0:
+                # q^(gamma-1) is infinite at q = 0 for gamma < 1; the clamp keeps 0 * inf out.
+                q_low = q.clamp_min(1e-12) if gamma < 1 else q
+                ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+                g += gamma * q_low ** (gamma - 1) * (1 - 2 * t) * dp * ce
+            if alpha >= 0:
+                g *= (1 - alpha) + (2 * alpha - 1) * t
+            g *= gf / pixels
+
+            # Dice: d = 1 - 2I/S with I = sum(p t) and S = sum(p^2) + sum(t^2) + eps per mask, so
+            # dd/dx = dp * (-2 t / S + 4 I p / S^2).
+            inter = (p * t).sum(dim=(-2, -1), keepdim=True)
+            s = (p * p).sum(dim=(-2, -1), keepdim=True) + (t * t).sum(dim=(-2, -1), keepdim=True) + eps
+            g += dp * (gd * (-2 / s) * t + gd * (4 * inter / (s * s)) * p)
+            grad[idx] = g.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def _chunks(rows: torch.Tensor, pixels: int):
+    """(row indices, output slice) pairs covering ``rows`` a bounded number of pixels at a time."""
+    step = max(1, _CHUNK_PIXELS // max(pixels, 1))
+    for start in range(0, rows.numel(), step):
+        yield rows[start : start + step], slice(start, start + step)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """bool/integer/half inputs as float32; float64 stays float64 (exact gradient checks)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+__all__ = ["dice_loss", "focal_loss", "iou_mse_loss", "sam_loss"]
