@@ -109,6 +109,80 @@ def amg() -> list[str]:
     return lines
 
 
+def prompts() -> list[str]:
+    lines = ["## Prompt latency after `set_image` (one point; 64 boxes in one call)", ""]
+    runs = load("prompts_*.json")
+    if not runs:
+        return lines + [
+            "Not measured yet: `python benchmarks/prompts.py --model vit_b --out benchmarks/results/prompts_vit_b.json`.",
+            "",
+        ]
+    labels = {"one_point": "one point, 3 masks", "boxes_64": "64 boxes, one call"}
+    for name, r in runs:
+        tasks = list(r["median_ms"])
+        lines += [
+            f"`{r['command']}` ({name}); machine: {r['machine']}; image: {r['image']}, point {r['point']},",
+            f"{r['boxes']} seeded boxes; medians of {r['rounds']} alternating calls after a warm-up, same random weights.",
+            "",
+            "| implementation | " + " | ".join(f"{labels[t]}: median ms | x Meta fp32" for t in tasks) + " |",
+            "|---|" + "---|---|" * len(tasks),
+        ]
+        for impl in r["median_ms"][tasks[0]]:
+            cells = [f"{r['median_ms'][t][impl]:.1f} | {r['speedup_vs_meta'][t][impl]:.2f}x" for t in tasks]
+            lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        targets = "; ".join(
+            f"{labels[t]} <= {r['targets_ms'][t]:g} ms: "
+            + ", ".join(f"{impl} {'met' if ok else 'missed'}" for impl, ok in r["targets_met"][t].items())
+            for t in tasks
+        )
+        agree = "; ".join(
+            f"{labels[t]}: samkit fp32 masks equal Meta's on {r['fp32_mask_pixel_agreement_vs_meta'][t]:.6f} of pixels"
+            for t in tasks
+        )
+        lines += ["", f"Targets (the issue's, for this 2-core CPU): {targets}.", "", f"Agreement: {agree}."]
+        if r.get("bf16_mask_iou_vs_fp32"):
+            ious = "; ".join(
+                f"{labels[t]}: mean {v['mean']:.4f}, min {v['min']:.4f} over {v['masks']} masks"
+                for t, v in r["bf16_mask_iou_vs_fp32"].items()
+            )
+            lines.append(f"samkit bf16 mask IoU against samkit fp32: {ious}.")
+        lines.append("")
+    return lines
+
+
+def train_step() -> list[str]:
+    lines = ["## Box fine-tuning throughput, with and without the embedding cache", ""]
+    runs = load("train_step_*.json")
+    if not runs:
+        return lines + [
+            "Not measured yet: `python benchmarks/train_step.py --model vit_b --out benchmarks/results/train_step_vit_b.json`.",
+            "",
+        ]
+    for name, r in runs:
+        lines += [
+            f"`{r['command']}` ({name}); machine: {r['machine']}, device {r['device']}; amp {r['amp']};",
+            f"data: {r['data']}; batch {r['batch_size']}, {r['steps_per_epoch']} steps/epoch x {r['epochs']} epochs;",
+            "images/s per step from `metrics.jsonl` (data loading included), medians. Meta's `segment_anything`",
+            "has no training code, so there is no Meta column.",
+            "",
+            "| run | epoch 1 images/s | epochs >= 2 images/s | whole run s |",
+            "|---|---|---|---|",
+        ]
+        for run, v in r["runs"].items():
+            lines.append(
+                f"| {run} | {v['epoch1_median_images_per_s']:.3f} | {v['later_epochs_median_images_per_s']:.3f} | "
+                f"{v['wall_s']:.1f} |"
+            )
+        lines += [
+            "",
+            f"Cache speed-up: epochs >= 2 {r['later_epochs_speedup']:.2f}x (target >= {r['target_speedup']:g}x: "
+            f"{'met' if r['target_met'] else 'missed'}), epoch 1 {r['epoch1_speedup']:.2f}x. "
+            f"Per-step losses identical with and without the cache: {'yes' if r['losses_identical'] else 'NO'}.",
+            "",
+        ]
+    return lines
+
+
 def main() -> int:
     lines = [
         "# Benchmarks",
@@ -119,7 +193,7 @@ def main() -> int:
         "the project's shared 2-core machine: compare ratios, not absolute times.",
         "",
     ]
-    lines += cpu_encoder() + gpu_encoder() + amg()
+    lines += cpu_encoder() + gpu_encoder() + amg() + prompts() + train_step()
     (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
     return 0
