@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import __version__, amg_cli, prompt_demo
+from . import __version__, amg_cli, box_inference, evaluate, prompt_demo, train
+from .data import ct_preprocess
 from .errors import SamkitError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -24,6 +25,10 @@ Run = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "predict": (prompt_demo.add_arguments, prompt_demo.run),
     "amg": (amg_cli.add_arguments, amg_cli.run),
+    "box": (box_inference.add_arguments, box_inference.run),
+    "train": (train.add_arguments, train.run),
+    "eval": (train.add_arguments, evaluate.run_command),
+    "preprocess-ct": (ct_preprocess.add_arguments, ct_preprocess.run),
 }
 
 USAGE_ERROR = 2  # argparse's own exit status for a bad command line; used for every user mistake

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class KeyedDataset(Dataset):
 
 
 class EmbeddingCache:
-    """``get(keys)`` -> cached Bx256x64x64 embeddings or None; ``put(keys, embeddings)`` stores them."""
+    """Embeddings on disk, one file per image, under a folder named by the encoder's hash."""
 
     def __init__(self, root: str | os.PathLike, encoder_hash: str) -> None:
         self.folder = os.path.join(os.fspath(root), encoder_hash)
@@ -73,18 +73,39 @@ class EmbeddingCache:
     def _path(self, key: str) -> str:
         return os.path.join(self.folder, key[:2], key + ".pt")
 
-    def get(self, keys: list[str], device: torch.device) -> torch.Tensor | None:
-        paths = [self._path(k) for k in keys]
-        if not all(os.path.isfile(p) for p in paths):
-            self.misses += len(keys)
-            return None
-        try:
-            tensors = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
-        except Exception:  # a damaged entry (e.g. a full disk): recompute rather than fail the run
-            self.misses += len(keys)
-            return None
-        self.hits += len(keys)
-        return torch.stack(tensors).to(device, non_blocking=True)
+    def get(self, keys: list[str], device: torch.device) -> list[torch.Tensor | None]:
+        """The cached embedding of each key (on ``device``), None where there is none."""
+        found: list[torch.Tensor | None] = []
+        for key in keys:
+            path = self._path(key)
+            embedding = None
+            if os.path.isfile(path):
+                try:
+                    embedding = torch.load(path, map_location="cpu", weights_only=True).to(device)
+                except Exception:  # a damaged entry (e.g. a full disk): recompute rather than fail
+                    embedding = None
+            found.append(embedding)
+            self.hits += embedding is not None
+            self.misses += embedding is None
+        return found
+
+    def embed(
+        self,
+        keys: list[str],
+        images: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Bx256x64x64 embeddings of ``images`` (Bx3xSxS, any device): cached ones read back, the
+        others computed with ``encode`` on ``device`` and stored."""
+        found = self.get(keys, device)
+        missing = [i for i, e in enumerate(found) if e is None]
+        if missing:
+            computed = encode(images[missing].to(device, non_blocking=True))
+            self.put([keys[i] for i in missing], computed)
+            for i, embedding in zip(missing, computed):
+                found[i] = embedding
+        return torch.stack(found)  # type: ignore[arg-type]
 
     def put(self, keys: list[str], embeddings: torch.Tensor) -> None:
         for key, embedding in zip(keys, embeddings.detach().cpu()):

@@ -14,6 +14,7 @@ score; several processes each take every N-th image and their sums are added.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed
 from .build import build_model
 from .config import TrainConfig, load_config, resolve_amp
-from .errors import ConfigError, SamkitError
+from .errors import ConfigError
 from .finetune import BoxPromptSam, upsample_logits
 from .metrics import MiouAccumulator
 from .utils.transforms import upscale_masks
@@ -154,22 +155,20 @@ def _write_json(obj: dict[str, Any], path: str) -> None:
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .train import parse_args
-
-    args = parse_args(argv, "Evaluate box-prompt mIoU (zero-shot or fine-tuned) on a config's eval_data.")
-    try:
-        metrics = run(load_config(args.config, args.override_cfg))
-    except SamkitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+def run_command(args: argparse.Namespace) -> int:
+    """Evaluate box-prompt mIoU (zero-shot or fine-tuned) on a config's eval_data."""
+    metrics = run(load_config(args.config, args.override_cfg))
     if "output" in metrics:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{shown} over {metrics.get('objects_1024', '?')} objects -> {metrics['output']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_standalone
+    from .train import add_arguments
+
+    return run_standalone(add_arguments, run_command, argv, prog="eval.py")
 
 
 if __name__ == "__main__":

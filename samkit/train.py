@@ -38,7 +38,7 @@ from .checkpointing import (
 )
 from .config import DataConfig, TrainConfig, config_to_dict, load_config, resolve_amp
 from .embedding_cache import EmbeddingCache, KeyedDataset, encoder_key
-from .errors import ConfigError, SamkitError
+from .errors import ConfigError
 from .finetune import BoxPromptSam, freeze_parameters, lr_at, parameter_groups, upsample_logits
 from .losses import sam_loss
 
@@ -232,10 +232,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 with autocast(device, amp):
                     embeddings = None
                     if cache is not None:
-                        embeddings = cache.get(batch["image_key"], device)
-                        if embeddings is None:
-                            embeddings = net.embed(batch["image"].to(device, non_blocking=True))
-                            cache.put(batch["image_key"], embeddings)
+                        embeddings = cache.embed(batch["image_key"], batch["image"], net.embed, device)
                     images = None if embeddings is not None else batch["image"].to(device, non_blocking=True)
                     low_res, iou_pred = model(boxes, valid, images=images, embeddings=embeddings)
                 logits = upsample_logits(low_res, image_size)
@@ -264,6 +261,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 scaler.update()
                 step += 1
                 step_in_epoch += 1
+                if env.distributed:  # each process holds its share of the batch's loss: add them
+                    parts = torch.stack(
+                        [losses[k].detach().float() for k in ("loss", "focal", "dice", "iou")]
+                    )
+                    parts = distributed.all_reduce_sum(parts) / env.world_size
+                    losses = dict(zip(("loss", "focal", "dice", "iou"), parts))
                 log.step(step, step_in_epoch, lr, losses, cfg.batch_size)
                 if (
                     step_in_epoch < steps_per_epoch
@@ -340,7 +343,7 @@ class _Logger:
                 self.line(
                     "warning: tensorboard is not installed (pip install samkit[train]); scalars go to metrics.jsonl only"
                 )
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, Any] = {}
         self._count = 0
         self._t0 = time.perf_counter()
         self._images = 0
@@ -368,8 +371,8 @@ class _Logger:
     def step(self, step: int, in_epoch: int, lr: float, losses: dict[str, torch.Tensor], batch: int) -> None:
         if not self.enabled:
             return
-        for key in ("loss", "focal", "dice", "iou"):
-            self._sums[key] = self._sums.get(key, 0.0) + float(losses[key])
+        for key in ("loss", "focal", "dice", "iou"):  # tensors: no device sync until a log line
+            self._sums[key] = self._sums.get(key, 0.0) + losses[key].detach().float()
         self._count += 1
         self._images += batch
         if self.bar is not None:
@@ -377,7 +380,7 @@ class _Logger:
         if step % self.cfg.log_every:
             return
         elapsed = time.perf_counter() - self._t0
-        record = {k: v / self._count for k, v in self._sums.items()}
+        record = {k: float(v) / self._count for k, v in self._sums.items()}
         record.update(step=step, epoch=self.epoch + 1, lr=lr, images_per_s=self._images / max(elapsed, 1e-9))
         if self.bar is not None:
             self.bar.set_postfix(
@@ -421,8 +424,7 @@ class _Logger:
             self.jsonl.close()
 
 
-def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="configs/coco_box_finetune.yaml", help="YAML config file")
     parser.add_argument(
         "-o",
@@ -433,20 +435,18 @@ def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespa
         metavar="KEY=VALUE",
         help="override config keys, e.g. -o amp=bf16 optimizer.lr=1e-4 resume=auto",
     )
-    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune SAM with box prompts from a YAML config (also under torchrun)."""
+    result = train(load_config(args.config, args.override_cfg))
+    return 143 if result.get("interrupted") else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv, "Fine-tune SAM with box prompts (python train.py or torchrun ... train.py).")
-    try:
-        result = train(load_config(args.config, args.override_cfg))
-    except SamkitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 143 if result.get("interrupted") else 0
+    from .cli import run_standalone
+
+    return run_standalone(add_arguments, run, argv, prog="train.py")
 
 
 if __name__ == "__main__":
