@@ -237,7 +237,9 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"config key {key} must be a number, got {value!r} in {source}")
         return float(value)
     if hint is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means "off"
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"config key {key} must be a string, got {value!r} in {source}")
         return str(value)
     raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file, not a user mistake

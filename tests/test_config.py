@@ -65,6 +65,12 @@ def test_overrides():
     assert cfg.resume == "auto" and cfg.model.freeze == ["image_encoder"]
 
 
+def test_amp_off_is_not_a_boolean(tmp_path):
+    assert load_config(ROOT / "configs/coco_box_finetune.yaml", ["amp=off"]).amp == "off"
+    with pytest.raises(ConfigError, match="amp"):
+        load_config(ROOT / "configs/coco_box_finetune.yaml", ["amp=on"])
+
+
 def test_seed_spellings():
     cfg = load_config(
         ROOT / "configs/coco_box_finetune.yaml", ["amp_level=O0", "network.model.checkpoint=/x/sam.ckpt"]

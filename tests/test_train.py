@@ -176,11 +176,19 @@ def test_outputs_load_with_the_registry(coco, tiny_checkpoint, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("mask_decoder."))
 
 
-def test_kill_and_resume_is_bit_identical(coco, tiny_checkpoint, tmp_path):
-    """SIGKILL mid-epoch, resume=auto: the same final weights as an uninterrupted run."""
-    base = make_config(coco, tmp_path / "whole", tiny_checkpoint, save_every_steps=1, batch_size=2, epochs=3)
-    whole = run_cli([sys.executable, "train.py", "-c", write_config(tmp_path, base, "whole.yaml")])
+@pytest.fixture(scope="module")
+def uninterrupted(coco, tiny_checkpoint, tmp_path_factory):
+    """(config, work_dir) of a 3-epoch, 9-step command-line run that nothing interrupts."""
+    tmp = tmp_path_factory.mktemp("whole")
+    base = make_config(coco, tmp / "whole", tiny_checkpoint, save_every_steps=1, batch_size=2, epochs=3)
+    whole = run_cli([sys.executable, "train.py", "-c", write_config(tmp, base, "whole.yaml")])
     assert whole.returncode == 0, whole.stderr
+    return base, tmp / "whole"
+
+
+def test_kill_and_resume_is_bit_identical(uninterrupted, tmp_path):
+    """SIGKILL mid-epoch, resume=auto: the same final weights as an uninterrupted run."""
+    base, whole_dir = uninterrupted
 
     cfg = write_config(tmp_path, {**base, "work_dir": str(tmp_path / "killed")}, "killed.yaml")
     proc = subprocess.Popen(
@@ -203,16 +211,14 @@ def test_kill_and_resume_is_bit_identical(coco, tiny_checkpoint, tmp_path):
     resumed = run_cli([sys.executable, "train.py", "-c", cfg, "-o", "resume=auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    assert_same_weights(final_state(tmp_path / "whole"), final_state(tmp_path / "killed"))
+    assert_same_weights(final_state(whole_dir), final_state(tmp_path / "killed"))
     # The loss curve continues exactly where the killed run stopped.
-    assert losses_of(tmp_path / "killed")[-9 + killed_at :] == losses_of(tmp_path / "whole")[killed_at:]
+    assert losses_of(tmp_path / "killed")[-9 + killed_at :] == losses_of(whole_dir)[killed_at:]
 
 
-def test_sigterm_saves_then_resume_finishes_the_same(coco, tiny_checkpoint, tmp_path):
-    base = make_config(coco, tmp_path / "whole", tiny_checkpoint, batch_size=2, epochs=3)
-    whole = run_cli([sys.executable, "train.py", "-c", write_config(tmp_path, base, "whole.yaml")])
-    assert whole.returncode == 0, whole.stderr
-    cfg = write_config(tmp_path, {**base, "work_dir": str(tmp_path / "term")})
+def test_sigterm_saves_then_resume_finishes_the_same(uninterrupted, tmp_path):
+    base, whole_dir = uninterrupted
+    cfg = write_config(tmp_path, {**base, "work_dir": str(tmp_path / "term"), "save_every_steps": 0})
     proc = subprocess.Popen(
         [sys.executable, "train.py", "-c", cfg],
         cwd=ROOT,
@@ -237,7 +243,7 @@ def test_sigterm_saves_then_resume_finishes_the_same(coco, tiny_checkpoint, tmp_
     assert not (tmp_path / "term" / "sam_final.pth").exists()
     resumed = run_cli([sys.executable, "train.py", "-c", cfg, "-o", "resume=auto"])
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(final_state(tmp_path / "whole"), final_state(tmp_path / "term"))
+    assert_same_weights(final_state(whole_dir), final_state(tmp_path / "term"))
 
 
 def test_two_processes_equal_one(coco, tiny_checkpoint, tmp_path):
@@ -294,7 +300,9 @@ def test_two_processes_equal_one(coco, tiny_checkpoint, tmp_path):
     assert "miou_1024" in one.stdout
 
 
-def test_command_line_mistakes(coco, tiny_checkpoint, tmp_path):
+def test_command_line_mistakes(coco, tiny_checkpoint, tmp_path, capsys):
+    from samkit.train import main
+
     good = make_config(coco, tmp_path / "run", tiny_checkpoint, epochs=1)
     cfg = write_config(tmp_path, good)
     cases = [
@@ -304,19 +312,104 @@ def test_command_line_mistakes(coco, tiny_checkpoint, tmp_path):
         (["-o", "model.checkpoint=/no/such.pth"], "/no/such.pth"),
         (["-o", "batch_size=64"], "batch_size"),
         (["-o", "model.freeze=[image_encodr]"], "image_encodr"),
+        (["--bogus"], "--bogus"),
     ]
     for extra, needle in cases:
-        result = run_cli([sys.executable, "train.py", "-c", cfg, *extra])
-        assert result.returncode == 2, (extra, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, (
-            extra,
-            result.stderr,
-        )
+        assert main(["-c", cfg, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:"), (extra, err)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # From the command line: one line, no traceback.
     missing = run_cli([sys.executable, "train.py", "-c", str(tmp_path / "nope.yaml")])
-    assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
     # A finished run's folder is not overwritten by accident.
     train(config_from_dict(good))
-    again = run_cli([sys.executable, "train.py", "-c", cfg])
-    assert again.returncode == 2 and "resume=auto" in again.stderr
+    assert main(["-c", cfg]) == 2
+    assert "resume=auto" in capsys.readouterr().err
+
+
+def test_shipped_flare_recipe_runs_on_preprocessed_nifti(tiny_checkpoint, tmp_path):
+    """The seed's FLARE path end to end: NIfTI volumes -> scripts/preprocess_CT_MR_dataset.py ->
+    configs/flare_box_finetune.yaml with the paths and a small model given by -o -> eval.py."""
+    from .nifti_gen import make_flare_nifti
+
+    raw = make_flare_nifti(tmp_path / "FLARE22Train", num_cases=5, shape=(48, 48, 11))
+    out = tmp_path / "processed"
+    prep = run_cli(
+        [
+            sys.executable,
+            "scripts/preprocess_CT_MR_dataset.py",
+            "--input-dir",
+            str(raw),
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert prep.returncode == 0, prep.stderr
+    overrides = [
+        "model.type=vit_tiny",
+        f"model.checkpoint={tiny_checkpoint}",
+        f"train_data.data_dir={out / 'train'}",
+        f"eval_data.data_dir={out / 'val'}",
+        f"work_dir={tmp_path / 'run'}",
+        "train_data.num_workers=1",
+        "eval_data.num_workers=0",
+        "train_data.max_images=4",
+        "eval_data.max_images=2",
+        "epochs=1",
+        "batch_size=2",
+        "amp=off",
+        "progress=false",
+    ]
+    result = run_cli([sys.executable, "train.py", "-c", "configs/flare_box_finetune.yaml", "-o", *overrides])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "eval after epoch 1" in result.stdout
+    assert (tmp_path / "run" / "sam_final.pth").exists() and (tmp_path / "run" / "tensorboard").is_dir()
+    final = str(tmp_path / "run" / "sam_final.pth")
+    scores = []
+    for _ in range(2):  # the jittered boxes are seeded: the same checkpoint gets the same mIoU
+        ev = run_cli(
+            [
+                sys.executable,
+                "eval.py",
+                "-c",
+                "configs/flare_box_finetune.yaml",
+                "-o",
+                *overrides,
+                f"model.checkpoint={final}",
+            ]
+        )
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        scores.append(json.loads((tmp_path / "run" / "eval_sam_final.json").read_text()))
+    assert scores[0]["miou_1024"] == scores[1]["miou_1024"] and scores[0]["objects_1024"] > 0
+
+
+def test_shipped_sa1b_recipe_runs(tiny_checkpoint, tmp_path):
+    from .datagen import make_sa1b_dataset
+
+    data = make_sa1b_dataset(tmp_path, num_images=4)
+    result = run_cli(
+        [
+            sys.executable,
+            "train.py",
+            "-c",
+            "configs/sa1b_box_finetune.yaml",
+            "-o",
+            "model.type=vit_tiny",
+            f"model.checkpoint={tiny_checkpoint}",
+            f"train_data.data_dir={data}",
+            "train_data.min_area=100",
+            "train_data.num_workers=0",
+            f"work_dir={tmp_path / 'run'}",
+            "epochs=1",
+            "batch_size=2",
+            "amp=bf16",
+            "log_every=1",
+            "progress=false",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "amp bf16" in result.stdout and "step 1: loss" in result.stdout
+    assert sam_model_registry["vit_tiny"](checkpoint=str(tmp_path / "run" / "sam_final.pth")) is not None
