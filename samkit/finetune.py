@@ -64,8 +64,14 @@ class BoxPromptSam(nn.Module):
             logits.append(low_res[:, 0])
             ious.append(iou[:, 0])
         if not logits:
-            empty = embeddings.new_zeros(0)
-            return empty.view(0, 1, 1), empty
+            # No object in this batch (e.g. a slice whose organs vanished when resized): decode a
+            # dummy box and return none of it, so every decoder parameter still receives a (zero)
+            # gradient; DDP's other processes wait for all of them.
+            sparse, dense = self.sam.prompt_encoder(None, boxes.new_zeros(1, 4), None)
+            low_res, iou = self.sam.mask_decoder(
+                embeddings[:1], image_pe, sparse, dense, multimask_output=False
+            )
+            return low_res[:0, 0], iou[:0, 0]
         return torch.cat(logits), torch.cat(ious)
 
     def train(self, mode: bool = True) -> BoxPromptSam:

@@ -183,3 +183,27 @@ def test_checkpoint_files(tmp_path):
     assert len(list_checkpoints(work)) == 2
     assert torch.load(latest_checkpoint(work), weights_only=True)["step"] == 10
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_batch_without_objects_still_gives_every_decoder_parameter_a_gradient(tiny_model):
+    """DDP waits for a gradient of every trainable parameter from every process."""
+    import copy
+
+    from samkit.finetune import BoxPromptSam, upsample_logits
+    from samkit.losses import sam_loss
+
+    model = copy.deepcopy(tiny_model)
+    freeze_parameters(model, ["image_encoder", "prompt_encoder"])
+    net = BoxPromptSam(model).train()
+    embeddings = torch.randn(2, 256, 64, 64)
+    valid = torch.zeros(2, 3, dtype=torch.bool)
+    low_res, iou = net(torch.zeros(2, 3, 4), valid, embeddings=embeddings)
+    assert low_res.shape == (0, 256, 256) and iou.shape == (0,)
+    logits = upsample_logits(low_res, 1024)
+    loss = sam_loss(
+        logits[None], iou[None], torch.zeros(1, 0, 1024, 1024), torch.ones(1, 0, dtype=torch.bool)
+    )
+    loss["loss"].backward()
+    assert float(loss["loss"].detach()) == 0.0
+    grads = [p.grad for p in model.mask_decoder.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
