@@ -264,11 +264,11 @@ def test_sigterm_is_handled_like_an_interrupt(photos, tmp_path, monkeypatch):
 
 
 def test_interrupt_while_writing_leaves_no_partial_result(photos, tmp_path, monkeypatch):
-    import samkit.amg_cli as amg_cli
+    import samkit.amg_output as amg_output
     from samkit.amg import SamAutomaticMaskGenerator
 
     monkeypatch.setattr(SamAutomaticMaskGenerator, "generate", _fake_generate(0, _raise_interrupt))
-    real_save, saved = amg_cli.save_mask_png, []
+    real_save, saved = amg_output.save_mask_png, []
 
     def save_then_interrupt(path, mask):
         real_save(path, mask)
@@ -276,7 +276,7 @@ def test_interrupt_while_writing_leaves_no_partial_result(photos, tmp_path, monk
         if len(saved) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(amg_cli, "save_mask_png", save_then_interrupt)
+    monkeypatch.setattr(amg_output, "save_mask_png", save_then_interrupt)
     out = tmp_path / "out"
     rc, _, stderr = amg("--input", photos.chelsea, "--output", out, *photos.model)
     assert rc == 130, stderr
@@ -286,7 +286,7 @@ def test_interrupt_while_writing_leaves_no_partial_result(photos, tmp_path, monk
         f.write('{"image": ')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(amg_cli.json, "dump", dump_then_interrupt)
+    monkeypatch.setattr(amg_output.json, "dump", dump_then_interrupt)
     rc, _, stderr = amg("--input", photos.chelsea, "--output", out, "--convert-to-rle", *photos.model)
     assert rc == 130, stderr
     assert os.listdir(out) == []
