@@ -439,3 +439,21 @@ def test_missing_pycocotools_says_how_to_install(coco_paths, monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
     message = one_line_error(lambda: CocoDataset(*coco_paths))
     assert "pip install 'samkit[train]'" in message
+
+
+def test_exif_orientation_does_not_misalign_annotations(tmp_path):
+    """COCO and SA-1B annotations refer to the stored pixel grid; a JPEG with an EXIF rotation tag
+    must not be turned upright for training (the predictor does turn user photos upright)."""
+    image_dir, ann_path = make_coco_dataset(tmp_path / "coco", num_images=4, seed=3)
+    info = json.loads(ann_path.read_text())["images"][0]
+    path = image_dir / info["file_name"]
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+        exif = im.getexif()
+        exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+        im.convert("RGB").save(path, exif=exif, quality=95)
+    assert load_image(path).shape[:2] == pixels.shape[1::-1]  # upright for users
+    dataset = CocoDataset(image_dir, ann_path, image_size=256, return_original_masks=True)
+    index = [dataset.image_info(i)["file"] for i in range(len(dataset))].index(str(path))
+    sample = dataset[index]  # no size-mismatch error, and the masks are the annotation's
+    assert tuple(sample["original_size"].tolist()) == (info["height"], info["width"])

@@ -165,7 +165,7 @@ class CocoDataset(BoxPromptDataset):
     def _load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         path = str(self._files[index])
         height, width = (int(v) for v in self._sizes[index])
-        image = load_image(path)
+        image = load_image(path, apply_exif=False)  # annotations refer to the stored pixel grid
         if image.shape[:2] != (height, width):
             raise DatasetError(
                 f"image {path} is {image.shape[0]}x{image.shape[1]} but {self.annotation_path} says "

@@ -129,7 +129,7 @@ class Sa1bDataset(BoxPromptDataset):
         image_path, ann_path = str(self._images[index]), str(self._annotations[index])
         data = _read_json(ann_path)
         annotations = data["annotations"]
-        image = load_image(image_path)
+        image = load_image(image_path, apply_exif=False)  # annotations refer to the stored pixel grid
         height, width = image.shape[:2]
         positions = self._kept[index]
         keep = self.choose(len(positions), rng)

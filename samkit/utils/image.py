@@ -45,8 +45,12 @@ def to_rgb_uint8(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file (any format Pillow reads, 8 or 16 bit, EXIF orientation applied) as HxWx3 uint8 RGB."""
+def load_image(path: str | os.PathLike, *, apply_exif: bool = True) -> np.ndarray:
+    """Read an image file (any format Pillow reads, 8 or 16 bit) as HxWx3 uint8 RGB.
+
+    The EXIF orientation is applied (a phone photo comes out upright) unless ``apply_exif=False``:
+    datasets use the stored pixel grid, which is what COCO's and SA-1B's annotations refer to.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
@@ -60,7 +64,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                if apply_exif:
+                    img = ImageOps.exif_transpose(img)
                 array = _pil_to_array(img)
     except Image.DecompressionBombError as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
