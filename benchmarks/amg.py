@@ -11,7 +11,6 @@ repeated with thresholds relaxed to 0 (``--relaxed``) to compare many records.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -19,7 +18,7 @@ import time
 
 import numpy as np
 import torch
-from common import samkit_sam, shared_random_weights
+from common import samkit_sam, shared_random_weights, write_result
 
 from samkit.amg import SamAutomaticMaskGenerator
 from samkit.build import ENCODER_CONFIGS
@@ -71,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Meta   {med['meta']:7.1f} s   {len(ref)} masks")
     print(f"  samkit {med['samkit']:7.1f} s   {len(got)} masks ({args.dtype})   x{result['speedup']:.2f}")
     print(f"  identical segmentations: {identical} of {len(ref)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 

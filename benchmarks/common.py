@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from typing import Any
+
 import torch
 
 from samkit.build import ENCODER_CONFIGS, build_model
@@ -36,3 +41,20 @@ def samkit_sam(name: str, state: dict[str, torch.Tensor], dtype: torch.dtype = t
     model = build_model(name)
     model.load_state_dict(state)
     return model.to(dtype)
+
+
+def write_result(path: str | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's result JSON (nothing when ``path`` is None), atomically: a benchmark stopped
+    midway never leaves a truncated file for report.py to read."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise

@@ -10,7 +10,6 @@ and a point prompt), bf16 masks by IoU against samkit's fp32 masks.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -18,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from common import samkit_sam, shared_random_weights
+from common import samkit_sam, shared_random_weights, write_result
 
 from samkit import SamPredictor
 from samkit.build import ENCODER_CONFIGS
@@ -78,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  fp32 masks: {same:.6f} of pixels equal to Meta's; bf16 mask IoU vs fp32: {', '.join(f'{i:.4f}' for i in ious)}"
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 

@@ -10,13 +10,12 @@ agreement of samkit's embeddings against Meta's fp32 ones (relative L2 differenc
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
-from common import meta_sam
+from common import meta_sam, write_result
 
 from samkit.build import build_model
 
@@ -140,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['model']:6s} {r['impl']:22s} {r['batch']:5d} {r['images_per_s']:7.1f}   {r['images_per_s'] / base['images_per_s']:.2f}"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": name_gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_result(args.out, {"device": name_gpu, "torch": torch.__version__, "rows": rows})
     return 0
 
 

@@ -19,7 +19,6 @@ compared by IoU with samkit's fp32 masks).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import statistics
@@ -28,7 +27,7 @@ import time
 
 import numpy as np
 import torch
-from common import samkit_sam, shared_random_weights
+from common import samkit_sam, shared_random_weights, write_result
 
 from samkit import SamPredictor
 from samkit.build import ENCODER_CONFIGS
@@ -151,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f"; bf16 IoU vs fp32: mean {bf16_iou[t]['mean']:.4f}, min {bf16_iou[t]['min']:.4f}"
         print(line)
     print("  set_image (once each): " + ", ".join(f"{k} {v:.2f} s" for k, v in set_image_s.items()))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import shared_random_weights
+from common import shared_random_weights, write_result
 
 from samkit.build import ENCODER_CONFIGS
 from samkit.config import config_from_dict
@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         f"epoch 1 x{ratio_first:.2f}"
     )
     print(f"  per-step losses identical with and without the cache: {losses_equal}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
     return 0
 
 

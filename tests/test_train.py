@@ -109,6 +109,12 @@ def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=600, **kwargs)
 
 
+def torchrun(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N script args`` (a free port; gloo on this CPU)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return run_cli([*command, script, *args])
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -254,19 +260,7 @@ def test_two_processes_equal_one(coco, tiny_checkpoint, tmp_path):
     base = make_config(coco, tmp_path / "one", tiny_checkpoint, epochs=1, **{"optimizer.eps": 1e-3})
     train(config_from_dict(base))
     cfg = write_config(tmp_path, {**base, "work_dir": str(tmp_path / "two")})
-    two = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "train.py",
-            "-c",
-            cfg,
-        ]
-    )
+    two = torchrun("train.py", "-c", cfg)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "two"), atol=1e-6)
     one_losses, two_losses = losses_of(tmp_path / "one"), losses_of(tmp_path / "two")
@@ -277,21 +271,7 @@ def test_two_processes_equal_one(coco, tiny_checkpoint, tmp_path):
     out1, out2 = tmp_path / "eval1.json", tmp_path / "eval2.json"
     one = run_cli([sys.executable, "eval.py", "-c", cfg, "-o", f"eval_output={out1}"])
     assert one.returncode == 0, one.stderr
-    two = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "eval.py",
-            "-c",
-            cfg,
-            "-o",
-            f"eval_output={out2}",
-        ]
-    )
+    two = torchrun("eval.py", "-c", cfg, "-o", f"eval_output={out2}")
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = json.loads(out1.read_text()), json.loads(out2.read_text())
     assert r1["processes"] == 1 and r2["processes"] == 2
