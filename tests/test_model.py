@@ -73,6 +73,55 @@ def test_global_attention_chunking_matches_unchunked(monkeypatch):
     torch.testing.assert_close(attn(x), full)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "block", [10**9, 5 * 60, 3 * 2 * 60, 60]
+)  # whole; part of a head; 2-row blocks; 1 row
+def test_inference_bias_blocks_match_the_whole_bias(monkeypatch, dtype, block):
+    """CPU inference builds the relative-position bias in (heads x query rows) blocks: every block size,
+    remainders included, gives the whole bias's result up to the kernel's rounding, and the training
+    path agrees."""
+    import samkit.modeling.image_encoder as enc
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, input_size=(6, 10)).to(dtype)
+    torch.nn.init.normal_(attn.rel_pos_h)
+    torch.nn.init.normal_(attn.rel_pos_w)
+    x = torch.randn(3, 6, 10, 32, dtype=dtype)
+    with torch.inference_mode():
+        monkeypatch.setattr(enc, "_BIAS_BLOCK_ELEMENTS", 10**12)
+        whole = attn(x)
+        monkeypatch.setattr(enc, "_BIAS_BLOCK_ELEMENTS", block)
+        blocked = attn(x)
+    tight = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(blocked, whole, atol=tight, rtol=tight)
+    trained = attn(x)  # parameters require grad: the autograd path
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(trained.detach(), whole, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_matches_pytorch(activation, dtype):
+    from samkit.modeling.common import linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80).to(dtype)
+    x = torch.randn(2, 5, 7, 48, dtype=dtype)
+    act = {"none": lambda t: t, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}[
+        activation
+    ]
+    expected = act(torch.nn.functional.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        fused = linear(x, layer, activation)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert fused.shape == expected.shape
+    torch.testing.assert_close(fused, expected.detach(), atol=tol, rtol=tol)
+    # With autograd the plain composition runs, and gradients reach the layer.
+    linear(x, layer, activation).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
 def test_bfloat16_predictor(tiny_model, photo):
     ref = SamPredictor(tiny_model)
     ref.set_image(photo)

@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, linear
 
 # Upper bound on the float relative-position bias materialised at once for global attention
 # (elements). A 64x64-token image has 4096x4096 scores per head: 64 MiB in fp32. Chunking over
 # heads keeps peak memory flat for big models and big batches.
 _BIAS_CHUNK_ELEMENTS = 64 * 4096 * 4096 // 4
+# Inference builds the bias in blocks of at most this many elements (16 MiB in fp32), one buffer reused.
+_BIAS_BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 
 class PatchEmbed(nn.Module):
@@ -86,15 +88,63 @@ class Attention(nn.Module):
         n, heads, length, d = q.shape
         rh = relative_position_table(gh, gh, self.rel_pos_h).to(q.dtype)
         rw = relative_position_table(gw, gw, self.rel_pos_w).to(q.dtype)
-        chunk = max(1, _BIAS_CHUNK_ELEMENTS // (length * length))
         # 4-D (1, N*heads, L, D) views: the fused GPU kernels (memory-efficient attention with a
         # bias) only take 4-D inputs; 3-D ones fall back to the unfused math path.
         qf, kf, vf = (t.reshape(1, n * heads, length, d) for t in (q, k, v))
         differentiable = torch.is_grad_enabled() and (q.requires_grad or rh.requires_grad)
+        if differentiable or q.device.type != "cpu" or torch.compiler.is_compiling():
+            out = self._attend_head_chunks(qf, kf, vf, rh, rw, grid, differentiable)
+            return out.view(n, heads, length, d)
+        # CPU inference: the bias is built and consumed in blocks of (heads x query rows) written into one
+        # reused buffer, instead of one N*heads x L x L tensor (805 MB per global vit_b layer in fp32,
+        # whose first touch alone costs more than the attention). Query rows are independent: the
+        # result differs from the whole-bias call only by the kernel's rounding (~1e-7 in fp32).
+        per_row = gw * length  # bias elements of one query row of one head
+        head_chunk = min(n * heads, max(1, _BIAS_BLOCK_ELEMENTS // (gh * per_row)))
+        rows = min(gh, max(1, _BIAS_BLOCK_ELEMENTS // (head_chunk * per_row)))
+        grid_q = qf.view(n * heads, gh, gw, d)
+        rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh)
+        rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw)
+        if head_chunk == n * heads and rows == gh:
+            bias = qf.new_empty(n * heads, gh, gw, gh, gw)
+            torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
+            return F.scaled_dot_product_attention(
+                qf, kf, vf, attn_mask=bias.view(1, -1, length, length)
+            ).view(n, heads, length, d)
+        out = torch.empty_like(qf)
+        buffer = qf.new_empty(head_chunk * rows * per_row)
+        for s in range(0, n * heads, head_chunk):
+            e = min(s + head_chunk, n * heads)
+            for y in range(0, gh, rows):
+                y_end = min(y + rows, gh)
+                bias = buffer[: (e - s) * (y_end - y) * per_row].view(e - s, y_end - y, gw, gh, gw)
+                torch.add(rel_h[s:e, y:y_end].unsqueeze(-1), rel_w[s:e, y:y_end].unsqueeze(-2), out=bias)
+                out[:, s:e, y * gw : y_end * gw] = F.scaled_dot_product_attention(
+                    qf[:, s:e, y * gw : y_end * gw],
+                    kf[:, s:e],
+                    vf[:, s:e],
+                    attn_mask=bias.view(1, e - s, (y_end - y) * gw, length),
+                )
+        return out.view(n, heads, length, d)
+
+    def _attend_head_chunks(
+        self,
+        qf: torch.Tensor,
+        kf: torch.Tensor,
+        vf: torch.Tensor,
+        rh: torch.Tensor,
+        rw: torch.Tensor,
+        grid: tuple[int, int],
+        differentiable: bool,
+    ) -> torch.Tensor:
+        """The same attention with the whole bias of a group of heads at once (training, GPU, compile):
+        few large kernel launches, and autograd-friendly ops when gradients are needed."""
+        gh, gw = grid
+        _, nh, length, d = qf.shape
+        chunk = max(1, _BIAS_CHUNK_ELEMENTS // (length * length))
         outs = []
-        for s in range(0, n * heads, chunk):
-            qc = qf[:, s : s + chunk]
-            grid_q = qc.reshape(-1, gh, gw, d)
+        for s in range(0, nh, chunk):
+            grid_q = qf[:, s : s + chunk].reshape(-1, gh, gw, d)
             rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh)
             rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw)
             if differentiable or torch.compiler.is_compiling():
@@ -102,21 +152,22 @@ class Attention(nn.Module):
             else:
                 # Written straight into a contiguous buffer: a broadcast add may pick a permuted
                 # output layout, and the reshape below would then copy the block's largest tensor.
-                bias = qc.new_empty(grid_q.shape[0], gh, gw, gh, gw)
+                bias = qf.new_empty(grid_q.shape[0], gh, gw, gh, gw)
                 torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
             bias = bias.reshape(1, -1, length, length)
             outs.append(
-                F.scaled_dot_product_attention(qc, kf[:, s : s + chunk], vf[:, s : s + chunk], attn_mask=bias)
+                F.scaled_dot_product_attention(
+                    qf[:, s : s + chunk], kf[:, s : s + chunk], vf[:, s : s + chunk], attn_mask=bias
+                )
             )
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return out.view(n, heads, length, d)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Global attention over x: BxHxWxC."""
         b, h, w, _ = x.shape
-        qkv = self.qkv(x).view(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv).view(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = self.attend(qkv[0], qkv[1], qkv[2], (h, w))
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+        return linear(out.transpose(1, 2).reshape(b, h, w, -1), self.proj)
 
     def forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
         """Attention within non-overlapping window x window tiles of x: BxHxWxC.
@@ -127,7 +178,7 @@ class Attention(nn.Module):
         """
         b, h, w, c = x.shape
         ph, pw = -h % window, -w % window
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv)
         if ph or pw:
             fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * c)
             padded = fill.to(qkv.dtype).expand(b, h + ph, w + pw, 3 * c).clone()
@@ -146,7 +197,7 @@ class Attention(nn.Module):
             .permute(0, 1, 4, 2, 5, 3, 6)
             .reshape(b, hp, wp, c)
         )
-        return self.proj(out[:, :h, :w])
+        return linear(out[:, :h, :w], self.proj)
 
 
 class Block(nn.Module):
