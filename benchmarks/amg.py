@@ -11,14 +11,21 @@ repeated with thresholds relaxed to 0 (``--relaxed``) to compare many records.
 from __future__ import annotations
 
 import argparse
-import platform
+import shlex
 import statistics
 import sys
 import time
 
 import numpy as np
 import torch
-from common import samkit_sam, shared_random_weights, write_result
+from common import (
+    add_common_flags,
+    apply_common_flags,
+    machine,
+    samkit_sam,
+    shared_random_weights,
+    write_result,
+)
 
 from samkit.amg import SamAutomaticMaskGenerator
 from samkit.build import ENCODER_CONFIGS
@@ -32,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relaxed", action="store_true", help="pred_iou_thresh and stability_score_thresh 0")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="samkit's dtype")
     parser.add_argument("--out", default=None)
+    add_common_flags(parser)
     args = parser.parse_args(argv)
+    apply_common_flags(args)
 
     from segment_anything import SamAutomaticMaskGenerator as MetaGenerator
     from skimage import data
@@ -55,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ref, got = records["meta"], records["samkit"]
     identical = sum(np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(ref, got))
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python benchmarks/amg.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
         "model": args.model,
         "samkit_dtype": args.dtype,
         "image": f"skimage.data.coffee() {image.shape[0]}x{image.shape[1]}",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import tempfile
 from typing import Any
 
@@ -11,6 +13,26 @@ import torch
 
 from samkit.build import ENCODER_CONFIGS, build_model
 from samkit.modeling import Sam
+from samkit.utils.allocator import allocator_tuned, tune_cpu_allocator
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tuned-allocator",
+        action="store_true",
+        help="keep freed memory for reuse (samkit.tune_cpu_allocator, what samkit's commands do) for the "
+        "whole process: Meta's code runs under it too, so the ratio compares the libraries alone",
+    )
+
+
+def apply_common_flags(args: argparse.Namespace) -> None:
+    if args.tuned_allocator and not tune_cpu_allocator():
+        raise SystemExit("--tuned-allocator: mallopt is not available here (needs Linux with glibc)")
+
+
+def machine() -> str:
+    allocator = "tuned allocator" if allocator_tuned() else "default allocator"
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}"
 
 
 def meta_sam(name: str):

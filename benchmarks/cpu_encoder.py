@@ -10,14 +10,21 @@ and a point prompt), bf16 masks by IoU against samkit's fp32 masks.
 from __future__ import annotations
 
 import argparse
-import platform
+import shlex
 import statistics
 import sys
 import time
 
 import numpy as np
 import torch
-from common import samkit_sam, shared_random_weights, write_result
+from common import (
+    add_common_flags,
+    apply_common_flags,
+    machine,
+    samkit_sam,
+    shared_random_weights,
+    write_result,
+)
 
 from samkit import SamPredictor
 from samkit.build import ENCODER_CONFIGS
@@ -28,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vit_b", choices=list(ENCODER_CONFIGS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
+    add_common_flags(parser)
     args = parser.parse_args(argv)
+    apply_common_flags(args)
 
     from segment_anything import SamPredictor as MetaPredictor
     from skimage import data
@@ -62,18 +71,30 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in zip(masks["samkit fp32"], masks["samkit bf16"])
     ]
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python benchmarks/cpu_encoder.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
         "model": args.model,
         "image": f"skimage.data.coffee() {h}x{w}",
         "rounds": args.rounds,
         "median_s": med,
+        "all_s": times,
         "speedup_vs_meta": {k: med["meta fp32"] / v for k, v in med.items()},
+        # Each round's Meta time over the same round's samkit time (neighbours in time), then the
+        # median: less sensitive to load that comes and goes than the ratio of medians.
+        "paired_speedup_median": {
+            k: statistics.median(m / t for m, t in zip(times["meta fp32"], v)) for k, v in times.items()
+        },
         "fp32_mask_pixel_agreement_vs_meta": same,
         "bf16_mask_iou_vs_fp32": ious,
     }
     print(f"{args.model} set_image on {result['machine']}, {args.rounds} rounds, medians:")
     for k in predictors:
-        print(f"  {k:12s} {med[k]:7.2f} s   x{result['speedup_vs_meta'][k]:.2f} vs Meta fp32")
+        spread = f"{min(times[k]):.2f}-{max(times[k]):.2f}"
+        print(
+            f"  {k:12s} {med[k]:7.2f} s (range {spread})  x{result['speedup_vs_meta'][k]:.2f} vs Meta fp32"
+            f" (paired rounds: x{result['paired_speedup_median'][k]:.2f})"
+        )
     print(
         f"  fp32 masks: {same:.6f} of pixels equal to Meta's; bf16 mask IoU vs fp32: {', '.join(f'{i:.4f}' for i in ious)}"
     )

@@ -19,7 +19,6 @@ compared by IoU with samkit's fp32 masks).
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import statistics
 import sys
@@ -27,7 +26,14 @@ import time
 
 import numpy as np
 import torch
-from common import samkit_sam, shared_random_weights, write_result
+from common import (
+    add_common_flags,
+    apply_common_flags,
+    machine,
+    samkit_sam,
+    shared_random_weights,
+    write_result,
+)
 
 from samkit import SamPredictor
 from samkit.build import ENCODER_CONFIGS
@@ -56,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="samkit's dtype")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None)
+    add_common_flags(parser)
     args = parser.parse_args(argv)
+    apply_common_flags(args)
 
     from segment_anything import SamPredictor as MetaPredictor
     from skimage import data
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             ious = [iou(a, b) for a, b in zip(ref, got)]
             bf16_iou[t] = {"mean": float(np.mean(ious)), "min": float(np.min(ious)), "masks": len(ious)}
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "command": "python benchmarks/prompts.py " + shlex.join(argv),
         "model": args.model,
         "samkit_dtype": args.dtype,

@@ -28,15 +28,21 @@ def cpu_encoder() -> list[str]:
             "",
         ]
     for name, r in runs:
+        command = (
+            r.get("command")
+            or f"python benchmarks/cpu_encoder.py --model {r['model']} --rounds {r['rounds']}"
+        )
         lines += [
-            f"`python benchmarks/cpu_encoder.py --model {r['model']} --rounds {r['rounds']}` ({name}); machine: {r['machine']};",
+            f"`{command}` ({name}); machine: {r['machine']};",
             f"image: {r['image']}; medians of {r['rounds']} alternating runs, same random weights.",
             "",
-            "| implementation | median s | speed-up vs Meta fp32 |",
-            "|---|---|---|",
+            "| implementation | median s | range s | speed-up vs Meta fp32 (ratio of medians) | median of per-round ratios |",
+            "|---|---|---|---|---|",
         ]
         for impl, sec in r["median_s"].items():
-            lines.append(f"| {impl} | {sec:.2f} | {r['speedup_vs_meta'][impl]:.2f}x |")
+            spread = f"{min(r['all_s'][impl]):.2f}-{max(r['all_s'][impl]):.2f}" if "all_s" in r else ""
+            paired = f"{r['paired_speedup_median'][impl]:.2f}x" if "paired_speedup_median" in r else ""
+            lines.append(f"| {impl} | {sec:.2f} | {spread} | {r['speedup_vs_meta'][impl]:.2f}x | {paired} |")
         ious = ", ".join(f"{v:.4f}" for v in r["bf16_mask_iou_vs_fp32"])
         lines += [
             "",
@@ -90,12 +96,13 @@ def amg() -> list[str]:
             "",
         ]
     lines += [
-        "| file | model | samkit dtype | generator arguments | Meta s | samkit s | speed-up | records (Meta / samkit) | identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| file | model | samkit dtype | allocator | generator arguments | Meta s | samkit s | speed-up | records (Meta / samkit) | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs:
+        allocator = "tuned" if "tuned allocator" in r["machine"] else "default"
         lines.append(
-            f"| {name} | {r['model']} | {r['samkit_dtype']} | `{r['generator_kwargs']}` | {r['median_s']['meta']:.1f} | "
+            f"| {name} | {r['model']} | {r['samkit_dtype']} | {allocator} | `{r['generator_kwargs']}` | {r['median_s']['meta']:.1f} | "
             f"{r['median_s']['samkit']:.1f} | {r['speedup']:.2f}x | {r['records']['meta']} / {r['records']['samkit']} | "
             f"{r['identical_segmentations']} |"
         )
@@ -103,7 +110,9 @@ def amg() -> list[str]:
     machine = runs[0][1]["machine"]
     lines += [
         "",
-        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--dtype bfloat16]`; machine: {machine}; image: {runs[0][1]['image']}.",
+        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--dtype bfloat16] [--tuned-allocator]`; machine: {machine}; image: {runs[0][1]['image']}.",
+        "Allocator 'tuned': `--tuned-allocator`, the glibc settings samkit's commands use (samkit/utils/allocator.py),",
+        "applied to the whole process, so Meta's code runs under them too.",
         "",
     ]
     return lines

@@ -26,6 +26,7 @@ from .errors import (
     SamkitError,
 )
 from .predictor import SamPredictor
+from .utils.allocator import tune_cpu_allocator
 from .utils.image import load_image
 
 __version__ = "0.1.0"
@@ -50,4 +51,5 @@ __all__ = [
     "load_checkpoint",
     "load_image",
     "sam_model_registry",
+    "tune_cpu_allocator",
 ]

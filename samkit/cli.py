@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 from . import __version__, amg_cli, box_inference, evaluate, prompt_demo, train
 from .data import ct_preprocess
 from .errors import SamkitError
+from .utils.allocator import tune_cpu_allocator
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -84,6 +85,7 @@ def run_standalone(
 
 def guarded(command: Callable[[], Optional[int]]) -> int:
     """Call ``command``; turn user mistakes into one ``error:`` line on stderr and exit status 2."""
+    tune_cpu_allocator()
     try:
         return int(command() or 0)
     except SystemExit as exit_:  # --help and --version end through SystemExit(0)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +146,33 @@ def test_bfloat16_predictor(tiny_model, photo):
     assert iou > 0.9
     # Prompts are encoded in fp32 before the cast: sin/cos of large arguments need it.
     assert np.abs(s16 - s32).max() < 0.1 * max(1.0, np.abs(s32).max())
+
+
+def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model, monkeypatch):
+    """CPU inference splits a big prompt batch into chunks (memory reuse): same masks and IoU as one batch."""
+    import samkit.modeling.mask_decoder as md
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = torch.rand(11, 2) * 800
+    boxes = torch.cat([boxes, boxes + 150], dim=1)
+    pe = tiny_model.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = tiny_model.prompt_encoder(None, boxes, None)
+        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 4)  # 4 + 4 + 3
+        chunked = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
+        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 1000)
+        whole = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
+    for a, b in zip(chunked, whole):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_tune_cpu_allocator_is_on_by_default_and_can_be_turned_off():
+    code = "from samkit import tune_cpu_allocator as t; print(t(), t())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "SAMKIT_TUNE_MALLOC": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert off.stdout.split() == ["False", "False"]
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert on.stdout.split() == ["True", "True"]

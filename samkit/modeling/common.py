@@ -18,7 +18,14 @@ _ONEDNN_LINEAR = _onednn_linear_available()
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch.Tensor:
-    """``activation(layer(x))`` with ``activation`` one of "none", "gelu" (exact, erf) or "relu".
+    """``activation(layer(x))`` with ``activation`` one of "none", "gelu" (exact, erf) or "relu"."""
+    return linear_fn(x, layer.weight, layer.bias, activation)
+
+
+def linear_fn(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))``.
 
     On the CPU without autograd this is one oneDNN call with the bias and the activation in the
     matmul's epilogue: no separate pass that copies the bias into the output (what addmm does) or
@@ -29,14 +36,14 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch
         _ONEDNN_LINEAR
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
-        and layer.weight.dtype == x.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+        and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
     ):
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, layer.weight, layer.bias, activation, [], "none")
-        return out.view(*x.shape[:-1], layer.out_features)
-    y = F.linear(x, layer.weight, layer.bias)
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, activation, [], "none")
+        return out.view(*x.shape[:-1], weight.shape[0])
+    y = F.linear(x, weight, bias)
     if activation == "gelu":
         return F.gelu(y)
     if activation == "relu":
