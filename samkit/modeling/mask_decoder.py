@@ -110,6 +110,10 @@ class MaskDecoder(nn.Module):
 
         # Without mask prompts every prompt sees the same image tokens: keep a batch of 1 and let
         # the transformer broadcast it (its first layer projects the image once for all prompts).
+        # The prompt encoder's "no mask" embedding comes expanded to B (stride 0): adding it as is
+        # would copy the image B times and make every prompt pay for the shared work.
+        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)

@@ -30,8 +30,11 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: BxNqxC, k and v: BxNkxC -> BxNqxC. A batch of 1 broadcasts against B.
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q: BxNqxC, k and v: BxNkxC -> BxNqxC, plus ``residual`` (BxNqxC or 1xNqxC) when given.
+        A batch of 1 broadcasts against B.
 
         Between a few prompt tokens and thousands of image tokens the image side is never projected
         per prompt: the projections are folded into the few tokens instead (same function, about half
@@ -41,9 +44,9 @@ class Attention(nn.Module):
         # Folding pays when heads x (the short side) is below the projection width.
         folds = self.num_heads * min(q.shape[1], k.shape[1]) < self.internal_dim and v.shape[0] == bk
         if folds and k.shape[1] > q.shape[1] and bk == bq:
-            return self._few_queries(q, k, v)
+            return self._few_queries(q, k, v, residual)
         if folds and q.shape[1] > k.shape[1] and bq in (1, bk):
-            return self._many_queries(q, k, v)
+            return self._many_queries(q, k, v, residual)
         qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
         bv = vh.shape[0]
         if bq > 1 and bk == 1 and bv == 1:
@@ -56,14 +59,17 @@ class Attention(nn.Module):
             qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
             out = F.scaled_dot_product_attention(qh, kh, vh)
         b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return out if residual is None else residual + out
 
     def _per_head(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """A projection's weight as heads x head_dim x C and bias as heads x head_dim."""
         d = self.internal_dim // self.num_heads
         return linear.weight.view(self.num_heads, d, -1), linear.bias.view(self.num_heads, d)
 
-    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _few_queries(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Few tokens attend to many per-prompt image tokens, without projecting the image tokens.
 
         q·(W_k x + b_k) = (W_k^T q)·x + q·b_k, and since attention rows sum to one,
@@ -81,13 +87,18 @@ class Attention(nn.Module):
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
         nq = out.shape[2]
-        return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
+        return out if residual is None else residual + out
 
-    def _many_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _many_queries(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Many image tokens (shared, batch 1, or per prompt) attend to each prompt's few tokens.
 
         (W_q x + b_q)·k = x·(W_q^T k) + b_q·k, and out_proj(concat_h attn_h @ v_h) is
         sum_h attn_h @ (v_h W_o,h^T) + b_o: the image side only meets the few folded tokens.
+        The residual and b_o enter the final GEMM as its accumulator, so the B x Nq x C result is
+        written once.
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
@@ -105,7 +116,8 @@ class Attention(nn.Module):
         scores = (scores + k_bias) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
         attn = _softmax_short(scores.view(b, nq, heads, nk)).to(v.dtype)
-        return torch.baddbmm(self.out_proj.bias.view(1, 1, c), attn.view(b, nq, heads * nk), v_folded)
+        start = self.out_proj.bias.view(1, 1, c) if residual is None else residual + self.out_proj.bias
+        return torch.baddbmm(start, attn.view(b, nq, heads * nk), v_folded)
 
 
 def _softmax_short(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +165,7 @@ class TwoWayAttentionBlock(nn.Module):
         keys_pe = keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys))
         queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys_pe, queries + query_pe, queries))
+        keys = self.norm4(self.cross_attn_image_to_token(keys_pe, queries + query_pe, queries, residual=keys))
         return queries, keys
 
 
@@ -193,8 +205,10 @@ class TwoWayTransformer(nn.Module):
 
         Returns the processed tokens BxNxC and image tokens Bx(HW)xC.
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # Token-major and contiguous: every element-wise pass over the image tokens (residuals,
+        # layer norms) then reads and writes them in order.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
