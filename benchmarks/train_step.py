@@ -1,13 +1,13 @@
 """Box fine-tuning throughput (images/s), without and with the embedding cache.
 
     python benchmarks/train_step.py --model vit_b [--amp off|bf16] [--images 8] [--batch-size 2] \\
-        [--objects 8] [--epochs 2] [--out results.json]
+        [--objects 8] [--epochs 2] [--workers 1] [--out results.json]
 
 A COCO-format set of ``--images`` usable pictures (``tests/datagen.make_coco_dataset``: shapes on a
 textured background, 3-6 objects each, JPEG at ``--size``, default 480x640) and a checkpoint of the
 benchmarks' shared random weights are written to a temporary folder; then ``samkit.train.train`` runs
 twice in this process with the same config (frozen image and prompt encoders, mask decoder trained,
-one data-loader worker, a metrics line every step), first with ``cache_embeddings: false``, then with
+``--workers`` data-loader workers (default 1), a metrics line every step), first with ``cache_embeddings: false``, then with
 ``true``. Per-step images/s come from each run's ``metrics.jsonl`` (data loading included); the medians
 of epoch 1 (the cache is being filled) and of epochs >= 2 (the cache is read) are reported, with their
 ratio, and the two runs' per-step losses must be equal. Meta's ``segment_anything`` has no training
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", type=int, default=8, help="max_objects (box prompts) per image")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", default="480x640", help="HxW of the generated photos")
+    parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data_dir": str(image_dir),
                 "annotation_path": str(ann_path),
                 "max_objects": args.objects,
-                "num_workers": 1,
+                "num_workers": args.workers,
             },
             "epochs": args.epochs,
             "batch_size": args.batch_size,
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_later = cached["later_epochs_median_images_per_s"] / plain["later_epochs_median_images_per_s"]
     ratio_first = cached["epoch1_median_images_per_s"] / plain["epoch1_median_images_per_s"]
     losses_equal = plain["losses"] == cached["losses"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": "python benchmarks/train_step.py " + shlex.join(argv),
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "images": len(objects),
         "batch_size": args.batch_size,
+        "workers": args.workers,
         "epochs": args.epochs,
         "steps_per_epoch": len(objects) // args.batch_size,
         "runs": runs,
