@@ -2,8 +2,6 @@
 
     python benchmarks/gpu_encoder.py --models vit_b,vit_h --batches 1,8,32 [--out results.json]
 
-The compiled encoder's global attention runs through FlexAttention (the relative-position bias added
-inside the kernel); ``--dense-batches`` also times it with the dense bias tensor, as in earlier releases.
 Both implementations get the SAME random weights (every tensor perturbed) and the same inputs;
 each configuration is warmed up, then timed with CUDA events; medians are reported with the
 agreement of samkit's embeddings against Meta's fp32 ones (relative L2 difference).
@@ -22,7 +20,6 @@ import torch
 from common import meta_sam, write_result
 
 from samkit.build import build_model
-from samkit.modeling import image_encoder
 
 
 def meta_encoder(name: str):
@@ -73,15 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile(samkit encoder), whose global attention uses FlexAttention",
+        help="also time torch.compile(samkit encoder)",
     )
     parser.add_argument(
         "--compile-batches", default=None, help="batches for the compiled encoder (default: --batches)"
-    )
-    parser.add_argument(
-        "--dense-batches",
-        default="",
-        help="also time the compiled encoder with FlexAttention off (dense bias, as before) at these batches",
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--note", default=None)
@@ -101,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         result["note"] = args.note
     batches = [int(b) for b in args.batches.split(",")]
     compile_batches = [int(b) for b in (args.compile_batches or args.batches).split(",")]
-    dense_batches = [int(b) for b in args.dense_batches.split(",") if b]
     for name in args.models.split(","):
         torch.manual_seed(0)
         meta = meta_encoder(name).to(dev).eval()
@@ -124,18 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                 "samkit bf16": rel(ours16(x1.bfloat16()), ref),
             }
         print(f"{name}: rel. difference vs Meta fp32: {agree}", flush=True)
-        plan = [("meta fp32", meta, torch.float32, int(b), True) for b in args.meta_batches.split(",")]
-        plan += [("samkit fp32", ours32, torch.float32, int(b), True) for b in args.meta_batches.split(",")]
-        plan += [("samkit bf16", ours16, torch.bfloat16, b, True) for b in batches]
+        plan = [("meta fp32", meta, torch.float32, int(b)) for b in args.meta_batches.split(",")]
+        plan += [("samkit fp32", ours32, torch.float32, int(b)) for b in args.meta_batches.split(",")]
+        plan += [("samkit bf16", ours16, torch.bfloat16, b) for b in batches]
         if args.compile:
             compiled = torch.compile(ours16, dynamic=False)
-            plan += [("samkit bf16 compiled", compiled, torch.bfloat16, b, True) for b in compile_batches]
-            plan += [
-                ("samkit bf16 compiled, dense bias", compiled, torch.bfloat16, b, False)
-                for b in dense_batches
-            ]
-        for label, module, dtype, batch, flex in plan:
-            image_encoder.FLEX_ATTENTION = flex
+            plan += [("samkit bf16 compiled", compiled, torch.bfloat16, b) for b in compile_batches]
+        for label, module, dtype, batch in plan:
             x = torch.randn(batch, 3, 1024, 1024, device=dev, generator=g).to(dtype)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -176,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             del x
-        image_encoder.FLEX_ATTENTION = True
         for r in rows:
             if r["model"] == name:
                 r["agreement_vs_meta_fp32"] = agree.get(r["impl"], agree.get(r["impl"].split(" compiled")[0]))

@@ -92,16 +92,16 @@ class EmbeddingCache:
     def embed(
         self,
         keys: list[str],
-        images: torch.Tensor,
-        encode: Callable[[torch.Tensor], torch.Tensor],
+        encode: Callable[[list[int]], torch.Tensor],
         device: torch.device,
     ) -> torch.Tensor:
-        """Bx256x64x64 embeddings of ``images`` (Bx3xSxS, any device): cached ones read back, the
-        others computed with ``encode`` on ``device`` and stored."""
+        """Bx256x64x64 embeddings of a batch whose images have these ``keys``: cached ones read back
+        (onto ``device``), the others computed by ``encode(rows)`` (the embeddings of those rows of the
+        batch) and stored."""
         found = self.get(keys, device)
         missing = [i for i, e in enumerate(found) if e is None]
         if missing:
-            computed = encode(images[missing].to(device, non_blocking=True))
+            computed = encode(missing)
             self.put([keys[i] for i in missing], computed)
             for i, embedding in zip(missing, computed):
                 found[i] = embedding

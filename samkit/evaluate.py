@@ -47,6 +47,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """mIoU and Dice of ``net`` on ``dataset`` (samples with ``original_masks``)."""
     from .data import collate
+    from .data.common import batch_images, batch_masks
     from .train import autocast
 
     env = env or distributed.DistEnv(device=device)
@@ -64,10 +65,10 @@ def evaluate(
     for batch in loader:
         boxes, valid = batch["boxes"].to(device), batch["valid"].to(device)
         with autocast(device, amp):
-            low_res, _ = net(boxes, valid, images=batch["image"].to(device))
+            low_res, _ = net(boxes, valid, images=batch_images(batch, device))
         low_res = low_res.float()
         # The seed's frame: logits upsampled to the padded input, compared with the padded masks.
-        masks = batch["masks"].to(device)
+        masks = batch_masks(batch, device)
         pred = upsample_logits(low_res, size) > 0
         acc.update(
             pred[None], masks[valid][None].bool(), torch.ones(1, len(pred), dtype=torch.bool, device=device)

@@ -37,6 +37,7 @@ from .checkpointing import (
     set_rng_state,
 )
 from .config import DataConfig, TrainConfig, config_to_dict, load_config, resolve_amp
+from .data.common import batch_images, batch_masks
 from .embedding_cache import EmbeddingCache, KeyedDataset, encoder_key
 from .errors import ConfigError
 from .finetune import BoxPromptSam, freeze_parameters, lr_at, parameter_groups, upsample_logits
@@ -55,6 +56,7 @@ def build_data(data: DataConfig, *, image_size: int, seed: int, for_eval: bool) 
         "box_jitter": data.box_jitter,
         "seed": seed,
         "return_original_masks": for_eval,
+        "compact": True,  # uint8 images and bit-packed masks to the device; rebuilt there exactly
     }
     if data.type == "coco":
         kwargs.update(image_dir=data.data_dir, annotation_path=data.annotation_path)
@@ -228,12 +230,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     group["lr"] = lr
                 boxes = batch["boxes"].to(device, non_blocking=True)
                 valid = batch["valid"].to(device, non_blocking=True)
-                masks = batch["masks"].to(device, non_blocking=True)
+                masks = batch_masks(batch, device)
                 with autocast(device, amp):
                     embeddings = None
                     if cache is not None:
-                        embeddings = cache.embed(batch["image_key"], batch["image"], net.embed, device)
-                    images = None if embeddings is not None else batch["image"].to(device, non_blocking=True)
+                        embeddings = cache.embed(
+                            batch["image_key"],
+                            lambda rows, b=batch: net.embed(batch_images(b, device, rows)),
+                            device,
+                        )
+                    images = None if embeddings is not None else batch_images(batch, device)
                     low_res, iou_pred = model(boxes, valid, images=images, embeddings=embeddings)
                 logits = upsample_logits(low_res, image_size)
                 # Normalise by the valid prompts of the GLOBAL batch (per process: global / world size):

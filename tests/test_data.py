@@ -457,3 +457,29 @@ def test_exif_orientation_does_not_misalign_annotations(tmp_path):
     index = [dataset.image_info(i)["file"] for i in range(len(dataset))].index(str(path))
     sample = dataset[index]  # no size-mismatch error, and the masks are the annotation's
     assert tuple(sample["original_size"].tolist()) == (info["height"], info["width"])
+
+
+@pytest.mark.parametrize("size", [SMALL, 60])  # 60: rows of masks that do not fill whole bytes
+def test_compact_samples_rebuild_the_full_ones_exactly(coco_paths, sa1b_dir, flare_dir, size):
+    """train.py and eval.py load compact samples (uint8 image, bit-packed masks) and rebuild them on the
+    device: the rebuilt batch equals the full samples' batch bit for bit, for every dataset type."""
+    from samkit.data import batch_images, batch_masks, pack_masks, unpack_masks
+
+    full = build_all(coco_paths, sa1b_dir, flare_dir, image_size=size, max_objects=3, seed=5)
+    compact = build_all(coco_paths, sa1b_dir, flare_dir, image_size=size, max_objects=3, seed=5, compact=True)
+    for ds_full, ds_compact in zip(full, compact):
+        a = collate([ds_full[i] for i in range(2)])
+        b = collate([ds_compact[i] for i in range(2)])
+        assert b["image"].dtype == torch.uint8 and b["image"].shape == (2, 3, size, size)
+        assert b["masks"].dtype == torch.uint8 and b["masks"].shape == (2, 3, size, -(-size // 8))
+        assert a["masks"].any()  # the comparison is about real masks
+        images = batch_images(b, torch.device("cpu"))
+        assert images.dtype == torch.float32
+        assert torch.equal(images, a["image"])
+        assert torch.equal(batch_images(b, torch.device("cpu"), rows=[1]), a["image"][1:])
+        assert torch.equal(batch_masks(b, torch.device("cpu")), a["masks"])
+        assert torch.equal(batch_masks(a, torch.device("cpu")), a["masks"])  # full samples pass through
+        for k in ("boxes", "valid", "original_size", "input_size", "index"):
+            assert torch.equal(a[k], b[k])
+    masks = (torch.rand(2, 5, 13) > 0.5).to(torch.uint8)
+    assert torch.equal(unpack_masks(pack_masks(masks), 13), masks)

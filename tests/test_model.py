@@ -105,26 +105,6 @@ def test_inference_bias_blocks_match_the_whole_bias(monkeypatch, dtype, block):
     torch.testing.assert_close(trained.detach(), whole, atol=tol, rtol=tol)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_bias_matches_the_dense_bias():
-    """The GPU compiled path (FlexAttention, bias gathered per score) computes the same attention as the
-    dense-bias SDPA path; checked here with FlexAttention's eager reference implementation."""
-    from samkit.modeling.image_encoder import flex_rel_pos_attention
-
-    torch.manual_seed(0)
-    gh, gw, heads, d = 6, 10, 3, 16
-    attn = Attention(heads * d, heads, input_size=(gh, gw))
-    torch.nn.init.normal_(attn.rel_pos_h)
-    torch.nn.init.normal_(attn.rel_pos_w)
-    q, k, v = (torch.randn(2, heads, gh * gw, d) for _ in range(3))
-    with torch.inference_mode():
-        dense = attn.attend(q, k, v, (gh, gw))
-        rh = relative_position_table(gh, gh, attn.rel_pos_h)
-        rw = relative_position_table(gw, gw, attn.rel_pos_w)
-        flex = flex_rel_pos_attention(q, k, v, rh, rw, (gh, gw))
-    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_matches_pytorch(activation, dtype):

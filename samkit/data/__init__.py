@@ -9,7 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from .coco import CocoDataset
-from .common import BoxPromptDataset, collate, prepare_image, prepare_masks
+from .common import (
+    BoxPromptDataset,
+    batch_images,
+    batch_masks,
+    collate,
+    normalize_padded,
+    pack_masks,
+    prepare_image,
+    prepare_masks,
+    resize_and_pad,
+    unpack_masks,
+)
 from .flare import FlareDataset
 from .prompts import boxes_from_masks, choose_objects, jitter_boxes
 from .sa1b import Sa1bDataset
@@ -34,11 +45,17 @@ __all__ = [
     "CocoDataset",
     "FlareDataset",
     "Sa1bDataset",
+    "batch_images",
+    "batch_masks",
     "boxes_from_masks",
     "build_dataset",
     "choose_objects",
     "collate",
     "jitter_boxes",
+    "normalize_padded",
+    "pack_masks",
     "prepare_image",
     "prepare_masks",
+    "resize_and_pad",
+    "unpack_masks",
 ]

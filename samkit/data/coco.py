@@ -57,6 +57,7 @@ class CocoDataset(BoxPromptDataset):
         box_jitter: int = 0,
         seed: int = 0,
         return_original_masks: bool = False,
+        compact: bool = False,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -64,6 +65,7 @@ class CocoDataset(BoxPromptDataset):
             box_jitter=box_jitter,
             seed=seed,
             return_original_masks=return_original_masks,
+            compact=compact,
         )
         self.image_dir = os.fspath(image_dir)
         self.annotation_path = os.fspath(annotation_path)

@@ -15,6 +15,11 @@ A sample (``BoxPromptDataset.__getitem__``) is a dict, with S = ``image_size`` a
 - ``original_masks`` (only with ``return_original_masks=True``): uint8 KxHxW at the original size,
   same object order, padded rows zero.
 
+With ``compact=True`` (what ``train.py`` and ``eval.py`` use) ``image`` is the resized, zero-padded
+uint8 3xSxS picture and ``masks`` the masks with 8 pixels per byte (uint8 KxSx(S/8), see
+:func:`pack_masks`): a sample is 4x and 16x smaller on its way from the loader workers to the GPU,
+and :func:`batch_images` / :func:`batch_masks` rebuild, on the device, exactly the tensors above.
+
 Randomness (which objects are kept when there are more than K, box jitter) comes only from
 ``np.random.default_rng([seed, epoch, index])``: the same (seed, epoch, index) gives the same
 sample in any process, so training resumes exactly and evaluation is repeatable.
@@ -37,6 +42,39 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+def resize_and_pad(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HxWx3 uint8 RGB -> (uint8 3xSxS: resized so the long side is S, zero-padded bottom/right,
+    (h, w) resized size before padding)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = tuple(image.shape) if isinstance(image, np.ndarray) else type(image).__name__
+        dtype = getattr(image, "dtype", None)
+        raise ValueError(f"expected an HxWx3 uint8 image, got {shape} {dtype}")
+    resized = ResizeLongestSide(image_size).apply_image(image)
+    h, w = resized.shape[:2]
+    out = torch.zeros((3, image_size, image_size), dtype=torch.uint8)
+    out.numpy()[:, :h, :w] = np.asarray(resized).transpose(2, 0, 1)  # PIL's buffer is read-only
+    return out, (h, w)
+
+
+def normalize_padded(images: torch.Tensor, input_sizes: torch.Tensor) -> torch.Tensor:
+    """uint8 (B)x3xSxS from :func:`resize_and_pad` -> float32 model input: ``(x - mean) / std`` in fp32
+    (the same operations as ``Sam.preprocess``, so equal bit for bit on any device) and zeros outside
+    each image's (h, w) = ``input_sizes`` ((B)x2)."""
+    batched = images.dim() == 4
+    x = images if batched else images[None]
+    sizes = input_sizes.reshape(-1, 2).to(x.device)
+    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=x.device).view(1, -1, 1, 1)
+    out = (x.float() - mean) / std
+    size = x.shape[-1]
+    coords = torch.arange(size, device=x.device)
+    inside = (coords.view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)) & (
+        coords.view(1, 1, -1) < sizes[:, 1].view(-1, 1, 1)
+    )
+    out = torch.where(inside[:, None], out, torch.zeros((), device=x.device))
+    return out if batched else out[0]
+
+
 def prepare_image(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
     """HxWx3 uint8 RGB -> (float32 3xSxS model input, (h, w) resized size before padding).
 
@@ -44,17 +82,42 @@ def prepare_image(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tens
     .permute(2, 0, 1))`` for an fp32 model with S = 1024: the same resize, the same fp32
     ``(x - mean) / std`` on 0-255 values, the same zero padding.
     """
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        shape = tuple(image.shape) if isinstance(image, np.ndarray) else type(image).__name__
-        dtype = getattr(image, "dtype", None)
-        raise ValueError(f"expected an HxWx3 uint8 image, got {shape} {dtype}")
-    resized = ResizeLongestSide(image_size).apply_image(image)
-    h, w = resized.shape[:2]
-    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # copy: PIL's buffer is read-only
-    mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(-1, 1, 1)
-    x = (x.float() - mean) / std
-    return F.pad(x, (0, image_size - w, 0, image_size - h)).contiguous(), (h, w)
+    x, (h, w) = resize_and_pad(image, image_size)
+    return normalize_padded(x, torch.tensor([h, w])), (h, w)
+
+
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """uint8 0/1 ...xS masks -> uint8 ...x ceil(S/8), 8 pixels per byte (first pixel in the high bit)."""
+    return torch.from_numpy(np.packbits(masks.numpy().astype(bool), axis=-1))
+
+
+def unpack_masks(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_masks` on any device: uint8 ...x ceil(S/8) -> uint8 0/1 ...xS."""
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :size]
+
+
+def batch_images(
+    batch: dict[str, Any], device: torch.device, rows: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The batch's float32 Bx3xSxS model input on ``device`` (only ``rows`` if given), from full or
+    compact samples alike."""
+    images, sizes = batch["image"], batch["input_size"]
+    if rows is not None:
+        images, sizes = images[list(rows)], sizes[list(rows)]
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:  # compact samples
+        images = normalize_padded(images, sizes.to(device, non_blocking=True))
+    return images
+
+
+def batch_masks(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The batch's uint8 BxKxSxS ground truth on ``device``, from full or compact samples alike."""
+    masks = batch["masks"].to(device, non_blocking=True)
+    if batch["image"].dtype == torch.uint8:  # compact samples: 8 pixels per byte
+        masks = unpack_masks(masks, batch["image"].shape[-1])
+    return masks
 
 
 def prepare_masks(masks: np.ndarray, input_size: tuple[int, int], image_size: int) -> torch.Tensor:
@@ -142,6 +205,7 @@ class BoxPromptDataset(Dataset):
         box_jitter: int = 0,
         seed: int = 0,
         return_original_masks: bool = False,
+        compact: bool = False,
     ) -> None:
         if int(image_size) < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -156,6 +220,7 @@ class BoxPromptDataset(Dataset):
         self.box_jitter = int(box_jitter)
         self.seed = int(seed)
         self.return_original_masks = bool(return_original_masks)
+        self.compact = bool(compact)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -206,13 +271,17 @@ class BoxPromptDataset(Dataset):
         # Jitter and clip in the original frame, then scale: the jitter means the same number of
         # original pixels at any image_size.
         boxes = jitter_boxes(boxes, self.box_jitter, (height, width), rng)
-        x, (h, w) = prepare_image(image, size)
+        x, (h, w) = resize_and_pad(image, size)
+        if not self.compact:
+            x = normalize_padded(x, torch.tensor([h, w]))
         out_boxes = torch.zeros((cap, 4), dtype=torch.float32)
         if k:
             scaled = ResizeLongestSide(size).apply_boxes(boxes, (height, width))
             out_boxes[:k] = torch.from_numpy(scaled).float()
         out_masks = torch.zeros((cap, size, size), dtype=torch.uint8)
         out_masks[:k] = prepare_masks(masks, (h, w), size)
+        if self.compact:
+            out_masks = pack_masks(out_masks)
         valid = torch.zeros(cap, dtype=torch.bool)
         valid[:k] = True
         sample: dict[str, Any] = {

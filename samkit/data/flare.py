@@ -67,6 +67,7 @@ class FlareDataset(BoxPromptDataset):
         max_objects: int = 20,
         seed: int = 0,
         return_original_masks: bool = False,
+        compact: bool = False,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -74,6 +75,7 @@ class FlareDataset(BoxPromptDataset):
             box_jitter=box_jitter,
             seed=seed,
             return_original_masks=return_original_masks,
+            compact=compact,
         )
         self.data_dir = os.fspath(data_dir)
         if not os.path.isdir(self.data_dir):

@@ -83,6 +83,7 @@ class Sa1bDataset(BoxPromptDataset):
         box_jitter: int = 0,
         seed: int = 0,
         return_original_masks: bool = False,
+        compact: bool = False,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -90,6 +91,7 @@ class Sa1bDataset(BoxPromptDataset):
             box_jitter=box_jitter,
             seed=seed,
             return_original_masks=return_original_masks,
+            compact=compact,
         )
         self.data_dir = os.fspath(data_dir)
         self.min_area = float(min_area)

@@ -20,16 +20,6 @@ from .common import LayerNorm2d, MLPBlock, linear
 _BIAS_CHUNK_ELEMENTS = 64 * 4096 * 4096 // 4
 # Inference builds the bias in blocks of at most this many elements (16 MiB in fp32), one buffer reused.
 _BIAS_BLOCK_ELEMENTS = 4 * 1024 * 1024
-# Under torch.compile on a GPU, global attention goes through FlexAttention with the decomposed bias
-# added inside the kernel (two small gathers per score) instead of a dense N*heads x L x L bias
-# tensor (400 MB per vit_b image and layer in bf16, written and read once each). Set False to compare.
-FLEX_ATTENTION = True
-# FlexAttention is used for grids of at least this many tokens (global attention; windows stay on SDPA).
-_FLEX_MIN_TOKENS = 1024
-try:  # PyTorch >= 2.5
-    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
-except ImportError:  # pragma: no cover - older PyTorch keeps the dense bias everywhere
-    _flex_attention = None
 
 
 class PatchEmbed(nn.Module):
@@ -58,35 +48,6 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * k_scale
     offsets = (q_coords - k_coords) + (k_size - 1) * k_scale
     return rel_pos[offsets.long()]
-
-
-def flex_rel_pos_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rh: torch.Tensor,
-    rw: torch.Tensor,
-    grid: tuple[int, int],
-) -> torch.Tensor:
-    """softmax(q·k/sqrt(d) + q·Rh[y_q, y_k] + q·Rw[x_q, x_k]) v with FlexAttention: the two bias terms
-    (NxHeadsxLxgh and NxHeadsxLxgw) are gathered per score inside the kernel, never expanded to LxL.
-
-    q, k, v: NxHeadsxLxD with L = grid[0]*grid[1] (row-major); rh: (gh, gh, D), rw: (gw, gw, D) from
-    ``relative_position_table``. Eager calls run PyTorch's reference implementation (slow, exact);
-    under torch.compile it becomes one fused kernel.
-    """
-    if _flex_attention is None:
-        raise RuntimeError("FlexAttention needs PyTorch >= 2.5")
-    gh, gw = grid
-    n, heads, length, d = q.shape
-    grid_q = q.reshape(n * heads, gh, gw, d)
-    rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh).reshape(n, heads, length, gh)
-    rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw).reshape(n, heads, length, gw)
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + rel_h[b, h, q_idx, kv_idx // gw] + rel_w[b, h, q_idx, kv_idx % gw]
-
-    return _flex_attention(q, k, v, score_mod=score_mod)
 
 
 class Attention(nn.Module):
@@ -127,19 +88,10 @@ class Attention(nn.Module):
         n, heads, length, d = q.shape
         rh = relative_position_table(gh, gh, self.rel_pos_h).to(q.dtype)
         rw = relative_position_table(gw, gw, self.rel_pos_w).to(q.dtype)
-        differentiable = torch.is_grad_enabled() and (q.requires_grad or rh.requires_grad)
-        if (
-            FLEX_ATTENTION
-            and _flex_attention is not None
-            and length >= _FLEX_MIN_TOKENS
-            and q.device.type == "cuda"
-            and not differentiable
-            and torch.compiler.is_compiling()
-        ):
-            return flex_rel_pos_attention(q, k, v, rh, rw, grid)
         # 4-D (1, N*heads, L, D) views: the fused GPU kernels (memory-efficient attention with a
         # bias) only take 4-D inputs; 3-D ones fall back to the unfused math path.
         qf, kf, vf = (t.reshape(1, n * heads, length, d) for t in (q, k, v))
+        differentiable = torch.is_grad_enabled() and (q.requires_grad or rh.requires_grad)
         if differentiable or q.device.type != "cpu" or torch.compiler.is_compiling():
             out = self._attend_head_chunks(qf, kf, vf, rh, rw, grid, differentiable)
             return out.view(n, heads, length, d)
