@@ -71,8 +71,10 @@ def make_coco_dataset(
             }
         )
 
+    # Unique ids, not increasing in file order (the old formula repeated ids for some num_images).
+    id_order = np.random.default_rng(12345).permutation(num_images)
     for i in range(num_images):
-        image_id = 100 + 7 * ((i * 5) % num_images) + i  # not increasing in file order
+        image_id = 100 + 3 * int(id_order[i])
         image, masks = make_shapes_image(rng, size)
         file_name = f"{image_id:012d}.jpg"
         Image.fromarray(image).save(image_dir / file_name, quality=95)
