@@ -4,8 +4,10 @@
 
 Both generators run with Meta's default thresholds, in alternation, ``--rounds`` times each, in one
 process. Printed: median seconds per photo, the ratio, the record counts and the fraction of
-identical segmentations. Random weights find few masks at the default thresholds, so the run is
-repeated with thresholds relaxed to 0 (``--relaxed``) to compare many records.
+identical segmentations, and the share of prompts whose mask pixels samkit computed (it skips
+prompts with no candidate above ``pred_iou_thresh``). Random weights find few masks at the default
+thresholds, so the run is repeated with thresholds relaxed to 0 (``--relaxed``: every prompt's masks
+computed, as in Meta's code) to compare many records.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.relaxed:
         kwargs.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
     generators = {"meta": MetaGenerator(meta, **kwargs), "samkit": SamAutomaticMaskGenerator(ours, **kwargs)}
+    # samkit computes mask pixels only for prompts with a candidate above pred_iou_thresh: count them,
+    # since the saving depends on how many pass (random weights are not a trained model).
+    counts = {"prompts": 0, "upscaled": 0}
+    above_iou = ours.mask_decoder.forward_above_iou
+
+    def counting(*a, **k):
+        out = above_iou(*a, **k)
+        counts["prompts"] += a[2].shape[0]
+        counts["upscaled"] += len(torch.unique(out[2] // ours.mask_decoder.num_multimask_outputs))
+        return out
+
+    ours.mask_decoder.forward_above_iou = counting
     image = data.coffee()  # 400x600 photo shipped with scikit-image
     times: dict[str, list[float]] = {k: [] for k in generators}
     records: dict[str, list[dict]] = {}
@@ -75,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": med["meta"] / med["samkit"],
         "records": {"meta": len(ref), "samkit": len(got)},
         "identical_segmentations": identical,
+        "prompts_upscaled": counts["upscaled"] / max(counts["prompts"], 1) if counts["prompts"] else 1.0,
     }
     print(f"AMG {args.model} {kwargs} on {result['image']}, {result['machine']}, {args.rounds} round(s):")
     print(f"  Meta   {med['meta']:7.1f} s   {len(ref)} masks")
     print(f"  samkit {med['samkit']:7.1f} s   {len(got)} masks ({args.dtype})   x{result['speedup']:.2f}")
     print(f"  identical segmentations: {identical} of {len(ref)}")
+    print(
+        f"  prompts whose masks samkit computed (a candidate above pred_iou_thresh): {result['prompts_upscaled']:.1%}"
+    )
     write_result(args.out, result)
     return 0
 

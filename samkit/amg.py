@@ -192,17 +192,18 @@ class SamAutomaticMaskGenerator:
         )
         labels = torch.ones(len(points), 1, dtype=torch.int, device=dev)
         sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
-        low_res, iou = model.mask_decoder(
-            predictor.features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
-        )
-        n_out = low_res.shape[1]
-        low_res, iou = low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
-        point_idx = torch.arange(len(points), device=dev).repeat_interleave(n_out)
-
-        # Predicted IoU needs no pixels: filter before upsampling anything.
+        decoder_args = (predictor.features, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
         if self.pred_iou_thresh > 0.0:
-            keep = iou > self.pred_iou_thresh
-            low_res, iou, point_idx = low_res[keep], iou[keep], point_idx[keep]
+            # Predicted IoU needs no pixels: the decoder computes masks only for the candidates above
+            # the threshold (and upsampling below touches nothing else).
+            low_res, iou, flat = model.mask_decoder.forward_above_iou(*decoder_args, self.pred_iou_thresh)
+            point_idx = flat // model.mask_decoder.num_multimask_outputs
+            low_res, iou = low_res.float(), iou.float()
+        else:
+            low_res, iou = model.mask_decoder(*decoder_args)
+            n_out = low_res.shape[1]
+            low_res, iou = low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
+            point_idx = torch.arange(len(points), device=dev).repeat_interleave(n_out)
 
         threshold = model.mask_threshold
         frame = model.image_encoder.img_size

@@ -168,6 +168,35 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decoding_only_masks_above_an_iou_keeps_exactly_those_masks(tiny_model, monkeypatch, multimask):
+    """forward_above_iou (automatic mask generation) returns exactly the masks of forward whose IoU is
+    above the threshold, in forward's flat order, across prompt chunks, and nothing for a threshold
+    no mask reaches."""
+    import samkit.modeling.mask_decoder as md
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    points = torch.rand(11, 1, 2) * 1000
+    labels = torch.ones(11, 1, dtype=torch.int)
+    pe = tiny_model.prompt_encoder.get_dense_pe()
+    monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 4)
+    with torch.inference_mode():
+        sparse, dense = tiny_model.prompt_encoder((points, labels), None, None)
+        masks, iou = tiny_model.mask_decoder(embedding, pe, sparse, dense, multimask)
+        threshold = float(iou.flatten().median())  # keeps about half: some prompts lose every mask
+        kept, kept_iou, index = tiny_model.mask_decoder.forward_above_iou(
+            embedding, pe, sparse, dense, multimask, threshold
+        )
+        none = tiny_model.mask_decoder.forward_above_iou(embedding, pe, sparse, dense, multimask, 1e9)
+    expected = (iou.flatten() > threshold).nonzero().flatten()
+    assert 0 < len(expected) < iou.numel()
+    assert torch.equal(index, expected)
+    assert torch.equal(kept_iou, iou.flatten()[expected])
+    torch.testing.assert_close(kept, masks.flatten(0, 1)[expected], atol=1e-5, rtol=1e-5)
+    assert [t.shape[0] for t in none] == [0, 0, 0] and none[0].shape[1:] == masks.shape[2:]
+
+
 def test_tune_cpu_allocator_is_on_by_default_and_can_be_turned_off():
     code = "from samkit import tune_cpu_allocator as t; print(t(), t())"
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,16 @@ def cpu_prompt_chunk() -> int:
     of 4; with the tuned allocator 2.5 s in one batch, 2.0 s in chunks of 8-16.
     """
     return 16 if allocator_tuned() else 4
+
+
+class _Decoded(NamedTuple):
+    """The two-way transformer's outputs for B prompts, before any mask pixel is computed."""
+
+    tokens: torch.Tensor  # B x (1 + num_mask_tokens + N) x C
+    image_tokens: torch.Tensor  # B x HW x C (possibly a stride-0 expansion of one image)
+    h: int
+    w: int
+    iou: torch.Tensor  # B x num_mask_tokens
 
 
 class MaskDecoder(nn.Module):
@@ -71,28 +83,80 @@ class MaskDecoder(nn.Module):
         image_pe: 1xCxHxW; sparse: BxNxC; dense: BxCxHxW (or 1xCxHxW, broadcast).
         Returns mask logits Bx(3 or 1)x4Hx4W and IoU predictions Bx(3 or 1).
         """
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        parts = [
+            (self._masks(decoded)[:, sel], decoded.iou[:, sel])
+            for decoded in self._decode_chunks(
+                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            )
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def forward_above_iou(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        min_iou: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Only the masks whose predicted IoU is above ``min_iou``, as automatic mask generation keeps.
+
+        The IoU head needs only the transformer's tokens, so the output upscaling (about 40% of the
+        decoder's multiply-adds) runs only for prompts with at least one such mask. Returns
+        (logits Kx4Hx4W, IoU K, flat index K into the B x (3 or 1) outputs of ``forward``), in that
+        flat order; each kept mask equals ``forward``'s.
+        """
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        masks, ious, index = [], [], []
+        start = 0
+        for decoded in self._decode_chunks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        ):
+            iou = decoded.iou[:, sel]
+            b, m = iou.shape
+            keep = iou.float() > min_iou  # in fp32, as the unfiltered path compares
+            rows = keep.any(dim=1).nonzero().flatten()
+            if len(rows):
+                logits = self._masks(decoded, rows)[:, sel]
+                kept = keep[rows]
+                masks.append(logits[kept])
+                ious.append(iou[rows][kept])
+                flat = (rows[:, None] + start) * m + torch.arange(m, device=rows.device)
+                index.append(flat[kept])
+            start += b
+        if not masks:
+            dev = sparse_prompt_embeddings.device
+            h, w = image_embeddings.shape[-2:]
+            empty = torch.zeros(0, 4 * h, 4 * w, device=dev, dtype=self.mask_tokens.weight.dtype)
+            return empty, torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        return torch.cat(masks), torch.cat(ious), torch.cat(index)
+
+    def _decode_chunks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Iterator[_Decoded]:
+        """The transformer's outputs for all prompts, in chunks of prompts on the CPU (inference)."""
         b = sparse_prompt_embeddings.shape[0]
         chunk = cpu_prompt_chunk()
         if b <= chunk or image_pe.device.type != "cpu" or torch.is_grad_enabled():
-            masks, iou_pred = self.predict_masks(
-                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            yield self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+            return
+        for s in range(0, b, chunk):
+            yield self._decode(
+                image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[s : s + chunk],
+                image_pe,
+                sparse_prompt_embeddings[s : s + chunk],
+                dense_prompt_embeddings
+                if dense_prompt_embeddings.shape[0] == 1
+                else dense_prompt_embeddings[s : s + chunk],
             )
-        else:
-            parts = [
-                self.predict_masks(
-                    image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[s : s + chunk],
-                    image_pe,
-                    sparse_prompt_embeddings[s : s + chunk],
-                    dense_prompt_embeddings
-                    if dense_prompt_embeddings.shape[0] == 1
-                    else dense_prompt_embeddings[s : s + chunk],
-                )
-                for s in range(0, b, chunk)
-            ]
-            masks = torch.cat([p[0] for p in parts])
-            iou_pred = torch.cat([p[1] for p in parts])
-        sel = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sel], iou_pred[:, sel]
 
     def predict_masks(
         self,
@@ -102,6 +166,16 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens: logits Bx(num_mask_tokens)x4Hx4W and IoU Bx(num_mask_tokens)."""
+        decoded = self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        return self._masks(decoded), decoded.iou
+
+    def _decode(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> _Decoded:
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
@@ -115,22 +189,26 @@ class MaskDecoder(nn.Module):
         if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
-        _, c, h, w = src.shape
+        _, _, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
-        src = src.expand(b, -1, -1)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        return _Decoded(hs, src.expand(b, -1, -1), h, w, self.iou_prediction_head(hs[:, 0, :]))
 
+    def _masks(self, decoded: _Decoded, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits Bx(num_mask_tokens)x4Hx4W of the decoded prompts (only ``rows`` if given)."""
+        hs, src = decoded.tokens, decoded.image_tokens
+        if rows is not None:
+            hs, src = hs[rows], src[rows]
+        b, _, c = src.shape
+        h, w = decoded.h, decoded.w
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         if self._upscales_as_gemms():
-            masks = self._masks_from_tokens(src, hyper_in, h, w)
-        else:
-            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-            _, c_up, h_up, w_up = upscaled.shape
-            masks = (hyper_in @ upscaled.view(b, c_up, h_up * w_up)).view(b, -1, h_up, w_up)
-        return masks, self.iou_prediction_head(iou_token_out)
+            return self._masks_from_tokens(src, hyper_in, h, w)
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        _, c_up, h_up, w_up = upscaled.shape
+        return (hyper_in @ upscaled.view(b, c_up, h_up * w_up)).view(b, -1, h_up, w_up)
 
     def _upscales_as_gemms(self) -> bool:
         conv1, _, act1, conv2, act2 = self.output_upscaling
