@@ -85,7 +85,7 @@ class MaskDecoder(nn.Module):
         """
         sel = slice(1, None) if multimask_output else slice(0, 1)
         parts = [
-            (self._masks(decoded)[:, sel], decoded.iou[:, sel])
+            (self._masks(decoded, tokens=sel), decoded.iou[:, sel])
             for decoded in self._decode_chunks(
                 image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
             )
@@ -121,7 +121,7 @@ class MaskDecoder(nn.Module):
             keep = iou.float() > min_iou  # in fp32, as the unfiltered path compares
             rows = keep.any(dim=1).nonzero().flatten()
             if len(rows):
-                logits = self._masks(decoded, rows)[:, sel]
+                logits = self._masks(decoded, rows, tokens=sel)
                 kept = keep[rows]
                 masks.append(logits[kept])
                 ious.append(iou[rows][kept])
@@ -193,16 +193,20 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens)
         return _Decoded(hs, src.expand(b, -1, -1), h, w, self.iou_prediction_head(hs[:, 0, :]))
 
-    def _masks(self, decoded: _Decoded, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Mask logits Bx(num_mask_tokens)x4Hx4W of the decoded prompts (only ``rows`` if given)."""
+    def _masks(
+        self, decoded: _Decoded, rows: torch.Tensor | None = None, tokens: slice = slice(None)
+    ) -> torch.Tensor:
+        """Mask logits Bx(M)x4Hx4W of the decoded prompts (only ``rows`` if given) for the mask tokens
+        ``tokens`` selects (all by default): the others' hypernetworks and pixels are never computed."""
         hs, src = decoded.tokens, decoded.image_tokens
         if rows is not None:
             hs, src = hs[rows], src[rows]
         b, _, c = src.shape
         h, w = decoded.h, decoded.w
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        chosen = range(self.num_mask_tokens)[tokens]
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in chosen], dim=1
         )
         if self._upscales_as_gemms():
             return self._masks_from_tokens(src, hyper_in, h, w)

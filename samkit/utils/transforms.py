@@ -98,19 +98,38 @@ def upscale_masks(
     Equal (up to float rounding) to bilinear upsampling to the padded frame, cropping to
     ``input_size`` and bilinear resizing to ``original_size``, without a frame-sized intermediate:
     the rows are resized with the few taps each output row depends on (a handful of multiply-adds
-    over ...xHxw), the columns with one matrix product against the W x w resize matrix. The product
-    costs 2w flops per output pixel but runs at GEMM speed: 64x3 masks to 400x600 take 0.16 s
-    against 0.54 s when the columns also went through gathered taps.
+    over ...xHxw), the columns with matrix products against the W x w resize matrix, one per block
+    of output columns over the few input columns the block reads (the matrix is banded): GEMM speed
+    without multiplying the zeros (3 masks to 400x600: 2.5 -> 0.8 ms; 192: 352 -> 240 ms).
     """
     x = low_res.float()
     h, w = x.shape[-2:]
     ih, iw = _sparse_resize(h, frame_size, int(input_size[0]), int(original_size[0]))
     cols = _resize_matrix(w, frame_size, int(input_size[1]), int(original_size[1]))
+    blocks = _column_blocks(w, frame_size, int(input_size[1]), int(original_size[1]))
     dev = x.device
-    ih, iw, cols = ih.to(dev), iw.to(dev), cols.to(dev)
+    ih, iw, cols_t = ih.to(dev), iw.to(dev), cols.t().to(dev)
     # Rows: ... x h x w -> ... x H x w, one gathered multiply-add per tap.
     rows = x[..., ih[:, 0], :] * iw[:, 0, None]
     for t in range(1, ih.shape[1]):
         rows.addcmul_(x[..., ih[:, t], :], iw[:, t, None])
-    # Columns: ... x H x w -> ... x H x W.
-    return rows @ cols.t()
+    # Columns: ... x H x w -> ... x H x W, block by block.
+    flat = rows.reshape(-1, w)
+    out = torch.cat([flat[:, lo:hi] @ cols_t[lo:hi, c0:c1] for c0, c1, lo, hi in blocks], dim=1)
+    return out.view(*rows.shape[:-1], cols.shape[0])
+
+
+_COLUMN_BLOCK = 64
+
+
+@lru_cache(maxsize=64)
+def _column_blocks(low: int, frame: int, crop: int, out: int) -> tuple[tuple[int, int, int, int], ...]:
+    """(first, end) output columns and the (first, end) input columns they read, per block."""
+    nonzero = _resize_matrix(low, frame, crop, out) != 0
+    blocks = []
+    for c0 in range(0, out, _COLUMN_BLOCK):
+        c1 = min(c0 + _COLUMN_BLOCK, out)
+        used = nonzero[c0:c1].any(dim=0).nonzero().flatten()
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
+        blocks.append((c0, c1, lo, hi))
+    return tuple(blocks)
