@@ -27,7 +27,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-# CPU benchmarks against Meta's implementation (slow: about 25 minutes), then BENCHMARKS.md from the results.
+# CPU benchmarks against Meta's implementation (slow: about 35 minutes), then BENCHMARKS.md from the results.
 # Each runs under glibc's default allocator and under the tuned one (both libraries alike in one process).
 bench: install
 	$(PY) benchmarks/cpu_encoder.py --model vit_b --rounds 5 --out benchmarks/results/cpu_encoder_vit_b.json
@@ -37,6 +37,9 @@ bench: install
 	$(PY) benchmarks/amg.py --model vit_b --out benchmarks/results/amg_vit_b.json
 	$(PY) benchmarks/amg.py --model vit_b --tuned-allocator --out benchmarks/results/amg_vit_b_tuned.json
 	$(PY) benchmarks/amg.py --model vit_b --dtype bfloat16 --tuned-allocator --out benchmarks/results/amg_vit_b_bf16.json
+	$(PY) benchmarks/amg.py --model vit_b --prompts-passing 0.5 --out benchmarks/results/amg_vit_b_half.json
+	$(PY) benchmarks/amg.py --model vit_b --prompts-passing 0.5 --tuned-allocator --out benchmarks/results/amg_vit_b_half_tuned.json
+	$(PY) benchmarks/amg.py --model vit_b --relaxed --tuned-allocator --out benchmarks/results/amg_vit_b_relaxed_tuned.json
 	$(PY) benchmarks/report.py
 
 lint: install
