@@ -84,8 +84,13 @@ class MaskDecoder(nn.Module):
         Returns mask logits Bx(3 or 1)x4Hx4W and IoU predictions Bx(3 or 1).
         """
         sel = slice(1, None) if multimask_output else slice(0, 1)
+        after = slice(None)
+        if torch.is_grad_enabled():
+            # Training: every mask token's hypernetwork stays in the graph (a zero gradient, not none:
+            # DDP waits for every parameter, and AdamW's decay applies as before).
+            sel, after = slice(None), sel
         parts = [
-            (self._masks(decoded, tokens=sel), decoded.iou[:, sel])
+            (self._masks(decoded, tokens=sel)[:, after], decoded.iou[:, sel][:, after])
             for decoded in self._decode_chunks(
                 image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
             )
