@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m samkit.demo_data $(DEMO_IMAGE)
+	$(PY) -m samkit.commands.demo_data $(DEMO_IMAGE)
 	$(PY) demo/inference_with_prompts.py --prompt-type all --model-type $(MODEL_TYPE) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) \
 	  --input $(DEMO_IMAGE) --output-dir outputs/demo

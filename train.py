@@ -1,11 +1,11 @@
 """Fine-tune SAM: ``python train.py -c configs/coco_box_finetune.yaml [-o key=value ...]``.
 
-Also ``torchrun --nproc_per_node N train.py ...``. The loop lives in :mod:`samkit.train`.
+Also ``torchrun --nproc_per_node N train.py ...``. The loop lives in :mod:`samkit.training.train`.
 """
 
 import sys
 
-from samkit.train import main
+from samkit.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

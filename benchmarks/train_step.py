@@ -5,7 +5,7 @@
 
 A COCO-format set of ``--images`` usable pictures (``tests/datagen.make_coco_dataset``: shapes on a
 textured background, 3-6 objects each, JPEG at ``--size``, default 480x640) and a checkpoint of the
-benchmarks' shared random weights are written to a temporary folder; then ``samkit.train.train`` runs
+benchmarks' shared random weights are written to a temporary folder; then ``samkit.training.train.train`` runs
 twice in this process with the same config (frozen image and prompt encoders, mask decoder trained,
 ``--workers`` data-loader workers (default 1), a metrics line every step), first with ``cache_embeddings: false``, then with
 ``true``. Per-step images/s come from each run's ``metrics.jsonl`` (data loading included); the medians
@@ -30,8 +30,8 @@ import torch
 from common import shared_random_weights, write_result
 
 from samkit.build import ENCODER_CONFIGS
-from samkit.config import config_from_dict
-from samkit.train import train
+from samkit.training.config import config_from_dict
+from samkit.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 10.0  # the issue's target: epoch >= 2 with the cache at least 10x faster

@@ -14,8 +14,8 @@ from pathlib import Path
 def main() -> int:
     # Run from a clone without installing: the repository's samkit comes first on the path.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samkit.cli import run_standalone
-    from samkit.prompt_demo import add_arguments, run
+    from samkit.commands.base import run_standalone
+    from samkit.commands.predict import add_arguments, run
 
     return run_standalone(add_arguments, run, description=__doc__.split("\n\n")[0])
 

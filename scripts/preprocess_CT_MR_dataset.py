@@ -16,7 +16,7 @@ from pathlib import Path
 def main() -> int:
     # Run from a clone without installing: the repository's samkit comes first on the path.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samkit.data.ct_preprocess import main as preprocess_main
+    from samkit.commands.preprocess_ct import main as preprocess_main
 
     return preprocess_main()
 

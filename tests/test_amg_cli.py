@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samkit.amg_cli import (
+from samkit.commands.amg import (
     METADATA_HEADER,
     distinct_colors,
     metadata_rows,
     overlay_masks,
     plan_job,
 )
-from samkit.cli import COMMANDS, main
+from samkit.commands.main import COMMANDS, main
 from samkit.errors import SamkitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def test_sigterm_is_handled_like_an_interrupt(photos, tmp_path, monkeypatch):
 
 
 def test_interrupt_while_writing_leaves_no_partial_result(photos, tmp_path, monkeypatch):
-    import samkit.amg_output as amg_output
+    import samkit.utils.amg_output as amg_output
     from samkit.amg import SamAutomaticMaskGenerator
 
     monkeypatch.setattr(SamAutomaticMaskGenerator, "generate", _fake_generate(0, _raise_interrupt))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from samkit import SamPredictor, build_model
-from samkit.box_inference import amp_dtype, main
+from samkit.commands.box import amp_dtype, main
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES = ["10,20,300,400", "250,300,512,512", "180.5,60,330,250"]  # on the 512x512 astronaut

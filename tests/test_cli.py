@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from samkit.cli import COMMANDS, main
-from samkit.prompt_demo import PROMPT_TYPES
+from samkit.commands.main import COMMANDS, main
+from samkit.commands.predict import PROMPT_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_PICTURES = sorted(["point_followup.png"] + [f"{t}.png" for t in PROMPT_TYPES])

@@ -8,17 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from samkit.checkpointing import (
+from samkit.errors import ConfigError
+from samkit.training.checkpointing import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
     save_atomically,
 )
-from samkit.config import TrainConfig, load_config
-from samkit.distributed import epoch_batches, shard_indices
-from samkit.errors import ConfigError
-from samkit.finetune import freeze_parameters, lr_at, parameter_groups
+from samkit.training.config import TrainConfig, load_config
+from samkit.training.distributed import epoch_batches, shard_indices
+from samkit.training.params import freeze_parameters, parameter_groups
+from samkit.training.schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -186,23 +187,27 @@ def test_checkpoint_files(tmp_path):
 
 
 def test_a_batch_without_objects_still_gives_every_decoder_parameter_a_gradient(tiny_model):
-    """DDP waits for a gradient of every trainable parameter from every process."""
+    """Every process exchanges the same set of gradients every step, objects or not."""
     import copy
 
-    from samkit.finetune import BoxPromptSam, upsample_logits
-    from samkit.losses import sam_loss
+    from samkit.training.losses import prompt_loss
+    from samkit.training.modes import TrainBatch
+    from samkit.training.modes.box import BoxPrompts
 
     model = copy.deepcopy(tiny_model)
     freeze_parameters(model, ["image_encoder", "prompt_encoder"])
-    net = BoxPromptSam(model).train()
+    mode = BoxPrompts(model).train()
     embeddings = torch.randn(2, 256, 64, 64)
-    valid = torch.zeros(2, 3, dtype=torch.bool)
-    low_res, iou = net(torch.zeros(2, 3, 4), valid, embeddings=embeddings)
-    assert low_res.shape == (0, 256, 256) and iou.shape == (0,)
-    logits = upsample_logits(low_res, 1024)
-    loss = sam_loss(
-        logits[None], iou[None], torch.zeros(1, 0, 1024, 1024), torch.ones(1, 0, dtype=torch.bool)
+    batch = TrainBatch(
+        masks=torch.zeros(2, 3, 1024, 1024, dtype=torch.uint8),
+        boxes=torch.zeros(2, 3, 4),
+        valid=torch.zeros(2, 3, dtype=torch.bool),
+        index=torch.arange(2),
     )
+    session = mode.session(batch)
+    pred = mode(session, embeddings)
+    assert pred.low_res.shape == (0, 1, 256, 256) and pred.iou.shape == (0, 1)
+    loss = prompt_loss(pred.low_res, pred.iou, session.targets)
     loss["loss"].backward()
     assert float(loss["loss"].detach()) == 0.0
     grads = [p.grad for p in model.mask_decoder.parameters()]

@@ -11,9 +11,9 @@ from datetime import timedelta
 import pytest
 import torch
 
-from samkit import losses
-from samkit.losses import _MaskTerms, dice_loss, focal_loss, iou_mse_loss, sam_loss
-from samkit.metrics import MiouAccumulator, mask_dice, mask_iou
+from samkit.training import losses
+from samkit.training.losses import _MaskTerms, dice_loss, focal_loss, iou_mse_loss, sam_loss
+from samkit.training.metrics import MiouAccumulator, mask_dice, mask_iou
 
 LN2 = math.log(2)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from samkit.commands.preprocess_ct import main as preprocess_main
 from samkit.data import ct_preprocess as ctp
 from samkit.errors import DatasetError
 from tests.nifti_gen import case_name, make_flare_nifti, synthetic_case, write_nifti
@@ -31,7 +32,7 @@ def flare5(tmp_path_factory) -> Path:
 
 
 def run_main(capsys, *argv) -> tuple[int, str, str]:
-    code = ctp.main([str(a) for a in argv])
+    code = preprocess_main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

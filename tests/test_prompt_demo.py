@@ -9,10 +9,8 @@ import pytest
 from PIL import Image
 
 from samkit import SamPredictor
-from samkit.demo_data import PHOTOS, load_photo
-from samkit.demo_data import main as demo_data_main
-from samkit.errors import PromptError
-from samkit.prompt_demo import (
+from samkit.commands.demo_data import main as demo_data_main
+from samkit.commands.predict import (
     PROMPT_TYPES,
     check_boxes,
     check_points,
@@ -22,6 +20,8 @@ from samkit.prompt_demo import (
     plan_prompts,
     run_prompt_demo,
 )
+from samkit.errors import PromptError
+from samkit.utils.demo_data import PHOTOS, load_photo
 from samkit.utils.visualize import Panel, save_figure, save_masks
 
 # ------------------------------------------------------------------ parsing

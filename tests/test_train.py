@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from samkit import sam_model_registry
-from samkit.checkpointing import latest_checkpoint
-from samkit.config import config_from_dict
-from samkit.evaluate import run as run_eval
-from samkit.train import train
+from samkit.training.checkpointing import latest_checkpoint
+from samkit.training.config import config_from_dict
+from samkit.training.evaluate import run as run_eval
+from samkit.training.train import train
 
 from .datagen import make_coco_dataset
 
@@ -281,7 +281,7 @@ def test_two_processes_equal_one(coco, tiny_checkpoint, tmp_path):
 
 
 def test_command_line_mistakes(coco, tiny_checkpoint, tmp_path, capsys):
-    from samkit.train import main
+    from samkit.commands.train import main
 
     good = make_config(coco, tmp_path / "run", tiny_checkpoint, epochs=1)
     cfg = write_config(tmp_path, good)

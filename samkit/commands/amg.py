@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from .amg_output import (
+from ..errors import ImageError, SamkitError
+from ..utils.amg_output import (
     METADATA_HEADER,
     decode_segmentation,
     distinct_colors,
@@ -41,8 +42,7 @@ from .amg_output import (
     write_json,
     write_mask_folder,
 )
-from .errors import ImageError, SamkitError
-from .prompt_demo import _check_device, _checkpoint_or_none, add_model_arguments
+from .base import add_model_arguments, check_device, checkpoint_or_none
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_PICTURE = "./amg_test.jpg"  # the seed's --output
@@ -93,7 +93,7 @@ GENERATOR_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
 
 
 def _generator_defaults() -> dict[str, Any]:
-    from .amg import SamAutomaticMaskGenerator
+    from ..amg import SamAutomaticMaskGenerator
 
     params = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     return {name: params[name].default for name, _, _ in GENERATOR_FLAGS}
@@ -272,19 +272,19 @@ def run(args: argparse.Namespace) -> int:
     """Generate masks of everything in an image, or in each image of a folder (automatic mask generation)."""
     import torch
 
-    from .amg import SamAutomaticMaskGenerator
-    from .build import build_model
-    from .download import download_checkpoint
-    from .utils.image import load_image
+    from ..amg import SamAutomaticMaskGenerator
+    from ..build import build_model
+    from ..utils.download import download_checkpoint
+    from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
     settings = generator_settings(args)
     job = plan_job(args.input, args.output, args.overlay)
-    device = _check_device(args.device)
+    device = check_device(args.device)
     dtype = getattr(torch, args.dtype)
     output_mode = "coco_rle" if args.convert_to_rle and not job.picture else "binary_mask"
     _check_packages(output_mode, settings)
-    checkpoint = _checkpoint_or_none(args)
+    checkpoint = checkpoint_or_none(args)
     # A single image file is read now (unreadable: a user mistake); a folder's images one by one later.
     first_image = load_image(job.inputs[0]) if not os.path.isdir(args.input) else None
     pending = job.inputs

@@ -25,16 +25,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import SamkitError
-from .prompt_demo import (
-    Box,
-    _check_device,
-    _check_output_dir,
-    _checkpoint_or_none,
-    add_model_arguments,
-    check_boxes,
-    parse_box,
-)
+from ..errors import SamkitError
+from .base import add_model_arguments, check_device, check_output_dir, checkpoint_or_none, run_standalone
+from .prompt_args import Box, check_boxes, parse_box
 
 AMP_LEVELS: tuple[str, ...] = ("O0", "O1", "O2")
 DEFAULT_OUTPUT_DIR = "."
@@ -69,7 +62,7 @@ def save_results(
     boxes: Sequence[Box],
 ) -> None:
     """Write the overlay picture and the ``.npz`` of masks KxHxW, iou K and boxes Kx4, each atomically."""
-    from .utils.visualize import Panel, save_figure
+    from ..utils.visualize import Panel, save_figure
 
     boxes_array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     directory, name = os.path.split(os.path.abspath(masks_path))
@@ -142,14 +135,14 @@ def run(args: argparse.Namespace) -> int:
     """Predict one mask per box prompt on one image; save a picture and the masks."""
     import torch
 
-    from .build import build_model
-    from .download import download_checkpoint
-    from .predictor import SamPredictor
-    from .utils.image import load_image
+    from ..build import build_model
+    from ..predictor import SamPredictor
+    from ..utils.download import download_checkpoint
+    from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
     boxes = [parse_box(b) for b in args.box]
-    device = _check_device(args.device)
+    device = check_device(args.device)
     if args.dtype is not None and args.amp_level is not None:
         raise SamkitError(
             f"--dtype {args.dtype} and --amp-level {args.amp_level} both set the precision; give one of them"
@@ -157,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     dtype_name = args.dtype or (amp_dtype(args.amp_level, device.type) if args.amp_level else "float32")
     image = load_image(args.image_path)
     check_boxes(boxes, image.shape[:2])
-    checkpoint = _checkpoint_or_none(args)
-    output_dir = _check_output_dir(args.output_dir)
+    checkpoint = checkpoint_or_none(args)
+    output_dir = check_output_dir(args.output_dir)
     picture_path, masks_path = result_paths(output_dir, args.image_path)
 
     if checkpoint is None and args.download:
@@ -184,8 +177,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = "box_inference.py") -> int:
     """Run box inference as a script: exit status 0, or 2 with one ``error:`` line for a user mistake."""
-    from .cli import run_standalone
-
     return run_standalone(add_arguments, run, argv, prog=prog, description=__doc__.split("\n\n")[0])
 
 

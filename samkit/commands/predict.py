@@ -19,88 +19,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, PromptError, SamkitError
+from ..errors import PromptError, SamkitError
+from .base import add_model_arguments, check_device, check_output_dir, checkpoint_or_none
+from .prompt_args import Box, Point, check_boxes, check_points, parse_box, parse_point
 
 PROMPT_TYPES: tuple[str, ...] = ("point", "box", "point_box", "batch_point", "batch_box", "batch_point_box")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEFAULT_OUTPUT_DIR = "./prompt_test_img"
-
-Point = tuple[float, float, int]  # x, y, label
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1
-
-# ---------------------------------------------------------------------------------------------------
-# Parsing and checking prompts
-
-
-def parse_point(text: str) -> Point:
-    """``"X,Y"`` or ``"X,Y,LABEL"`` (label 1 = foreground, the default; 0 = background)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) not in (2, 3):
-        raise PromptError(
-            f"--point {text!r}: expected X,Y or X,Y,LABEL (label 1 = foreground, 0 = background), "
-            f"got {len(parts)} values"
-        )
-    x, y = (_number(p, "--point", text) for p in parts[:2])
-    label = 1
-    if len(parts) == 3:
-        if parts[2] not in ("0", "1"):
-            raise PromptError(
-                f"--point {text!r}: label must be 0 (background) or 1 (foreground), got {parts[2]!r}"
-            )
-        label = int(parts[2])
-    return x, y, label
-
-
-def parse_box(text: str) -> Box:
-    """``"X0,Y0,X1,Y1"``: the top-left and bottom-right corners in pixels."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 4:
-        raise PromptError(f"--box {text!r}: expected X0,Y0,X1,Y1 (4 numbers), got {len(parts)} values")
-    x0, y0, x1, y1 = (_number(p, "--box", text) for p in parts)
-    return x0, y0, x1, y1
-
-
-def _number(part: str, flag: str, text: str) -> float:
-    try:
-        value = float(part)
-    except ValueError:
-        raise PromptError(f"{flag} {text!r}: {part!r} is not a number") from None
-    if not math.isfinite(value):
-        raise PromptError(f"{flag} {text!r}: {part!r} is not a finite number")
-    return value
-
-
-def check_points(points: Sequence[Point], image_size: tuple[int, int]) -> None:
-    """Raise :class:`PromptError` naming the first point outside an image of size (H, W) or with a bad label."""
-    h, w = image_size
-    for x, y, label in points:
-        name = f"point {_fmt(x)},{_fmt(y)}"
-        if label not in (0, 1):
-            raise PromptError(f"{name}: label must be 0 or 1, got {label!r}")
-        if not (0 <= x <= w and 0 <= y <= h):
-            raise PromptError(
-                f"{name} is outside the image (width {w}, height {h}: 0 <= x <= {w}, 0 <= y <= {h})"
-            )
-
-
-def check_boxes(boxes: Sequence[Box], image_size: tuple[int, int]) -> None:
-    """Raise :class:`PromptError` naming the first box that is empty, inverted or outside an (H, W) image."""
-    h, w = image_size
-    for x0, y0, x1, y1 in boxes:
-        name = "box " + ",".join(_fmt(v) for v in (x0, y0, x1, y1))
-        if x1 <= x0:
-            raise PromptError(f"{name}: x1 ({_fmt(x1)}) must be greater than x0 ({_fmt(x0)})")
-        if y1 <= y0:
-            raise PromptError(f"{name}: y1 ({_fmt(y1)}) must be greater than y0 ({_fmt(y0)})")
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise PromptError(
-                f"{name} is outside the image (width {w}, height {h}: 0 <= x <= {w}, 0 <= y <= {h})"
-            )
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
-
 
 # ---------------------------------------------------------------------------------------------------
 # Default prompts: fractions of (W, H). They are placed on the shipped astronaut photo
@@ -222,7 +146,7 @@ def run_prompt_demo(
     embedding of ``image`` (so several prompt types share one), which must then be of the same size.
     Pictures: ``<prompt_type>.png``, and for ``point`` also ``point_followup.png``.
     """
-    from .utils.image import to_rgb_uint8
+    from ..utils.image import to_rgb_uint8
 
     image = to_rgb_uint8(image)
     plan = plan_prompts(prompt_type, points, boxes, image.shape[:2])
@@ -238,7 +162,7 @@ def run_prompt_demo(
 
 
 def _run_plan(predictor: Any, image: np.ndarray, plan: PromptPlan, output_dir: str) -> list[str]:
-    from .utils.visualize import Panel, save_figure
+    from ..utils.visualize import Panel, save_figure
 
     kind = plan.prompt_type
     path = os.path.join(output_dir, f"{kind}.png")
@@ -292,24 +216,6 @@ def _run_plan(predictor: Any, image: np.ndarray, plan: PromptPlan, output_dir: s
 # The command: demo/inference_with_prompts.py and `samkit predict`
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every command that builds a model shares: --model-type, --checkpoint, --download,
-    --device and --dtype (read by ``_checkpoint_or_none`` and ``_check_device``)."""
-    from .build import sam_model_registry
-
-    parser.add_argument(
-        "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
-    )
-    parser.add_argument("--checkpoint", metavar="PATH", help="weights file: Meta's .pth or the seed's .ckpt")
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="without --checkpoint, download the official weights of --model-type (cached; $SAMKIT_CACHE)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute dtype")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the prompt demo (the seed's flags; every one settable from the command line)."""
 
@@ -350,23 +256,23 @@ def run(args: argparse.Namespace) -> int:
     """Predict masks from point and box prompts on one image and save pictures of them."""
     import torch
 
-    from .build import build_model
-    from .download import download_checkpoint
-    from .predictor import SamPredictor
-    from .utils.image import load_image
+    from ..build import build_model
+    from ..predictor import SamPredictor
+    from ..utils.download import download_checkpoint
+    from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
     types = PROMPT_TYPES if args.prompt_type == "all" else (args.prompt_type,)
     points = [parse_point(p) for p in args.point or []]
     boxes = [parse_box(b) for b in args.box or []]
-    device = _check_device(args.device)
+    device = check_device(args.device)
     dtype = getattr(torch, args.dtype)
     image = load_image(args.input)
     plans = [
         plan_prompts(t, *_prompts_for(t, args.prompt_type, points, boxes), image.shape[:2]) for t in types
     ]
-    checkpoint = _checkpoint_or_none(args)
-    output_dir = _check_output_dir(args.output_dir)
+    checkpoint = checkpoint_or_none(args)
+    output_dir = check_output_dir(args.output_dir)
 
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
@@ -390,51 +296,6 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
-
-
-def _check_device(name: str) -> Any:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise SamkitError(f"--device {name!r}: {str(err).splitlines()[0]}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SamkitError(f"--device {name!r}: CUDA is not available on this machine (use --device cpu)")
-    try:
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise SamkitError(f"--device {name!r}: {str(err).strip().splitlines()[0]}") from None
-    return device
-
-
-def _checkpoint_or_none(args: argparse.Namespace) -> str | None:
-    """The --checkpoint path (checked to exist), or None when the weights are to be downloaded or random."""
-    from .download import ALIASES, CHECKPOINTS, checkpoint_url
-
-    if args.checkpoint is not None:
-        if not os.path.isfile(args.checkpoint):
-            what = "a directory" if os.path.isdir(args.checkpoint) else "not found"
-            raise CheckpointError(f"--checkpoint {args.checkpoint}: {what}")
-        return args.checkpoint
-    downloadable = ALIASES.get(args.model_type, args.model_type) in CHECKPOINTS
-    if args.download and not downloadable:
-        raise SamkitError(
-            f"--download: {args.model_type} has no released weights; leave out --download to run it with random "
-            f"weights, or pass --checkpoint PATH"
-        )
-    if not args.download and downloadable:
-        raise SamkitError(
-            f"no weights for {args.model_type}: pass --download to fetch them, or --checkpoint PATH with the "
-            f"file from {checkpoint_url(args.model_type)}"
-        )
-    return None  # a model without released weights (vit_tiny) runs with random ones
-
-
-def _check_output_dir(path: str) -> str:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SamkitError(f"--output-dir {path}: exists and is not a directory")
-    return path
 
 
 def _prompts_for(

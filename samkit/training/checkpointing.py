@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 

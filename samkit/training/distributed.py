@@ -92,3 +92,52 @@ def epoch_batches(
 def shard_indices(num_samples: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """Evaluation: every sample exactly once over all processes (no padding duplicates)."""
     return list(range(rank, num_samples, world_size))
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Give every process rank 0's parameters and buffers (they start equal; this makes sure)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
+    """Average the gradients of ``parameters`` over the processes, after this step's backward passes.
+
+    The training loop back-propagates several times per step (one round of prompts at a time, then
+    the image encoder), so gradients are exchanged once here, in flat buckets, instead of by DDP's
+    hooks inside one backward pass. A parameter that received no gradient on any process keeps
+    ``grad = None`` (AdamW then skips it, as it would in one process running the whole batch); one
+    that has a gradient on some process only counts zeros elsewhere. No-op for one process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    device = next((p.grad.device for p in parameters if p.grad is not None), None)
+    if device is None:
+        device = parameters[0].device if parameters else torch.device("cpu")
+    has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.uint8, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    live = [p for p, flag in zip(parameters, has_grad.tolist()) if flag]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for p in live + [None]:  # type: ignore[list-item]
+        if p is not None and (not bucket or (p.grad.dtype == bucket[0].grad.dtype and size < bucket_bytes)):
+            bucket.append(p)
+            size += p.grad.numel() * p.grad.element_size()
+            continue
+        if bucket:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for q in bucket:
+                n = q.grad.numel()
+                q.grad.copy_(flat[offset : offset + n].view_as(q.grad))
+                offset += n
+        bucket, size = ([p], p.grad.numel() * p.grad.element_size()) if p is not None else ([], 0)

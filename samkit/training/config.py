@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass
@@ -69,6 +69,9 @@ class LossConfig:
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    # Rounds that predict several masks per object: back-propagate focal + dice of the one with the
+    # lowest loss (min_loss, the SAM paper) or of the one with the highest predicted IoU (best_iou, the seed).
+    multimask_choice: str = "min_loss"
 
 
 @dataclass
@@ -99,9 +102,13 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # default <work_dir>/embedding_cache
     resume: Optional[str] = None  # "auto" (newest checkpoint in work_dir) or a checkpoint path
     eval_output: Optional[str] = None  # eval.py's JSON (default <work_dir>/eval_<checkpoint>.json)
+    prompt_mode: str = "box"  # how training prompts each object: box
+    eval_prompt: Optional[str] = None  # evaluation protocol (default: the prompt_mode's)
 
 
 AMP_CHOICES = ("off", "bf16", "fp16")
+PROMPT_MODES = ("box",)  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
+EVAL_PROMPTS = ("box",)  # the keys of samkit.training.modes.EVAL_PROTOCOLS
 DECAY_CHOICES = ("cosine", "linear", "step", "constant")
 
 
@@ -253,6 +260,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
 
     if cfg.amp not in AMP_CHOICES + ("auto",):
         fail("amp", f"must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
+    if cfg.loss.multimask_choice not in ("min_loss", "best_iou"):
+        fail("loss.multimask_choice", f"must be min_loss or best_iou, got {cfg.loss.multimask_choice!r}")
+    if cfg.prompt_mode not in PROMPT_MODES:
+        fail("prompt_mode", f"must be one of {', '.join(PROMPT_MODES)}, got {cfg.prompt_mode!r}")
+    if cfg.eval_prompt is not None and cfg.eval_prompt not in EVAL_PROMPTS:
+        fail("eval_prompt", f"must be one of {', '.join(EVAL_PROMPTS)}, got {cfg.eval_prompt!r}")
     if cfg.scheduler.decay not in DECAY_CHOICES:
         fail("scheduler.decay", f"must be one of {', '.join(DECAY_CHOICES)}, got {cfg.scheduler.decay!r}")
     for key, value in (

@@ -1,17 +1,11 @@
-"""Demo photos shipped inside scikit-image, written to a file: ``python -m samkit.demo_data OUT.png``.
-
-Used by ``make demo``, so the demo runs on a real photo without a download.
-"""
+"""Demo photos shipped inside scikit-image (real photos without a download), and writing one to a file."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
-import sys
-from typing import Optional, Sequence
 
-from .errors import SamkitError
+from ..errors import SamkitError
 
 # name -> the skimage.data function that returns it (all RGB photos, public domain or CC0)
 PHOTOS: dict[str, str] = {
@@ -52,30 +46,3 @@ def write_photo(path: str | os.PathLike, name: str = DEFAULT_PHOTO) -> str:
             os.unlink(tmp)
         raise
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", metavar="OUT", help="file to write, e.g. outputs/demo/astronaut.png")
-    parser.add_argument(
-        "--name", default=DEFAULT_PHOTO, choices=list(PHOTOS), help=f"default: {DEFAULT_PHOTO}"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write a demo photo shipped with scikit-image to a file."""
-    try:
-        path = write_photo(args.output, args.name)
-    except OSError as err:
-        raise SamkitError(f"cannot write {args.output}: {err.strerror or err}") from None
-    print(f"wrote {path}")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import run_standalone
-
-    return run_standalone(add_arguments, run, argv, prog="python -m samkit.demo_data")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

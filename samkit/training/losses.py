@@ -1,4 +1,4 @@
-"""Losses for fine-tuning SAM with box prompts: focal + dice on the mask logits, MSE on the IoU head.
+"""Losses for fine-tuning SAM: focal + dice on the mask logits, MSE on the IoU head.
 
 Conventions: mask logits and targets are ...xHxW (targets 0/1 as bool, uint8 or float); a mask's
 pixels are inside where its logit is > 0 (``Sam.mask_threshold``). Every loss is computed in float32
@@ -180,6 +180,76 @@ class _MaskTerms(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    """Nxhxw low-res logits -> NxSxS float32 at the padded input frame (bilinear), where the losses
+    and the seed's mIoU are computed."""
+    return F.interpolate(low_res[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+MULTIMASK_CHOICES = ("min_loss", "best_iou")
+
+
+def prompt_loss(
+    low_res: torch.Tensor,
+    iou_pred: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    focal_weight: float = 20.0,
+    dice_weight: float = 1.0,
+    iou_weight: float = 1.0,
+    num_valid: Optional[Union[float, torch.Tensor]] = None,
+    multimask_choice: str = "min_loss",
+) -> dict[str, torch.Tensor]:
+    """The loss of one round of prompts: N objects with C candidate masks each.
+
+    low_res: NxCxhxw mask logits (upsampled here to the SxS frame of ``targets``); iou_pred: NxC;
+    targets: NxSxS 0/1. With one candidate (C = 1) this is :func:`sam_loss` over the N objects.
+    With several (a multimask round), focal and dice are taken from one candidate per object:
+    the one with the lowest ``focal_weight * focal + dice_weight * dice`` (``"min_loss"``, the SAM
+    paper: only that mask is back-propagated) or the one with the highest predicted IoU
+    (``"best_iou"``, the seed). The IoU head is trained on every candidate with ``"min_loss"``
+    (its ranking of all three is what the predictor and AMG rely on) and on the chosen one with
+    ``"best_iou"`` (the seed returns only that one). Sums are divided by ``num_valid`` as in
+    :func:`sam_loss`.
+    """
+    if multimask_choice not in MULTIMASK_CHOICES:
+        raise ValueError(f"multimask_choice must be one of {MULTIMASK_CHOICES}, got {multimask_choice!r}")
+    if low_res.ndim != 4 or iou_pred.shape != low_res.shape[:2] or len(targets) != len(low_res):
+        raise ValueError(
+            f"expected low_res NxCxhxw, iou_pred NxC and targets NxSxS, got {tuple(low_res.shape)}, "
+            f"{tuple(iou_pred.shape)} and {tuple(targets.shape)}"
+        )
+    n, c = iou_pred.shape
+    size = targets.shape[-1]
+    if c == 1:
+        logits = upsample_logits(low_res[:, 0], size)
+        ones = torch.ones(1, n, dtype=torch.bool, device=low_res.device)
+        return sam_loss(
+            logits[None], iou_pred.reshape(1, n), targets[None], ones,
+            focal_weight=focal_weight, dice_weight=dice_weight, iou_weight=iou_weight, num_valid=num_valid,
+        )  # fmt: skip
+    logits = upsample_logits(low_res.reshape(n * c, *low_res.shape[2:]), size)
+    rows = torch.arange(n * c, device=low_res.device)
+    focal, dice, target_iou = _MaskTerms.apply(logits, targets.repeat_interleave(c, 0), rows, 0.25, 2.0, 1e-5)
+    focal, dice, target_iou = focal.view(n, c), dice.view(n, c), target_iou.view(n, c)
+    iou_sq = (_fp32(iou_pred) - target_iou) ** 2
+    if multimask_choice == "min_loss":
+        choice = (focal_weight * focal + dice_weight * dice).detach().argmin(dim=1, keepdim=True)
+        iou_term = iou_sq.mean(dim=1)
+    else:
+        choice = iou_pred.detach().argmax(dim=1, keepdim=True)
+        iou_term = iou_sq.gather(1, choice)[:, 0]
+    focal, dice = focal.gather(1, choice)[:, 0], dice.gather(1, choice)[:, 0]
+    if num_valid is None:
+        count = torch.tensor(max(n, 1), dtype=torch.float32, device=low_res.device)
+    else:
+        count = torch.as_tensor(num_valid, dtype=torch.float32, device=low_res.device)
+        count = torch.where(count > 0, count, torch.ones_like(count))
+    terms = {"focal": focal.sum() / count, "dice": dice.sum() / count, "iou": iou_term.sum() / count}
+    loss = focal_weight * terms["focal"] + dice_weight * terms["dice"] + iou_weight * terms["iou"]
+    return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+
+
 def _chunks(rows: torch.Tensor, pixels: int):
     """(row indices, output slice) pairs covering ``rows`` a bounded number of pixels at a time."""
     step = max(1, _CHUNK_PIXELS // max(pixels, 1))
@@ -192,4 +262,4 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-__all__ = ["dice_loss", "focal_loss", "iou_mse_loss", "sam_loss"]
+__all__ = ["dice_loss", "focal_loss", "iou_mse_loss", "prompt_loss", "sam_loss", "upsample_logits"]

@@ -1,0 +1,31 @@
+"""``samkit eval`` and the seed's ``python eval.py -c CONFIG -o model.checkpoint=PATH`` (also under
+torchrun): evaluate a checkpoint on a config's ``eval_data`` (:func:`samkit.training.evaluate.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .base import run_standalone
+from .train import add_arguments as add_arguments
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate box-prompt mIoU (zero-shot or fine-tuned) on a config's eval_data."""
+    from ..training.config import load_config
+    from ..training.evaluate import run as evaluate_config
+
+    metrics = evaluate_config(load_config(args.config, args.override_cfg))
+    if "output" in metrics:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{shown} over {metrics.get('objects_1024', '?')} objects -> {metrics['output']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_standalone(add_arguments, run, argv, prog="eval.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""``samkit train`` and the seed's ``python train.py -c CONFIG -o KEY=VALUE ...`` (also under torchrun):
+fine-tune SAM from a YAML config (the loop is :func:`samkit.training.train.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .base import run_standalone
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-c/--config`` and ``-o/--override-cfg``, the seed's flags (``eval.py`` takes the same)."""
+    parser.add_argument("-c", "--config", default="configs/coco_box_finetune.yaml", help="YAML config file")
+    parser.add_argument(
+        "-o",
+        "--override-cfg",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. -o amp=bf16 optimizer.lr=1e-4 resume=auto",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune SAM (box prompts) from a YAML config (also under torchrun)."""
+    from ..training.config import load_config
+    from ..training.train import train
+
+    result = train(load_config(args.config, args.override_cfg))
+    return 143 if result.get("interrupted") else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_standalone(add_arguments, run, argv, prog="train.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

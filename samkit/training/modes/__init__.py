@@ -1,0 +1,33 @@
+"""Prompt modes: how a training batch is prompted and scored, one small module per mode.
+
+``PROMPT_MODES`` maps a config's ``prompt_mode`` to the class the training loop builds (with the
+mode's own keyword arguments; see ``samkit.training.train.build_prompt_mode``), and
+``EVAL_PROTOCOLS`` maps ``eval_prompt`` to the function that scores one evaluation batch. Both are
+plain dicts written here; nothing registers itself on import.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import box
+from .base import Prediction, PromptMode, Session, TrainBatch, batch_on_device, score_objects
+
+PROMPT_MODES: dict[str, type[PromptMode]] = {
+    "box": box.BoxPrompts,
+}
+
+EVAL_PROTOCOLS: dict[str, Callable[..., None]] = {
+    "box": box.evaluate_batch,
+}
+
+__all__ = [
+    "EVAL_PROTOCOLS",
+    "PROMPT_MODES",
+    "Prediction",
+    "PromptMode",
+    "Session",
+    "TrainBatch",
+    "batch_on_device",
+    "score_objects",
+]

@@ -1,0 +1,70 @@
+"""Config -> objects, in one place: the datasets, the prompt mode and the autocast context that the
+training and evaluation loops use (modules below never see a config)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from ..modeling import Sam
+from .config import DataConfig, TrainConfig
+from .modes import PROMPT_MODES, PromptMode
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_data(data: DataConfig, *, image_size: int, seed: int, for_eval: bool) -> Dataset:
+    """The dataset a config section describes (paths checked by the dataset itself)."""
+    from ..data import build_dataset
+
+    kwargs: dict[str, Any] = {
+        "image_size": image_size,
+        "max_objects": data.max_objects,
+        "box_jitter": data.box_jitter,
+        "seed": seed,
+        "return_original_masks": for_eval,
+        "compact": True,  # uint8 images and bit-packed masks to the device; rebuilt there exactly
+    }
+    if data.type == "coco":
+        kwargs.update(image_dir=data.data_dir, annotation_path=data.annotation_path)
+        kwargs["include_crowd"] = data.include_crowd
+    else:
+        kwargs["data_dir"] = data.data_dir
+        if data.type == "sa1b":
+            kwargs["min_area"] = data.min_area
+    dataset = build_dataset(data.type, **kwargs)
+    if data.max_images is not None and data.max_images < len(dataset):
+        dataset = Subset(dataset, range(data.max_images))
+    return dataset
+
+
+def build_prompt_mode(cfg: TrainConfig, sam: Sam) -> PromptMode:
+    """The ``prompt_mode`` of the config around ``sam``, with that mode's own settings."""
+    return PROMPT_MODES[cfg.prompt_mode](sam)
+
+
+def set_epoch(dataset: Dataset, epoch: int) -> None:
+    """Per-sample randomness (object subsets, box jitter) is seeded by (seed, epoch, index)."""
+    inner: Any = dataset
+    while inner is not None:
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+            return
+        inner = getattr(inner, "dataset", None)
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    inner: Any = dataset
+    while inner is not None and not hasattr(inner, "describe"):
+        inner = getattr(inner, "dataset", None)
+    return f"{len(dataset)} images" + (f" ({inner.describe()})" if inner is not None else "")  # type: ignore[arg-type]
+
+
+def autocast(device: torch.device, amp: str) -> ContextManager:
+    """torch.autocast for ``amp`` bf16/fp16 on ``device``; nothing for ``off``."""
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])

@@ -1,0 +1,158 @@
+"""The package's rooms: every module imports on its own, no two modules import each other (directly
+or in a circle, lazy imports inside functions included), files stay small, each says what it is for."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "samkit"
+MAX_LINES = 550  # house style: past ~500 lines, split by concern
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(name: str, path: Path) -> set[str]:
+    """samkit modules that ``name`` imports anywhere in its source (top level or inside functions).
+
+    ``from . import x`` counts as importing the submodule ``x`` when there is one, else the package.
+    """
+    is_package = path.name == "__init__.py"
+    base = name.split(".") if is_package else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                prefix = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            targets = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target.startswith("samkit") and target != name:
+                found.add(target)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (a list of modules, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Edges between modules; a package's ``__init__`` re-exporting its own submodules is how a
+    package shows its public names, so edges from a package into its own subtree are left out."""
+    graph = {}
+    for name, path in MODULES.items():
+        targets = imported_modules(name, path)
+        if path.name == "__init__.py":
+            targets = {t for t in targets if not t.startswith(name + ".")}
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycles_inside_samkit():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_every_module_imports_on_its_own():
+    """Each module in a fresh interpreter (an import that only works after another module was
+    imported first would hide a cycle or a missing import)."""
+    names = sorted(n for n in MODULES if not n.endswith("__main__"))
+    code = (
+        "import importlib, sys\n"
+        "bad = []\n"
+        "for name in sys.argv[1:]:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('samkit')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as err:\n"
+        "        bad.append(f'{name}: {err!r}')\n"
+        "print('\\n'.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_are_small_and_say_what_they_are_for(name):
+    path = MODULES[name]
+    source = path.read_text()
+    lines = source.count("\n")
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines: split it by concern"
+    assert ast.get_docstring(ast.parse(source)), f"{path.relative_to(ROOT)} has no module docstring"
+
+
+def test_the_rooms_hold_what_their_names_say():
+    """A newcomer's guesses: the library at the top, training, commands and helpers in their folders."""
+    for name in ("build", "predictor", "amg", "errors", "modeling", "data", "training", "commands", "utils"):
+        assert f"samkit.{name}" in MODULES, name
+    for name in ("train", "evaluate", "losses", "metrics", "config", "checkpointing", "embedding_cache",
+                 "distributed", "schedule", "modes", "modes.box"):  # fmt: skip
+        assert f"samkit.training.{name}" in MODULES, name
+    for name in ("main", "predict", "amg", "box", "train", "eval", "preprocess_ct"):
+        assert f"samkit.commands.{name}" in MODULES, name
+    for name in ("transforms", "image", "visualize", "amg", "mindspore_ckpt", "download"):
+        assert f"samkit.utils.{name}" in MODULES, name
+    # Command modules are leaves: no library module imports a command.
+    graph = import_graph()
+    for name, targets in graph.items():
+        if not name.startswith("samkit.commands") and name != "samkit.__main__":
+            assert not [t for t in targets if t.startswith("samkit.commands")], name
+
+
+def test_old_notebook_import_paths_still_work():
+    for name in ("samkit.utils.transforms", "samkit.utils.amg", "samkit.predictor", "samkit.modeling"):
+        importlib.import_module(name)
+    from samkit.utils.transforms import ResizeLongestSide
+
+    assert ResizeLongestSide(1024).get_preprocess_shape(512, 256, 1024) == (1024, 512)
