@@ -43,7 +43,9 @@ def imported_modules(name: str, path: Path) -> set[str]:
                 prefix = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 prefix = node.module or ""
-            targets = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix for a in node.names]
+            targets = [
+                f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix for a in node.names
+            ]
         else:
             continue
         for target in targets:
