@@ -1,8 +1,6 @@
-"""The prompt demo: masks from point and box prompts on one image, drawn to PNG pictures.
-
-The library side of ``demo/inference_with_prompts.py`` and ``samkit predict``: parsing and checking
-``--point``/``--box`` values, default prompts, one function per prompt type, and the command's
-argument setup and runner (written once, used by both commands).
+"""``samkit predict`` and ``demo/inference_with_prompts.py``: masks from point and box prompts on one
+image, drawn to PNG pictures (default prompts, one function per prompt type, the command's flags
+and runner, written once for both commands; ``--point``/``--box`` parsing is in :mod:`.prompt_args`).
 
 Conventions: points are XY pixels of the original image with label 1 (foreground) or 0 (background),
 boxes XYXY pixels, sizes (H, W). A point or box may touch the image border (0 <= x <= W, 0 <= y <= H).
