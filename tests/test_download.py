@@ -13,8 +13,8 @@ from typing import Iterator
 
 import pytest
 
-from samkit.utils import download
 from samkit.errors import DownloadError
+from samkit.utils import download
 from samkit.utils.download import CheckpointInfo, download_checkpoint
 
 DATA = random.Random(0).randbytes(300_000)
