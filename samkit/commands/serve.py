@@ -1,0 +1,104 @@
+"""``samkit serve``: a web page on this machine to click, box and 'segment everything' with one model.
+
+    samkit serve --checkpoint sam_vit_b_01ec64.pth --model-type vit_b [--device cuda] [--dtype bfloat16]
+                 [--host 127.0.0.1] [--port 8000] [--images FOLDER] [--token SECRET]
+
+Binds to 127.0.0.1 unless ``--host`` says otherwise (then it warns; give ``--token`` so that the API
+asks for it in the ``X-Samkit-Token`` header). One model in one process: no workers are forked, and
+requests that run the model take turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import SamkitError
+from .base import add_model_arguments, check_device, checkpoint_or_none
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the server: the model's, where to listen, what to offer and the request limits."""
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="default: 8000 (0 picks a free port)")
+    parser.add_argument("--images", metavar="FOLDER", help="a folder whose images the page offers to open")
+    parser.add_argument("--token", help="a secret the API requires in the X-Samkit-Token header")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MB)")
+    parser.add_argument(
+        "--max-side", type=int, default=4096, help="longest image side accepted (default 4096)"
+    )
+    parser.add_argument("--cache-images", type=int, default=8, help="embeddings kept in memory (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the web page and JSON API (needs samkit[serve]) and print its address."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise SamkitError(f"samkit serve needs {err.name}: pip install 'samkit[serve]'") from None
+    import torch
+
+    from ..build import build_model
+    from ..serve.app import create_app
+    from ..serve.state import Limits, ModelService
+    from ..utils.download import download_checkpoint
+
+    if not 0 <= args.port <= 65535:
+        raise SamkitError(f"--port {args.port}: must be from 0 to 65535")
+    if args.images is not None and not os.path.isdir(args.images):
+        raise SamkitError(f"--images {args.images}: not a folder")
+    if args.max_upload_mb <= 0 or args.max_side < 16 or args.cache_images < 1:
+        raise SamkitError("--max-upload-mb, --max-side (>= 16) and --cache-images must be positive")
+    if args.token is not None and not args.token.strip():
+        raise SamkitError("--token is empty")
+    device = check_device(args.device)
+    checkpoint = checkpoint_or_none(args)
+    if checkpoint is None and args.download:
+        checkpoint = download_checkpoint(args.model_type)
+    model = build_model(args.model_type, checkpoint).to(device=device, dtype=getattr(torch, args.dtype))
+    if checkpoint is None:
+        print(
+            f"warning: {args.model_type} runs with random weights: its masks are meaningless", file=sys.stderr
+        )
+    if args.host not in LOCAL_HOSTS:
+        print(
+            f"warning: --host {args.host} lets other machines reach the server"
+            + ("" if args.token else "; anyone who reaches it can use it (give --token)"),
+            file=sys.stderr,
+        )
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_side=args.max_side,
+        max_pixels=args.max_side * args.max_side,
+        cache_images=args.cache_images,
+    )
+    app = create_app(ModelService(model, limits), images_folder=args.images, token=args.token)
+    config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level="warning")
+    server = uvicorn.Server(config)
+
+    # The address is printed once the socket is bound (with --port 0, the port the system picked).
+    original_startup = server.startup
+
+    async def startup(sockets=None) -> None:
+        await original_startup(sockets)
+        port = args.port
+        for s in server.servers:
+            for sock in s.sockets:
+                port = sock.getsockname()[1]
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        query = f"?token={args.token}" if args.token else ""
+        print(f"samkit serve: http://{host}:{port}/{query} (Ctrl-C stops)", flush=True)
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run()
+    return 0
+
+
+__all__ = ["add_arguments", "run"]

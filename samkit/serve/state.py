@@ -1,0 +1,286 @@
+"""The server's model side: one model, a lock around every call of it, and bounded LRU caches of images,
+their embeddings, low-res logits and 'everything' results, all keyed by ids the API hands out.
+
+Image ids are the sha256 of the decoded pixels' file bytes, so re-opening an image finds its embedding.
+Every user mistake raises :class:`ApiError` (an HTTP status and one line), never anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import secrets
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..amg import SamAutomaticMaskGenerator
+from ..predictor import SamPredictor
+from ..utils.amg import area_from_rle, calculate_stability_score, coco_encode_rle, mask_to_rle
+
+
+class ApiError(Exception):
+    """A request the server refuses: ``status`` (4xx) and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: upload bytes, image side and pixels, and the caches' sizes."""
+
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+    max_points: int = 64
+    cache_images: int = 8
+    cache_logits: int = 128
+
+
+# What 'Segment everything' lets a request set, with its range: (type, low, high, default).
+EVERYTHING_SETTINGS: dict[str, tuple[type, float, float, Any]] = {
+    "points_per_side": (int, 1, 64, 16),
+    "pred_iou_thresh": (float, 0.0, 1.0, 0.88),
+    "stability_score_thresh": (float, 0.0, 1.0, 0.95),
+    "box_nms_thresh": (float, 0.0, 1.0, 0.7),
+    "crop_n_layers": (int, 0, 2, 0),
+    "min_mask_region_area": (int, 0, 100000, 0),
+}
+
+
+@dataclass
+class OpenImage:
+    """An image the server holds: pixels HxWx3 uint8, its embedding and the last 'everything' records."""
+
+    image_id: str
+    file_name: str
+    pixels: np.ndarray
+    features: Optional[torch.Tensor] = None
+    input_size: tuple[int, int] = (0, 0)
+    encoder_ms: float = 0.0
+    everything: Optional[list[dict[str, Any]]] = None
+    everything_settings: dict[str, Any] = field(default_factory=dict)
+
+
+class LRU(OrderedDict):
+    """An OrderedDict that forgets its least recently used entry past ``capacity`` entries."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = max(1, int(capacity))
+
+    def get_recent(self, key: str) -> Any:
+        value = self[key]
+        self.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+def decode_image(data: bytes, limits: Limits) -> np.ndarray:
+    """Uploaded file bytes -> HxWx3 uint8 RGB, refusing oversized, bomb and corrupt files (ApiError 4xx)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from ..utils.image import to_rgb_uint8
+
+    if not data:
+        raise ApiError(400, "the upload is empty")
+    if len(data) > limits.max_upload_bytes:
+        raise ApiError(413, f"the upload has {len(data)} bytes; the limit is {limits.max_upload_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                # The header's size is checked before any pixel is decoded: a bomb never unpacks.
+                w, h = img.size
+                if max(w, h) > limits.max_side or w * h > limits.max_pixels:
+                    raise ApiError(
+                        413,
+                        f"the image is {w}x{h}; the limits are {limits.max_side} pixels a side and "
+                        f"{limits.max_pixels} pixels in all",
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                if img.mode not in ("RGB", "L", "RGBA"):
+                    img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+                array = np.asarray(img)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, "the image is a decompression bomb (too many pixels); refused") from None
+    except UnidentifiedImageError:
+        raise ApiError(415, "the upload is not an image file Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ApiError(400, f"the image is corrupt: {reason}") from None
+    try:
+        return to_rgb_uint8(array)
+    except ValueError as err:
+        raise ApiError(415, f"unsupported image: {err}") from None
+
+
+def rle_of(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """KxHxW bool -> uncompressed RLEs in COCO's column-major order (``size`` [H, W], ``counts``)."""
+    return mask_to_rle(masks.bool())
+
+
+class ModelService:
+    """One model in one process; every call of it holds ``self.lock``, so requests run one at a time."""
+
+    def __init__(self, model: torch.nn.Module, limits: Limits = Limits()) -> None:
+        self.model = model.eval()
+        self.predictor = SamPredictor(model)
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.images = LRU(limits.cache_images)  # image id -> OpenImage (embedding included)
+        self.logits = LRU(limits.cache_logits)  # logits id -> Cx1x256x256 low-res logits (float32, CPU)
+        self.dtype = next(model.parameters()).dtype
+
+    # ---------------------------------------------------------------- images
+    def open_image(self, data: bytes, file_name: str) -> tuple[OpenImage, bool]:
+        """Decode, then embed unless the same bytes are cached. Returns the image and whether it was cached."""
+        image_id = hashlib.sha256(data).hexdigest()
+        with self.lock:
+            if image_id in self.images:
+                return self.images.get_recent(image_id), True
+        pixels = decode_image(data, self.limits)  # outside the lock: decoding needs no model
+        image = OpenImage(image_id=image_id, file_name=file_name, pixels=pixels)
+        with self.lock:
+            if image_id in self.images:  # another request embedded it meanwhile
+                return self.images.get_recent(image_id), True
+            start = time.perf_counter()
+            self.predictor.set_image(pixels)
+            image.features = self.predictor.features
+            image.input_size = tuple(self.predictor.input_size)  # type: ignore[assignment]
+            image.encoder_ms = (time.perf_counter() - start) * 1000
+            self.predictor.reset_image()
+            self.images.put(image_id, image)
+        return image, False
+
+    def image(self, image_id: Any) -> OpenImage:
+        if not isinstance(image_id, str) or not image_id:
+            raise ApiError(400, "image_id must be a non-empty string")
+        with self.lock:
+            if image_id not in self.images:
+                raise ApiError(
+                    404, f"unknown image id {image_id[:80]!r} (not uploaded, or forgotten: upload again)"
+                )
+            return self.images.get_recent(image_id)
+
+    # ---------------------------------------------------------------- prompts
+    def predict(
+        self,
+        image: OpenImage,
+        points: np.ndarray,
+        labels: np.ndarray,
+        box: Optional[np.ndarray],
+        mask_input: Optional[tuple[str, int]],
+        multimask: bool,
+    ) -> dict[str, Any]:
+        """Decode one prompt on a cached embedding. Points Nx2 and box 4 in XY pixels of the image."""
+        h, w = image.pixels.shape[:2]
+        with self.lock:
+            previous = None
+            if mask_input is not None:
+                logits_id, index = mask_input
+                if logits_id not in self.logits:
+                    raise ApiError(
+                        404, f"unknown mask_input id {logits_id[:80]!r} (forgotten: predict again)"
+                    )
+                stored = self.logits.get_recent(logits_id)
+                if not 0 <= index < len(stored):
+                    raise ApiError(400, f"mask_input index {index} is out of range (0..{len(stored) - 1})")
+                previous = stored[index]
+            start = time.perf_counter()
+            p = self.predictor
+            p.features, p.is_image_set = image.features, True
+            p.original_size, p.input_size = (h, w), image.input_size
+            p.original_sizes, p.input_sizes = [(h, w)], [image.input_size]
+            try:
+                masks, scores, low_res = p.predict(
+                    point_coords=points if len(points) else None,
+                    point_labels=labels if len(points) else None,
+                    box=box,
+                    mask_input=previous,
+                    multimask_output=multimask,
+                    return_logits=True,
+                )
+            finally:
+                p.reset_image()
+            decoder_ms = (time.perf_counter() - start) * 1000
+            logits = torch.from_numpy(np.asarray(masks, dtype=np.float32))
+            logits_id = secrets.token_hex(8)
+            self.logits.put(logits_id, np.asarray(low_res, dtype=np.float32)[:, None])
+        threshold = float(self.model.mask_threshold)
+        binary = logits > threshold
+        stability = calculate_stability_score(logits, threshold, 1.0)
+        return {
+            "masks": rle_of(binary),
+            "scores": [float(s) for s in scores],
+            "stability_scores": [float(s) for s in stability],
+            "areas": [int(a) for a in binary.flatten(1).sum(1)],
+            "logits_id": logits_id,
+            "decoder_ms": round(decoder_ms, 3),
+        }
+
+    def everything(self, image: OpenImage, settings: dict[str, Any]) -> dict[str, Any]:
+        """Run automatic mask generation on the image (its own embedding per crop) and keep the records."""
+        generator = SamAutomaticMaskGenerator(self.model, output_mode="uncompressed_rle", **settings)
+        with self.lock:
+            start = time.perf_counter()
+            records = generator.generate(image.pixels)
+            amg_ms = (time.perf_counter() - start) * 1000
+            image.everything, image.everything_settings = records, dict(settings)
+        return {
+            "masks": [
+                {
+                    "segmentation": r["segmentation"],
+                    "area": int(r["area"]),
+                    "bbox": [float(v) for v in r["bbox"]],
+                    "predicted_iou": float(r["predicted_iou"]),
+                    "stability_score": float(r["stability_score"]),
+                }
+                for r in records
+            ],
+            "amg_ms": round(amg_ms, 3),
+        }
+
+
+def coco_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records with uncompressed RLE segmentations -> the same records with COCO (compressed) RLEs."""
+    return [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
+
+
+def object_record(rle: dict[str, Any], score: float, stability: float, points: list, h: int, w: int) -> dict:
+    """A kept object as an automatic-mask record, so that it exports as the same JSON as ``samkit amg``."""
+    from ..utils.amg import rle_to_mask
+
+    mask = rle_to_mask(rle)
+    ys, xs = np.nonzero(mask)
+    bbox = (
+        [0.0] * 4
+        if not len(xs)
+        else [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())]
+    )
+    return {
+        "segmentation": rle,
+        "area": area_from_rle(rle),
+        "bbox": bbox,
+        "predicted_iou": float(score),
+        "stability_score": float(stability),
+        "point_coords": [list(map(float, p)) for p in points] or [[0.0, 0.0]],
+        "crop_box": [0, 0, w, h],
+    }

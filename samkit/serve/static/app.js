@@ -1,0 +1,363 @@
+// samkit serve: the page. Plain JavaScript, no build step, nothing fetched from outside this server.
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const token = new URLSearchParams(location.search).get("token");
+  const authHeaders = token ? { "X-Samkit-Token": token } : {};
+  const COLORS = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255]];
+  const color = (i) => COLORS[i % COLORS.length];
+
+  // Everything the page knows; window.samkit.state is read by the browser test.
+  const state = {
+    image: null,          // {image_id, width, height, file_name}
+    history: [{ points: [], labels: [], box: null, result: null }],  // prompt states; result = predict reply
+    position: 0,          // index of the current state in history
+    objects: [],          // kept objects: {name, mask (RLE), score, stability_score, points, color}
+    everything: null,     // {masks: [...], owner: Int32Array}
+    hover: null,          // hover preview reply
+    busy: 0,              // model requests in flight (not hover)
+    predictions: 0,       // predict replies applied
+  };
+  const view = $("view"), ctx = view.getContext("2d");
+  let picture = null;     // the image as an HTMLImageElement
+  const maskCache = new WeakMap();  // RLE object -> {bits, canvas per colour}
+
+  // ------------------------------------------------------------------ requests
+  async function api(path, body, raw) {
+    const init = { method: body === undefined ? "GET" : "POST", headers: { ...authHeaders } };
+    if (body !== undefined) { init.headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
+    const reply = await fetch(path, init);
+    if (!reply.ok) {
+      let message = reply.statusText;
+      try { message = (await reply.json()).error; } catch (e) { /* not JSON */ }
+      throw new Error(message);
+    }
+    return raw ? reply : reply.json();
+  }
+  function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
+  function latency(text) { $("latency").textContent = text; }
+
+  // ------------------------------------------------------------------ masks
+  function decode(rle) {  // COCO uncompressed RLE (column-major) -> Uint8Array of H*W (row-major)
+    let entry = maskCache.get(rle);
+    if (entry) return entry;
+    const [h, w] = rle.size, bits = new Uint8Array(h * w);
+    let index = 0, value = 0;
+    for (const run of rle.counts) {
+      if (value) for (let k = index; k < index + run; k++) { const x = (k / h) | 0; bits[(k - x * h) * w + x] = 1; }
+      index += run; value ^= 1;
+    }
+    entry = { bits, canvases: {} };
+    maskCache.set(rle, entry);
+    return entry;
+  }
+  function maskCanvas(rle, rgb, alpha) {
+    const entry = decode(rle), key = rgb.join(",") + "," + alpha;
+    if (entry.canvases[key]) return entry.canvases[key];
+    const [h, w] = rle.size, canvas = document.createElement("canvas");
+    canvas.width = w; canvas.height = h;
+    const c = canvas.getContext("2d"), pixels = c.createImageData(w, h);
+    for (let i = 0; i < entry.bits.length; i++) if (entry.bits[i]) {
+      pixels.data.set([rgb[0], rgb[1], rgb[2], alpha], 4 * i);
+    }
+    c.putImageData(pixels, 0, 0);
+    return (entry.canvases[key] = canvas);
+  }
+
+  // ------------------------------------------------------------------ drawing
+  const current = () => state.history[state.position];
+  function selectedMask() {
+    const r = current().result;
+    return r ? { rle: r.masks[r.selected], score: r.scores[r.selected], stability: r.stability_scores[r.selected] } : null;
+  }
+  let highlighted = -1;
+  function draw() {
+    if (!picture) return;
+    ctx.clearRect(0, 0, view.width, view.height);
+    ctx.drawImage(picture, 0, 0);
+    if (state.everything && $("show-everything").checked) {
+      ctx.drawImage(state.everything.layer, 0, 0);
+      if (highlighted >= 0) ctx.drawImage(maskCanvas(state.everything.masks[highlighted].segmentation, [255, 255, 255], 170), 0, 0);
+    }
+    state.objects.forEach((o) => ctx.drawImage(maskCanvas(o.mask, o.color, 130), 0, 0));
+    if (state.hover) ctx.drawImage(maskCanvas(state.hover.masks[0], [120, 180, 255], 90), 0, 0);
+    const mask = selectedMask();
+    if (mask) ctx.drawImage(maskCanvas(mask.rle, [30, 110, 255], 140), 0, 0);
+    const s = current(), r = Math.max(3, Math.round(Math.max(view.width, view.height) / 150));
+    s.points.forEach((p, i) => {
+      ctx.beginPath(); ctx.arc(p[0], p[1], r, 0, 2 * Math.PI);
+      ctx.fillStyle = s.labels[i] ? "#1c1" : "#e22"; ctx.fill();
+      ctx.lineWidth = Math.max(1, r / 3); ctx.strokeStyle = "#fff"; ctx.stroke();
+    });
+    const box = dragBox || s.box;
+    if (box) { ctx.lineWidth = Math.max(1, r / 2); ctx.strokeStyle = "#ff0"; ctx.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]); }
+    $("undo").disabled = state.position === 0;
+    $("redo").disabled = state.position >= state.history.length - 1;
+  }
+  function showCandidates() {
+    const box = $("candidates"), r = current().result;
+    box.innerHTML = "";
+    if (!r || r.masks.length < 2) return;
+    r.scores.forEach((score, i) => {
+      const b = document.createElement("button");
+      b.textContent = `mask ${i + 1} · ${score.toFixed(2)}`;
+      b.className = i === r.selected ? "selected" : "";
+      b.dataset.candidate = i;
+      b.onclick = () => { r.selected = i; showCandidates(); draw(); };
+      box.appendChild(b);
+    });
+  }
+
+  // ------------------------------------------------------------------ opening images
+  function setProgress(text) {
+    $("progress").hidden = !text; $("progress-text").textContent = text || "";
+  }
+  function upload(file) {  // XHR for the upload's own progress; then the encoder runs on the server
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", "/api/images");
+      for (const [k, v] of Object.entries(authHeaders)) xhr.setRequestHeader(k, v);
+      xhr.setRequestHeader("Content-Type", file.type && file.type.startsWith("image/") ? file.type : "application/octet-stream");
+      xhr.setRequestHeader("X-File-Name", encodeURIComponent(file.name || "upload").slice(0, 200));
+      const started = performance.now();
+      let timer = null;
+      xhr.upload.onprogress = (e) => { if (e.lengthComputable) setProgress(`uploading ${Math.round(100 * e.loaded / e.total)}%`); };
+      xhr.upload.onload = () => {
+        timer = setInterval(() => setProgress(`embedding… ${((performance.now() - started) / 1000).toFixed(1)} s`), 100);
+      };
+      xhr.onload = () => {
+        clearInterval(timer);
+        let reply = {};
+        try { reply = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+        xhr.status === 200 ? resolve(reply) : reject(new Error(reply.error || xhr.statusText));
+      };
+      xhr.onerror = () => { clearInterval(timer); reject(new Error("upload failed")); };
+      setProgress("uploading…");
+      xhr.send(file);
+    });
+  }
+  async function opened(reply) {
+    const blob = await (await api(`/api/images/${reply.image_id}/pixels`, undefined, true)).blob();
+    const img = new Image();
+    img.src = URL.createObjectURL(blob);
+    await img.decode();
+    picture = img;
+    state.image = reply;
+    state.history = [{ points: [], labels: [], box: null, result: null }];
+    state.position = 0; state.objects = []; state.everything = null; state.hover = null;
+    view.width = reply.width; view.height = reply.height; view.hidden = false;
+    $("drop-hint").hidden = true;
+    $("everything-count").textContent = ""; renderObjects(); showCandidates(); draw();
+    latency(reply.cached ? "encoder: cached" : `encoder ${reply.encoder_ms.toFixed(0)} ms`);
+  }
+  async function openFile(file) {
+    showError(null); state.busy++;
+    try { await opened(await upload(file)); } catch (err) { showError(err); } finally { state.busy--; setProgress(null); }
+  }
+  async function openFromFolder(name) {
+    showError(null); state.busy++; setProgress("embedding…");
+    try { await opened(await api("/api/images/open", { name })); } catch (err) { showError(err); } finally { state.busy--; setProgress(null); }
+  }
+
+  // ------------------------------------------------------------------ prompts
+  function toImage(e) {
+    const rect = view.getBoundingClientRect();
+    const x = (e.clientX - rect.left) * view.width / rect.width, y = (e.clientY - rect.top) * view.height / rect.height;
+    return [Math.min(Math.max(Math.round(x * 10) / 10, 0), view.width), Math.min(Math.max(Math.round(y * 10) / 10, 0), view.height)];
+  }
+  function promptBody(s, previous) {
+    const single = s.points.length === 1 && !s.box;
+    const body = { image_id: state.image.image_id, points: s.points, labels: s.labels, box: s.box, multimask: single };
+    // SAM is meant to be refined: the previous mask's low-res logits go back in with each change.
+    if (previous && previous.result && !single) body.mask_input = { logits_id: previous.result.logits_id, index: previous.result.selected };
+    return body;
+  }
+  async function change(mutate) {
+    if (!state.image) return;
+    const previous = current();
+    const next = { points: previous.points.slice(), labels: previous.labels.slice(), box: previous.box, result: null };
+    mutate(next);
+    state.history = state.history.slice(0, state.position + 1);
+    state.history.push(next); state.position++;
+    state.hover = null; draw();
+    if (!next.points.length && !next.box) { showCandidates(); return; }
+    const started = performance.now();
+    state.busy++;
+    try {
+      const reply = await api("/api/predict", promptBody(next, previous));
+      let best = 0; reply.scores.forEach((s, i) => { if (s > reply.scores[best]) best = i; });
+      next.result = { ...reply, selected: best, body: promptBody(next, previous) };
+      state.predictions++;
+      latency(`decoder ${reply.decoder_ms.toFixed(0)} ms (round trip ${(performance.now() - started).toFixed(0)} ms)`);
+      showError(null);
+    } catch (err) { showError(err); } finally { state.busy--; }
+    showCandidates(); draw();
+  }
+  function undo() { if (state.position > 0) { state.position--; state.hover = null; showCandidates(); draw(); } }
+  function redo() { if (state.position < state.history.length - 1) { state.position++; showCandidates(); draw(); } }
+  function clear() { change((s) => { s.points = []; s.labels = []; s.box = null; }); }
+
+  // Hover preview: at most one request in flight and one every 80 ms; replies older than the shown one are dropped.
+  let hoverSeq = 0, hoverShown = 0, hoverInFlight = false, hoverPending = null, hoverLast = 0;
+  function hoverAt(point) {
+    if (!$("hover").checked || !state.image || dragStart) return;
+    hoverPending = point;
+    pumpHover();
+  }
+  async function pumpHover() {
+    const wait = 80 - (performance.now() - hoverLast);
+    if (hoverInFlight || !hoverPending) return;
+    if (wait > 0) { setTimeout(pumpHover, wait); return; }
+    const point = hoverPending, seq = ++hoverSeq, s = current();
+    hoverPending = null; hoverInFlight = true; hoverLast = performance.now();
+    try {
+      const reply = await api("/api/predict", {
+        image_id: state.image.image_id, points: s.points.concat([point]), labels: s.labels.concat([1]), box: s.box, multimask: false,
+      });
+      if (seq > hoverShown && hoverPointer) { hoverShown = seq; state.hover = reply; draw(); }
+    } catch (err) { /* a preview that fails is only a preview */ } finally { hoverInFlight = false; }
+    if (hoverPending) pumpHover();
+  }
+
+  // ------------------------------------------------------------------ mouse
+  let dragStart = null, dragBox = null, hoverPointer = false;
+  view.addEventListener("contextmenu", (e) => e.preventDefault());
+  view.addEventListener("mousedown", (e) => {
+    if (e.button === 2) { const p = toImage(e); change((s) => { s.points.push(p); s.labels.push(0); }); return; }
+    if (e.button === 0) { dragStart = { point: toImage(e), x: e.clientX, y: e.clientY, shift: e.shiftKey }; }
+  });
+  view.addEventListener("mousemove", (e) => {
+    hoverPointer = true;
+    const p = toImage(e);
+    if (dragStart) {
+      if (Math.hypot(e.clientX - dragStart.x, e.clientY - dragStart.y) > 5) {
+        const a = dragStart.point;
+        dragBox = [Math.min(a[0], p[0]), Math.min(a[1], p[1]), Math.max(a[0], p[0]), Math.max(a[1], p[1])];
+        draw();
+      }
+      return;
+    }
+    if (state.everything && $("show-everything").checked) {
+      const i = state.everything.owner[Math.floor(p[1]) * view.width + Math.floor(p[0])];
+      if (i !== highlighted) {
+        highlighted = i;
+        const m = state.everything.masks[i];
+        $("info").textContent = i >= 0 ? `mask ${i}: area ${m.area}, IoU ${m.predicted_iou.toFixed(2)}` : "";
+        draw();
+      }
+    }
+    hoverAt(p);
+  });
+  view.addEventListener("mouseleave", () => { hoverPointer = false; state.hover = null; hoverPending = null; draw(); });
+  window.addEventListener("mouseup", (e) => {
+    if (!dragStart || e.button !== 0) return;
+    const start = dragStart, box = dragBox;
+    dragStart = null; dragBox = null;
+    if (box && box[2] > box[0] && box[3] > box[1]) change((s) => { s.box = box; });
+    else change((s) => { s.points.push(start.point); s.labels.push(start.shift ? 0 : 1); });
+  });
+  window.addEventListener("keydown", (e) => {
+    if (e.target.tagName === "INPUT") return;
+    if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); e.shiftKey ? redo() : undo(); }
+    if ((e.ctrlKey || e.metaKey) && e.key === "y") { e.preventDefault(); redo(); }
+  });
+
+  // ------------------------------------------------------------------ objects, everything, export
+  function renderObjects() {
+    const list = $("objects");
+    list.innerHTML = "";
+    state.objects.forEach((o, i) => {
+      const li = document.createElement("li");
+      li.innerHTML = `<span class="swatch" style="background:rgb(${o.color})"></span><span></span><button>remove</button>`;
+      li.children[1].textContent = `${o.name} (${o.area} px)`;
+      li.children[2].onclick = () => { state.objects.splice(i, 1); renderObjects(); draw(); };
+      list.appendChild(li);
+    });
+  }
+  function keep() {
+    const mask = selectedMask(), s = current();
+    if (!mask) { showError("nothing to keep: click the image first"); return; }
+    const n = state.objects.length + 1;
+    state.objects.push({
+      name: $("name").value.trim() || `object ${n}`, mask: mask.rle, score: mask.score, stability_score: mask.stability,
+      points: s.points, color: color(n + 3), area: s.result.areas[s.result.selected],
+    });
+    $("name").value = "";
+    renderObjects();
+    change((t) => { t.points = []; t.labels = []; t.box = null; });
+  }
+  function settings() {
+    const out = {};
+    for (const k of ["points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_n_layers"]) out[k] = Number($(k).value);
+    return out;
+  }
+  async function everything() {
+    if (!state.image) return;
+    showError(null); state.busy++; setProgress("segmenting everything…");
+    const started = performance.now();
+    try {
+      const reply = await api("/api/everything", { image_id: state.image.image_id, ...settings() });
+      const w = view.width, h = view.height, owner = new Int32Array(w * h).fill(-1);
+      const layer = document.createElement("canvas"); layer.width = w; layer.height = h;
+      const c = layer.getContext("2d");
+      // Larger masks first, so that each pixel belongs to the smallest mask covering it.
+      const order = reply.masks.map((m, i) => i).sort((a, b) => reply.masks[b].area - reply.masks[a].area);
+      for (const i of order) {
+        const bits = decode(reply.masks[i].segmentation).bits;
+        for (let k = 0; k < bits.length; k++) if (bits[k]) owner[k] = i;
+        c.drawImage(maskCanvas(reply.masks[i].segmentation, color(i), 110), 0, 0);
+      }
+      state.everything = { masks: reply.masks, owner, layer };
+      highlighted = -1;
+      $("everything-count").textContent = `${reply.masks.length} masks`;
+      latency(`everything ${reply.amg_ms.toFixed(0)} ms (round trip ${(performance.now() - started).toFixed(0)} ms)`);
+    } catch (err) { showError(err); } finally { state.busy--; setProgress(null); }
+    draw();
+  }
+  async function exportResult() {
+    if (!state.image) return;
+    const source = $("export-source").value, format = $("export-format").value;
+    const body = { image_id: state.image.image_id, format, source: source === "everything" ? "everything" : "objects" };
+    if (source === "current") {
+      const mask = selectedMask();
+      if (!mask) { showError("no current mask to export"); return; }
+      body.objects = [{ name: "current", mask: mask.rle, score: mask.score, stability_score: mask.stability, points: current().points }];
+    } else if (source === "objects") {
+      body.objects = state.objects.map((o) => ({ name: o.name, mask: o.mask, score: o.score, stability_score: o.stability_score, points: o.points }));
+    }
+    try {
+      const reply = await api("/api/export", body, true);
+      const match = /filename="([^"]+)"/.exec(reply.headers.get("content-disposition") || "");
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(await reply.blob());
+      a.download = match ? match[1] : "export";
+      document.body.appendChild(a); a.click(); a.remove();
+      showError(null);
+    } catch (err) { showError(err); }
+  }
+
+  // ------------------------------------------------------------------ wiring
+  $("file").addEventListener("change", (e) => { if (e.target.files[0]) openFile(e.target.files[0]); e.target.value = ""; });
+  const stage = $("stage");
+  stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("dragging"); });
+  stage.addEventListener("dragleave", () => stage.classList.remove("dragging"));
+  stage.addEventListener("drop", (e) => {
+    e.preventDefault(); stage.classList.remove("dragging");
+    if (e.dataTransfer.files[0]) openFile(e.dataTransfer.files[0]);
+  });
+  $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clear; $("keep").onclick = keep;
+  $("everything").onclick = everything; $("export").onclick = exportResult;
+  $("show-everything").onchange = draw;
+  $("folder").onchange = (e) => { if (e.target.value) openFromFolder(e.target.value); };
+  api("/api/health").then((health) => {
+    for (const [k, v] of Object.entries(health.everything_settings)) if ($(k)) $(k).value = v;
+    latency(`${health.device} · ${health.dtype}`);
+    if (health.images_folder) return api("/api/images").then((reply) => {
+      const select = $("folder");
+      for (const name of reply.images) { const o = document.createElement("option"); o.value = o.textContent = name; select.appendChild(o); }
+      select.hidden = false;
+    });
+  }).catch(showError);
+  window.samkit = { state, undo, redo, clear, keep, everything, exportResult, openFile };
+})();
