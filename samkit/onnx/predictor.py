@@ -1,0 +1,285 @@
+"""OnnxPredictor: SamPredictor's interface on ONNX Runtime, with numpy and Pillow only (no torch).
+
+Runs the ``encoder.onnx`` and ``decoder.onnx`` that ``samkit export-onnx`` writes (the decoder has
+Meta's interface). Conventions are SamPredictor's: points Nx2 XY pixels of the original image, labels
+1 foreground / 0 background, boxes XYXY pixels, masks CxHxW at the original size, low-res logits
+Cx256x256, sizes (H, W).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import PromptError
+from ..utils.image import to_rgb_uint8
+
+DEFAULT_PIXEL_MEAN = (123.675, 116.28, 103.53)
+DEFAULT_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """(H, W) resized so the long side is ``long_side``, rounded half up (ResizeLongestSide's rule)."""
+    scale = long_side * 1.0 / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
+    """HxWx3 uint8 -> resized uint8 with the long side ``long_side`` (PIL bilinear, as SamPredictor)."""
+    from PIL import Image
+
+    h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def apply_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: int) -> np.ndarray:
+    """...x2 XY pixels of the original image -> XY pixels of the resized frame (float32)."""
+    old_h, old_w = original_size
+    new_h, new_w = preprocess_shape(old_h, old_w, long_side)
+    out = np.array(coords, dtype=np.float64)
+    out[..., 0] *= new_w / old_w
+    out[..., 1] *= new_h / old_h
+    return out.astype(np.float32)
+
+
+def _session(path: str | os.PathLike, providers: Sequence[str] | None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("OnnxPredictor needs onnxruntime: pip install 'samkit[onnx]'") from err
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        os.fspath(path), options, providers=list(providers or ["CPUExecutionProvider"])
+    )
+
+
+def _metadata(session: Any) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class OnnxPredictor:
+    """Embed an image once with ``encoder.onnx``, then prompt it with ``decoder.onnx``.
+
+    ``model_dir`` is the folder ``samkit export-onnx`` wrote (or pass ``encoder_path``/``decoder_path``).
+    The image size, pixel mean/std and mask threshold come from the models' metadata.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        encoder_path: str | os.PathLike | None = None,
+        decoder_path: str | os.PathLike | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        if model_dir is not None:
+            encoder_path = encoder_path or os.path.join(model_dir, "encoder.onnx")
+            decoder_path = decoder_path or os.path.join(model_dir, "decoder.onnx")
+        if encoder_path is None or decoder_path is None:
+            raise ValueError("pass model_dir, or both encoder_path and decoder_path")
+        self.encoder = _session(encoder_path, providers)
+        self.decoder = _session(decoder_path, providers)
+        meta = {**_metadata(self.decoder), **_metadata(self.encoder)}
+        self.metadata = meta
+        self.image_size = int(meta.get("image_size", 1024))
+        self.pixel_mean = np.array(
+            [float(v) for v in meta.get("pixel_mean", ",".join(map(str, DEFAULT_PIXEL_MEAN))).split(",")],
+            dtype=np.float32,
+        )
+        self.pixel_std = np.array(
+            [float(v) for v in meta.get("pixel_std", ",".join(map(str, DEFAULT_PIXEL_STD))).split(",")],
+            dtype=np.float32,
+        )
+        self.mask_threshold = float(meta.get("mask_threshold", 0.0))
+        self._encoder_input = self.encoder.get_inputs()[0]
+        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.reset_image()
+
+    # ------------------------------------------------------------------ images
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed one image: HxWx3 uint8 RGB (or BGR with ``image_format="BGR"``)."""
+        self.set_image_batch([image], image_format)
+
+    def set_image_batch(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
+        """Embed several images (one encoder run each); ``predict_batch`` then takes one prompt set per image."""
+        if len(images) == 0:
+            raise ValueError("set_image_batch needs at least one image")
+        arrays = [to_rgb_uint8(im, image_format) for im in images]
+        features = [self._embed(a) for a in arrays]
+        self.reset_image()
+        self.features = np.concatenate(features)
+        self.original_sizes = [tuple(int(s) for s in a.shape[:2]) for a in arrays]
+        self.input_sizes = [preprocess_shape(*s, self.image_size) for s in self.original_sizes]
+        self.original_size, self.input_size = self.original_sizes[0], self.input_sizes[0]
+        self.is_image_set = True
+
+    def encoder_input(self, image: np.ndarray) -> np.ndarray:
+        """The encoder's input for an HxWx3 uint8 RGB image: 1x3xSxS normalised and padded, or the resized
+        HxWx3 float32 pixels for an encoder exported with the normalise + pad in its graph."""
+        resized = resize_image(image, self.image_size).astype(np.float32)
+        if len(self._encoder_input.shape) == 3:
+            return resized
+        x = (resized - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[:2]
+        s = self.image_size
+        padded = np.zeros((1, 3, s, s), dtype=np.float32)
+        padded[0, :, :h, :w] = x.transpose(2, 0, 1)
+        return padded
+
+    def _embed(self, image: np.ndarray) -> np.ndarray:
+        return self.encoder.run(None, {self._encoder_input.name: self.encoder_input(image)})[0]
+
+    # ------------------------------------------------------------------ prompts
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One prompt on the current image: point_coords Nx2, point_labels N, box 4 (XYXY), mask_input
+        1x256x256. Returns masks CxHxW (bool, or float32 logits), IoU predictions C, low-res logits Cx256x256."""
+        self._require_image()
+        if box is not None:
+            box = np.asarray(box, dtype=np.float64).reshape(-1)
+            if box.shape != (4,):
+                raise PromptError(f"box must be 4 values (XYXY), got {np.shape(box)}")
+        return self._decode(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits)
+
+    def predict_batch(
+        self,
+        prompts: Sequence[Mapping[str, Any]],
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Many prompts on each image set, as SamPredictor.predict_batch: ``prompts[i]`` holds image i's
+        ``point_coords`` BxNx2, ``point_labels`` BxN, ``boxes`` Bx4, ``mask_input`` Bx1x256x256 (all
+        optional). Returns per image masks BxCxHxW, IoU BxC, low-res logits BxCx256x256."""
+        self._require_image()
+        if len(prompts) != len(self.original_sizes):
+            raise ValueError(f"got prompts for {len(prompts)} images, but {len(self.original_sizes)} are set")
+        results = []
+        for i, p in enumerate(prompts):
+            unknown = set(p) - {"point_coords", "point_labels", "boxes", "mask_input"}
+            if unknown:
+                raise ValueError(f"unknown prompt keys {sorted(unknown)} for image {i}")
+            coords, labels, boxes, masks = (
+                p.get(k) for k in ("point_coords", "point_labels", "boxes", "mask_input")
+            )
+            if coords is not None and np.ndim(coords) == 2:
+                coords, labels = np.asarray(coords)[None], np.asarray(labels).reshape(1, -1)
+            if boxes is not None:
+                boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            if masks is not None and np.ndim(masks) == 3:
+                masks = np.asarray(masks)[None]
+            counts = {len(a) for a in (coords, boxes, masks) if a is not None}
+            if len(counts) > 1:
+                raise PromptError(
+                    f"points, boxes and masks disagree on the number of prompts: {sorted(counts)}"
+                )
+            outs = [
+                self._decode(
+                    i,
+                    None if coords is None else coords[b],
+                    None if labels is None else labels[b],
+                    None if boxes is None else boxes[b],
+                    None if masks is None else masks[b],
+                    multimask_output,
+                    return_logits,
+                )
+                for b in range(counts.pop() if counts else 1)
+            ]
+            results.append(tuple(np.stack([o[k] for o in outs]) for k in range(3)))
+        return results  # type: ignore[return-value]
+
+    def decoder_inputs(
+        self,
+        image_index: int,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """Meta's decoder inputs for one prompt in original pixels: points then box corners (labels 2, 3),
+        or a padding point (label -1) when there is no box; coordinates in the resized frame."""
+        size = self.original_sizes[image_index]
+        coords = np.zeros((0, 2), dtype=np.float32)
+        labels = np.zeros((0,), dtype=np.float32)
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_labels must be given with point_coords")
+            pc = np.asarray(point_coords, dtype=np.float64)
+            pl = np.asarray(point_labels, dtype=np.float32).reshape(-1)
+            if pc.ndim != 2 or pc.shape[1] != 2 or pl.shape != (pc.shape[0],):
+                raise PromptError(
+                    f"point_coords must be Nx2 with matching point_labels, got {pc.shape} and {pl.shape}"
+                )
+            coords, labels = apply_coords(pc, size, self.image_size), pl
+        if box is not None:
+            corners = apply_coords(np.asarray(box, dtype=np.float64).reshape(2, 2), size, self.image_size)
+            coords = np.concatenate([coords, corners])
+            labels = np.concatenate([labels, np.array([2, 3], dtype=np.float32)])
+        else:
+            coords = np.concatenate([coords, np.zeros((1, 2), dtype=np.float32)])
+            labels = np.concatenate([labels, np.array([-1], dtype=np.float32)])
+        if mask_input is None:
+            mask, has_mask = np.zeros((1, 1, 256, 256), dtype=np.float32), np.zeros(1, dtype=np.float32)
+        else:
+            mask = np.asarray(mask_input, dtype=np.float32)
+            if mask.size != 256 * 256:
+                raise PromptError(f"mask_input must be 1x256x256 per prompt, got {mask.shape}")
+            mask, has_mask = mask.reshape(1, 1, 256, 256), np.ones(1, dtype=np.float32)
+        return {
+            "image_embeddings": self.features[image_index : image_index + 1],
+            "point_coords": coords[None].astype(np.float32),
+            "point_labels": labels[None].astype(np.float32),
+            "mask_input": mask,
+            "has_mask_input": has_mask,
+            "orig_im_size": np.array(size, dtype=np.float32),
+        }
+
+    def _decode(
+        self,
+        image_index: int,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | None,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inputs = self.decoder_inputs(image_index, point_coords, point_labels, box, mask_input)
+        out = dict(zip(self._decoder_outputs, self.decoder.run(None, inputs)))
+        masks, iou, low_res = out["masks"][0], out["iou_predictions"][0], out["low_res_masks"][0]
+        if masks.shape[0] > 1:  # all mask tokens: the single-mask token first, then the multimask ones
+            pick = slice(1, None) if multimask_output else slice(0, 1)
+            masks, iou, low_res = masks[pick], iou[pick], low_res[pick]
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks, iou, low_res
+
+    # ------------------------------------------------------------------ state
+    def get_image_embedding(self) -> np.ndarray:
+        """The current image's embedding: 1x256x64x64 (Bx... after ``set_image_batch``)."""
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: np.ndarray | None = None
+        self.original_size: tuple[int, ...] | None = None
+        self.input_size: tuple[int, ...] | None = None
+        self.original_sizes: list[tuple[int, ...]] = []
+        self.input_sizes: list[tuple[int, ...]] = []
+
+    def _require_image(self) -> None:
+        if not self.is_image_set or self.features is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+
+__all__ = ["OnnxPredictor", "apply_coords", "preprocess_shape", "resize_image"]
