@@ -10,7 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..version import __version__
-from . import amg, box, predict, preprocess_ct, serve, train
+from . import amg, box, export_onnx, predict, preprocess_ct, serve, train
 from . import eval as eval_command
 from .base import AddArguments, ArgumentParser, Run, guarded, summary
 
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "train": (train.add_arguments, train.run),
     "eval": (eval_command.add_arguments, eval_command.run),
     "preprocess-ct": (preprocess_ct.add_arguments, preprocess_ct.run),
+    "export-onnx": (export_onnx.add_arguments, export_onnx.run),
     "serve": (serve.add_arguments, serve.run),
 }
 
