@@ -268,3 +268,24 @@ def test_onnx_package_never_imports_torch():
                             timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OnnxPredictor"
+
+
+def test_cli_verify_prints_table_and_fails_out_of_bounds(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import samkit.utils.onnx_verify as verify_module
+
+    monkeypatch.setattr(verify_module, "IMAGE_SIZES", ONE_IMAGE)
+    impossible = verify_module.Bounds(emb_rel_l2=0.0, mask_agreement=1.01, mask_iou=1.01, iou_abs=0.0)
+    monkeypatch.setitem(verify_module.BOUNDS, "fp32", impossible)
+    args = [
+        "--model-type",
+        "vit_tiny",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--output",
+        str(tmp_path / "m"),
+        "--verify",
+    ]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "portrait   one point" in out and "FAIL" in out and "6 FAILED" in out
+    assert sorted(os.listdir(tmp_path / "m")) == ["decoder.onnx", "encoder.onnx"]  # the export itself stands
