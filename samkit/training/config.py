@@ -72,6 +72,22 @@ class LossConfig:
     # Rounds that predict several masks per object: back-propagate focal + dice of the one with the
     # lowest loss (min_loss, the SAM paper) or of the one with the highest predicted IoU (best_iou, the seed).
     multimask_choice: str = "min_loss"
+    # The focal term: paper (per-pixel sigmoid focal loss, alpha 0.25, gamma 2) or seed (the seed's
+    # 0.8 * (1 - exp(-m))^2 * m on each mask's mean BCE m).
+    focal: str = "paper"
+
+
+@dataclass
+class PointConfig:
+    """The simulated clicks of ``prompt_mode: point`` (samkit.training.modes.point); paper defaults."""
+
+    num_iter: int = 11  # rounds per batch: the first prompt, then one click per round
+    # Rounds that add no click (the mask input alone): round numbers, "last", "random" (one per object).
+    mask_only_iter: list[str] = field(default_factory=lambda: ["random", "last"])
+    first_prompt: str = "mixed"  # point (a click inside the mask) | mixed (a click or a noisy box, 50/50)
+    accumulate_points: bool = True  # keep every earlier click in the prompt (false: the seed, new click only)
+    box_noise: float = 0.1  # std of each box coordinate's shift, as a fraction of the box side
+    max_box_noise: float = 20.0  # the shift is clipped to this many pixels (input frame)
 
 
 @dataclass
@@ -82,6 +98,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    point: PointConfig = field(default_factory=PointConfig)
     work_dir: str = "./work_dir/run"
     epochs: int = 8
     batch_size: int = 16  # global: split evenly over the processes
@@ -102,13 +119,13 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # default <work_dir>/embedding_cache
     resume: Optional[str] = None  # "auto" (newest checkpoint in work_dir) or a checkpoint path
     eval_output: Optional[str] = None  # eval.py's JSON (default <work_dir>/eval_<checkpoint>.json)
-    prompt_mode: str = "box"  # how training prompts each object: box
-    eval_prompt: Optional[str] = None  # evaluation protocol (default: the prompt_mode's)
+    prompt_mode: str = "box"  # how training prompts each object: box | point (iterative clicks, see point:)
+    eval_prompt: Optional[str] = None  # evaluation protocol: box | point (default: the prompt_mode's)
 
 
 AMP_CHOICES = ("off", "bf16", "fp16")
-PROMPT_MODES = ("box",)  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
-EVAL_PROMPTS = ("box",)  # the keys of samkit.training.modes.EVAL_PROTOCOLS
+PROMPT_MODES = ("box", "point")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
+EVAL_PROMPTS = ("box", "point")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
 DECAY_CHOICES = ("cosine", "linear", "step", "constant")
 
 
@@ -164,6 +181,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         key, value = "amp", _amp_from_level(value)
     elif key.startswith("network.model."):
         key = key[len("network.") :]
+    elif key in ("network.num_iter", "network.mask_only_iter"):
+        key = "point." + key[len("network.") :]
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -177,17 +196,30 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _rename_seed_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """The seed's spellings: ``amp_level`` and ``network.model.*``."""
+    """The seed's spellings: ``amp_level``, ``network.model.*``, ``iterative_training: true`` (= ``prompt_mode:
+    point``) and ``network.num_iter`` / ``network.mask_only_iter`` (= ``point.*``)."""
     raw = dict(raw)
     if "amp_level" in raw:
         raw.setdefault("amp", _amp_from_level(raw.pop("amp_level")))
+    if "iterative_training" in raw:
+        iterative = raw.pop("iterative_training")
+        if not isinstance(iterative, bool):
+            raise ConfigError(f"config key iterative_training must be true or false, got {iterative!r}")
+        if iterative:
+            raw["prompt_mode"] = "point"
     network = raw.pop("network", None)
     if network is not None:
-        if not isinstance(network, dict) or set(network) - {"model"}:
-            raise ConfigError("only network.model.<key> is understood (the seed's spelling of model.<key>)")
+        if not isinstance(network, dict) or set(network) - {"model", "num_iter", "mask_only_iter"}:
+            raise ConfigError(
+                "only network.model.<key>, network.num_iter and network.mask_only_iter are understood "
+                "(the seed's spellings of model.<key> and point.<key>)"
+            )
         model = dict(raw.get("model") or {})
         model.update(network.get("model") or {})
         raw["model"] = model
+        point = {k: v for k, v in network.items() if k != "model"}
+        if point:
+            raw["point"] = {**point, **(raw.get("point") or {})}  # -o network.* was already put here
     return raw
 
 
@@ -262,10 +294,20 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("amp", f"must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
     if cfg.loss.multimask_choice not in ("min_loss", "best_iou"):
         fail("loss.multimask_choice", f"must be min_loss or best_iou, got {cfg.loss.multimask_choice!r}")
+    if cfg.loss.focal not in ("paper", "seed"):
+        fail("loss.focal", f"must be paper or seed, got {cfg.loss.focal!r}")
     if cfg.prompt_mode not in PROMPT_MODES:
         fail("prompt_mode", f"must be one of {', '.join(PROMPT_MODES)}, got {cfg.prompt_mode!r}")
     if cfg.eval_prompt is not None and cfg.eval_prompt not in EVAL_PROMPTS:
         fail("eval_prompt", f"must be one of {', '.join(EVAL_PROMPTS)}, got {cfg.eval_prompt!r}")
+    try:
+        from .modes.point import check_schedule
+
+        check_schedule(cfg.point.num_iter, cfg.point.mask_only_iter, cfg.point.first_prompt)
+    except ValueError as err:
+        fail("point", str(err))
+    if cfg.point.box_noise < 0 or cfg.point.max_box_noise < 0:
+        fail("point.box_noise/max_box_noise", "must not be negative")
     if cfg.scheduler.decay not in DECAY_CHOICES:
         fail("scheduler.decay", f"must be one of {', '.join(DECAY_CHOICES)}, got {cfg.scheduler.decay!r}")
     for key, value in (

@@ -43,6 +43,17 @@ def focal_loss(
     return loss.mean(dim=(-2, -1))
 
 
+def seed_focal_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The seed's focal form: m = BCE averaged over each mask's pixels, then 0.8 * (1 - exp(-m))^2 * m
+    (alpha 0.8 and gamma 2 applied once per mask, no positive/negative balancing). logits, targets:
+    ...xHxW. Returns ... (one value per mask)."""
+    m = F.binary_cross_entropy_with_logits(_fp32(logits), _fp32(targets), reduction="none").mean(dim=(-2, -1))
+    return 0.8 * (1 - torch.exp(-m)) ** 2 * m
+
+
+FOCAL_FORMS = ("paper", "seed")
+
+
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """V-Net dice loss per mask: 1 - 2 * sum(p * g) / (sum(p^2) + sum(g^2) + eps), p = sigmoid(logits).
 
@@ -75,6 +86,7 @@ def sam_loss(
     dice_weight: float = 1.0,
     iou_weight: float = 1.0,
     num_valid: Optional[Union[float, torch.Tensor]] = None,
+    focal: str = "paper",
 ) -> dict[str, torch.Tensor]:
     """The box fine-tuning loss of a batch of B images with K prompts each.
 
@@ -93,6 +105,9 @@ def sam_loss(
     the backward pass recomputes what it needs instead of keeping pixel-wise intermediates, so the
     loss adds little memory beyond a gradient the size of ``logits``.
 
+    ``focal`` is the focal term's form: ``"paper"`` (per-pixel, :func:`focal_loss`) or ``"seed"``
+    (:func:`seed_focal_loss`).
+
     Returns ``loss`` (weighted total, differentiable) and the detached terms ``focal``, ``dice``
     and ``iou`` (the same reductions, unweighted), all float32 scalars (float64 for float64 logits).
     """
@@ -107,9 +122,9 @@ def sam_loss(
         )
     b, k, h, w = logits.shape
     rows = valid.to(device=logits.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
-    # The SAM paper's focal alpha 0.25 and gamma 2, the seed's dice eps 1e-5.
+    # The SAM paper's focal alpha 0.25 and gamma 2 (or the seed's form), the seed's dice eps 1e-5.
     focal, dice, target_iou = _MaskTerms.apply(
-        logits.reshape(b * k, h, w), targets.reshape(b * k, h, w), rows, 0.25, 2.0, 1e-5
+        logits.reshape(b * k, h, w), targets.reshape(b * k, h, w), rows, *_focal_args(focal), 1e-5
     )
     iou = (_fp32(iou_pred).reshape(-1)[rows] - target_iou) ** 2
 
@@ -123,12 +138,21 @@ def sam_loss(
     return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
 
+def _focal_args(form: str) -> tuple[float, float]:
+    """(alpha, gamma) for _MaskTerms; gamma < 0 marks the seed's per-mask form."""
+    if form not in FOCAL_FORMS:
+        raise ValueError(f"focal must be one of {FOCAL_FORMS}, got {form!r}")
+    return (0.25, 2.0) if form == "paper" else (0.8, -1.0)
+
+
 class _MaskTerms(torch.autograd.Function):
     """Per-mask focal loss, dice loss and IoU target of the masks ``rows`` of MxHxW logits.
 
     The values are those of :func:`focal_loss`, :func:`dice_loss` and :func:`mask_iou`. Autograd
     through those would keep several float32 copies of every mask for the backward pass; here
     only the inputs are kept and the backward recomputes sigmoid and BCE chunk by chunk.
+    ``gamma`` < 0 selects the seed's focal form (:func:`seed_focal_loss`; its alpha 0.8 and gamma 2
+    are fixed).
     """
 
     @staticmethod
@@ -139,7 +163,7 @@ class _MaskTerms(torch.autograd.Function):
         focal, dice, iou = (torch.empty(rows.numel(), dtype=dtype, device=logits.device) for _ in range(3))
         for idx, sl in _chunks(rows, logits.shape[-2] * logits.shape[-1]):
             x, t = _fp32(logits[idx]), _fp32(targets[idx])
-            focal[sl] = focal_loss(x, t, alpha, gamma)
+            focal[sl] = seed_focal_loss(x, t) if gamma < 0 else focal_loss(x, t, alpha, gamma)
             dice[sl] = dice_loss(x, t, eps)
             iou[sl] = mask_iou(x > 0, t)
         ctx.mark_non_differentiable(iou)
@@ -160,15 +184,21 @@ class _MaskTerms(torch.autograd.Function):
 
             # Focal: f = a_t * q^gamma * ce with q = 1 - p_t = p + t(1 - 2p), dq/dx = (1 - 2t) dp and
             # dce/dx = p - t, so df/dx = a_t * (q^gamma (p - t) + gamma q^(gamma-1) (1 - 2t) dp ce).
-            q = p + t * (1 - 2 * p)
-            g = q**gamma * (p - t)
-            if gamma != 0:
-                # q^(gamma-1) is infinite at q = 0 for gamma < 1; the clamp keeps 0 * inf out.
-                q_low = q.clamp_min(1e-12) if gamma < 1 else q
+            if gamma < 0:  # seed: f = 0.8 (1 - e^-m)^2 m with m = mean BCE, and dm/dx = (p - t) / pixels
                 ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-                g += gamma * q_low ** (gamma - 1) * (1 - 2 * t) * dp * ce
-            if alpha >= 0:
-                g *= (1 - alpha) + (2 * alpha - 1) * t
+                m = ce.mean(dim=(-2, -1), keepdim=True)
+                e = torch.exp(-m)
+                g = 0.8 * ((1 - e) ** 2 + 2 * (1 - e) * e * m) * (p - t)
+            else:
+                q = p + t * (1 - 2 * p)
+                g = q**gamma * (p - t)
+                if gamma != 0:
+                    # q^(gamma-1) is infinite at q = 0 for gamma < 1; the clamp keeps 0 * inf out.
+                    q_low = q.clamp_min(1e-12) if gamma < 1 else q
+                    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+                    g += gamma * q_low ** (gamma - 1) * (1 - 2 * t) * dp * ce
+                if alpha >= 0:
+                    g *= (1 - alpha) + (2 * alpha - 1) * t
             g *= gf / pixels
 
             # Dice: d = 1 - 2I/S with I = sum(p t) and S = sum(p^2) + sum(t^2) + eps per mask, so
@@ -199,6 +229,7 @@ def prompt_loss(
     iou_weight: float = 1.0,
     num_valid: Optional[Union[float, torch.Tensor]] = None,
     multimask_choice: str = "min_loss",
+    focal: str = "paper",
 ) -> dict[str, torch.Tensor]:
     """The loss of one round of prompts: N objects with C candidate masks each.
 
@@ -210,7 +241,7 @@ def prompt_loss(
     (``"best_iou"``, the seed). The IoU head is trained on every candidate with ``"min_loss"``
     (its ranking of all three is what the predictor and AMG rely on) and on the chosen one with
     ``"best_iou"`` (the seed returns only that one). Sums are divided by ``num_valid`` as in
-    :func:`sam_loss`.
+    :func:`sam_loss`; ``focal`` is the focal term's form, as there.
     """
     if multimask_choice not in MULTIMASK_CHOICES:
         raise ValueError(f"multimask_choice must be one of {MULTIMASK_CHOICES}, got {multimask_choice!r}")
@@ -227,10 +258,14 @@ def prompt_loss(
         return sam_loss(
             logits[None], iou_pred.reshape(1, n), targets[None], ones,
             focal_weight=focal_weight, dice_weight=dice_weight, iou_weight=iou_weight, num_valid=num_valid,
+            focal=focal,
         )  # fmt: skip
     logits = upsample_logits(low_res.reshape(n * c, *low_res.shape[2:]), size)
     rows = torch.arange(n * c, device=low_res.device)
-    focal, dice, target_iou = _MaskTerms.apply(logits, targets.repeat_interleave(c, 0), rows, 0.25, 2.0, 1e-5)
+    focal_args = _focal_args(focal)
+    focal, dice, target_iou = _MaskTerms.apply(
+        logits, targets.repeat_interleave(c, 0), rows, *focal_args, 1e-5
+    )
     focal, dice, target_iou = focal.view(n, c), dice.view(n, c), target_iou.view(n, c)
     iou_sq = (_fp32(iou_pred) - target_iou) ** 2
     if multimask_choice == "min_loss":
@@ -262,4 +297,12 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-__all__ = ["dice_loss", "focal_loss", "iou_mse_loss", "prompt_loss", "sam_loss", "upsample_logits"]
+__all__ = [
+    "dice_loss",
+    "focal_loss",
+    "iou_mse_loss",
+    "prompt_loss",
+    "sam_loss",
+    "seed_focal_loss",
+    "upsample_logits",
+]

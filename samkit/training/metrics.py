@@ -41,6 +41,9 @@ def _as_bool(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > 0.5
 
 
+_MEAN = "mean:"  # prefix of the keys that hold plain means (update_mean) among the IoU sums
+
+
 class MiouAccumulator:
     """Sums of per-object IoU and Dice and the object count, per key, over a whole evaluation.
 
@@ -103,6 +106,15 @@ class MiouAccumulator:
                 flags = torch.as_tensor(valid[i], dtype=torch.bool, device=pred.device)[: pred.shape[0]]
             self.update(pred, target, flags, key=key)
 
+    @torch.no_grad()
+    def update_mean(self, name: str, values: torch.Tensor) -> None:
+        """Add per-object values (N) to a plain mean reported as ``name`` (e.g. ``noc85``, clicks)."""
+        values = values.detach().double().reshape(-1)
+        total_ = values.sum()
+        batch = torch.stack([total_, torch.zeros_like(total_), total_.new_tensor(float(values.numel()))])
+        total = self._sums.get(_MEAN + name)
+        self._sums[_MEAN + name] = batch if total is None else total + batch.to(total.device)
+
     def _add(self, key: str, ious: torch.Tensor, dices: torch.Tensor) -> None:
         batch = torch.stack(
             [ious.double().sum(), dices.double().sum(), torch.tensor(float(ious.numel()), device=ious.device)]
@@ -134,13 +146,17 @@ class MiouAccumulator:
         self._sums = {k: row for k, row in zip(keys, table)}
 
     def compute(self) -> dict[str, float]:
-        """Per key: ``miou_<key>`` and ``dice_<key>`` (means over objects, x100) and ``objects_<key>``.
+        """Per key: ``miou_<key>`` and ``dice_<key>`` (means over objects, x100) and ``objects_<key>``;
+        per :meth:`update_mean` name: the mean itself.
 
         A key whose updates held no valid object reports NaN means.
         """
         out: dict[str, float] = {}
         for key in sorted(self._sums):
             iou_sum, dice_sum, count = (float(v) for v in self._sums[key].cpu())
+            if key.startswith(_MEAN):
+                out[key[len(_MEAN) :]] = iou_sum / count if count else math.nan
+                continue
             out[f"miou_{key}"] = 100 * iou_sum / count if count else math.nan
             out[f"dice_{key}"] = 100 * dice_sum / count if count else math.nan
             out[f"objects_{key}"] = int(count)

@@ -3,6 +3,7 @@ training and evaluation loops use (modules below never see a config)."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
@@ -43,6 +44,8 @@ def build_data(data: DataConfig, *, image_size: int, seed: int, for_eval: bool) 
 
 def build_prompt_mode(cfg: TrainConfig, sam: Sam) -> PromptMode:
     """The ``prompt_mode`` of the config around ``sam``, with that mode's own settings."""
+    if cfg.prompt_mode == "point":
+        return PROMPT_MODES["point"](sam, **dataclasses.asdict(cfg.point))
     return PROMPT_MODES[cfg.prompt_mode](sam)
 
 

@@ -236,6 +236,7 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
                     iou_weight=cfg.loss.iou_weight,
                     num_valid=count,
                     multimask_choice=cfg.loss.multimask_choice,
+                    focal=cfg.loss.focal,
                 )
                 scaler.scale(round_losses["loss"] / session.rounds).backward()
                 for k in LOSS_TERMS:

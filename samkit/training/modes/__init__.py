@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import box
+from . import box, point, point_eval
 from .base import Prediction, PromptMode, Session, TrainBatch, batch_on_device, score_objects
 
 PROMPT_MODES: dict[str, type[PromptMode]] = {
     "box": box.BoxPrompts,
+    "point": point.PointPrompts,
 }
 
 EVAL_PROTOCOLS: dict[str, Callable[..., None]] = {
     "box": box.evaluate_batch,
+    "point": point_eval.evaluate_batch,
 }
 
 __all__ = [
