@@ -289,3 +289,32 @@ def test_cli_verify_prints_table_and_fails_out_of_bounds(tmp_path, tiny_checkpoi
     out = capsys.readouterr().out
     assert "portrait   one point" in out and "FAIL" in out and "6 FAILED" in out
     assert sorted(os.listdir(tmp_path / "m")) == ["decoder.onnx", "encoder.onnx"]  # the export itself stands
+
+
+def test_onnx_amg_records_equal_samkit(exported, model):
+    from samkit import SamAutomaticMaskGenerator
+    from samkit.onnx import OnnxAutomaticMaskGenerator
+
+    image = verification_image(240, 320, seed=3)
+    # NMS thresholds of 1 keep every mask: random weights give near-identical masks that NMS would
+    # reduce to one record, and the comparison should cover many.
+    kwargs = dict(points_per_side=3, crop_n_layers=1, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                  box_nms_thresh=1.0, crop_nms_thresh=1.0, output_mode="uncompressed_rle")  # fmt: skip
+    ref = SamAutomaticMaskGenerator(model, **kwargs).generate(image)
+    ours = OnnxAutomaticMaskGenerator(OnnxPredictor(exported), **kwargs).generate(image)
+    assert len(ours) == len(ref) >= 20
+
+    def key(record):
+        return (record["crop_box"], record["point_coords"], -record["predicted_iou"])
+
+    from samkit.onnx.amg import rle_to_mask
+
+    for a, b in zip(sorted(ours, key=key), sorted(ref, key=key)):
+        assert a["crop_box"] == b["crop_box"] and a["point_coords"] == b["point_coords"]
+        assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-3
+        assert abs(a["stability_score"] - b["stability_score"]) < 1e-2
+        assert (rle_to_mask(a["segmentation"]) == rle_to_mask(b["segmentation"])).mean() >= 0.999
+        assert (
+            np.abs(np.subtract(a["bbox"], b["bbox"])).max() <= 1
+            and abs(a["area"] - b["area"]) <= 0.001 * 240 * 320
+        )

@@ -1,0 +1,247 @@
+"""Automatic mask generation ('everything' mode) on ONNX Runtime with numpy only: SamAutomaticMaskGenerator's records.
+
+The same pipeline as :class:`samkit.SamAutomaticMaskGenerator` (grid of point prompts per crop,
+predicted-IoU and stability filters, crop-edge filter, NMS within and across crops), each point
+decoded by ``decoder.onnx`` (Meta's interface: one prompt per call, masks at the crop's size).
+``min_mask_region_area`` (OpenCV post-processing) is not supported here.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+from typing import Any
+
+import numpy as np
+
+from .predictor import OnnxPredictor
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+def point_grid(n_per_side: int) -> np.ndarray:
+    """Cell centres of an n x n grid over [0, 1]^2 as (n*n)x2 XY, row by row."""
+    offset = 1 / (2 * n_per_side)
+    centres = np.linspace(offset, 1 - offset, n_per_side)
+    xs, ys = np.meshgrid(centres, centres, indexing="xy")
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def crop_boxes(
+    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
+) -> tuple[list[list[int]], list[int]]:
+    """The whole image, then 2^i x 2^i overlapping crops for layer i (XYXY, exclusive ends), and their layers."""
+    im_h, im_w = im_size
+    boxes, layers = [[0, 0, im_w, im_h]], [0]
+    for layer in range(1, n_layers + 1):
+        n = 2**layer
+        overlap = int(overlap_ratio * min(im_h, im_w) * (2 / n))
+        crop_w = int(math.ceil((overlap * (n - 1) + im_w) / n))
+        crop_h = int(math.ceil((overlap * (n - 1) + im_h) / n))
+        x0s = [int((crop_w - overlap) * i) for i in range(n)]
+        y0s = [int((crop_h - overlap) * i) for i in range(n)]
+        for x0, y0 in product(x0s, y0s):
+            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layers.append(layer)
+    return boxes, layers
+
+
+def mask_to_box(masks: np.ndarray) -> np.ndarray:
+    """NxHxW bool -> Nx4 XYXY inclusive boxes (int64); empty masks give [0, 0, 0, 0]."""
+    boxes = np.zeros((len(masks), 4), dtype=np.int64)
+    for i, m in enumerate(masks):
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        if len(rows):
+            boxes[i] = [cols[0], rows[0], cols[-1], rows[-1]]
+    return boxes
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndarray:
+    """Indices of the boxes kept by greedy NMS (highest score first), as torchvision.ops.nms."""
+    boxes = boxes.astype(np.float64)
+    order = np.argsort(-scores, kind="stable")
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        xy0 = np.maximum(boxes[i, :2], boxes[:, :2])
+        xy1 = np.minimum(boxes[i, 2:], boxes[:, 2:])
+        inter = np.clip(xy1 - xy0, 0, None).prod(axis=1)
+        iou = inter / np.maximum(areas[i] + areas - inter, 1e-12)
+        suppressed |= iou > iou_thresh
+    return np.array(keep, dtype=np.int64)
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """HxW bool -> uncompressed RLE (column-major counts starting with a run of zeros)."""
+    h, w = mask.shape
+    seq = mask.T.reshape(-1)
+    edges = np.flatnonzero(seq[1:] != seq[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], edges, [h * w]])).tolist()
+    if seq[0]:
+        counts = [0] + counts
+    return {"size": [h, w], "counts": counts}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    h, w = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2 == 1
+    return np.repeat(values, rle["counts"]).reshape(w, h).T
+
+
+class OnnxAutomaticMaskGenerator:
+    """SamAutomaticMaskGenerator's arguments and records, on an :class:`OnnxPredictor`."""
+
+    def __init__(
+        self,
+        predictor: OnnxPredictor,
+        points_per_side: int | None = 32,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("give exactly one of points_per_side and point_grids")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
+        self.point_grids = point_grids or [
+            point_grid(int(points_per_side / crop_n_points_downscale_factor**i))
+            for i in range(crop_n_layers + 1)
+        ]
+        if len(self.point_grids) != crop_n_layers + 1:
+            raise ValueError(f"point_grids needs one grid per crop layer ({crop_n_layers + 1})")
+        self.predictor = predictor
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.output_mode = output_mode
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Records for an HxWx3 uint8 RGB image: ``segmentation``, ``area``, ``bbox`` (XYWH),
+        ``predicted_iou``, ``point_coords``, ``stability_score``, ``crop_box`` (XYWH)."""
+        h, w = image.shape[:2]
+        boxes_, layers = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
+        parts = [self._process_crop(image, box, layer, (h, w)) for box, layer in zip(boxes_, layers)]
+        data = {
+            k: [v for p in parts for v in p[k]]
+            for k in ("masks", "boxes", "iou", "stability", "points", "crops")
+        }
+        if len(boxes_) > 1 and data["masks"]:
+            crops = np.array(data["crops"], dtype=np.float64)
+            scores = 1 / ((crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1]))
+            keep = nms(np.array(data["boxes"]), scores, self.crop_nms_thresh)
+            data = {k: [v[i] for i in keep] for k, v in data.items()}
+        records = []
+        for mask, box, iou, stability, point, crop in zip(
+            *(data[k] for k in ("masks", "boxes", "iou", "stability", "points", "crops"))
+        ):
+            rle = mask_to_rle(mask)
+            if self.output_mode == "binary_mask":
+                segmentation: Any = mask
+            elif self.output_mode == "uncompressed_rle":
+                segmentation = rle
+            else:
+                from pycocotools import mask as mask_utils
+
+                segmentation = mask_utils.frPyObjects(rle, *rle["size"])
+                segmentation["counts"] = segmentation["counts"].decode("utf-8")
+            records.append(
+                {
+                    "segmentation": segmentation,
+                    "area": int(mask.sum()),
+                    "bbox": [int(box[0]), int(box[1]), int(box[2] - box[0]), int(box[3] - box[1])],
+                    "predicted_iou": float(iou),
+                    "point_coords": [[float(point[0]), float(point[1])]],
+                    "stability_score": float(stability),
+                    "crop_box": [crop[0], crop[1], crop[2] - crop[0], crop[3] - crop[1]],
+                }
+            )
+        return records
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: list[int], layer: int, orig_size: tuple[int, int]
+    ) -> dict[str, list]:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1]
+        ch, cw = crop.shape[:2]
+        predictor = self.predictor
+        predictor.set_image(crop)
+        points = self.point_grids[layer] * np.array([cw, ch])
+        threshold, offset = predictor.mask_threshold, self.stability_score_offset
+        out: dict[str, list] = {"masks": [], "boxes": [], "iou": [], "stability": [], "points": []}
+        for point in points:
+            inputs = predictor.decoder_inputs(0, point[None], np.array([1]), None, None)
+            result = dict(zip(predictor._decoder_outputs, predictor.decoder.run(None, inputs)))
+            logits, ious = result["masks"][0, 1:], result["iou_predictions"][0, 1:]
+            for logit, iou in zip(logits, ious):
+                if self.pred_iou_thresh > 0.0 and not iou > self.pred_iou_thresh:
+                    continue
+                strict = int((logit > threshold + offset).sum())
+                loose = int((logit > threshold - offset).sum())
+                stability = np.float32(strict) / np.float32(loose) if loose else np.float32("nan")
+                if self.stability_score_thresh > 0.0 and not stability >= self.stability_score_thresh:
+                    continue
+                mask = logit > threshold
+                box = mask_to_box(mask[None])[0]
+                if self._near_crop_edge(box, crop_box, orig_size):
+                    continue
+                out["masks"].append(mask)
+                out["boxes"].append(box)
+                out["iou"].append(float(iou))
+                out["stability"].append(float(stability))
+                out["points"].append(point)
+        predictor.reset_image()
+        if out["masks"]:
+            keep = nms(np.array(out["boxes"]), np.array(out["iou"], dtype=np.float32), self.box_nms_thresh)
+            out = {k: [v[i] for i in keep] for k, v in out.items()}
+        h, w = orig_size
+        out["masks"] = [_uncrop(m, crop_box, h, w) for m in out["masks"]]
+        out["boxes"] = [b + np.array([x0, y0, x0, y0]) for b in out["boxes"]]
+        out["points"] = [p + np.array([x0, y0]) for p in out["points"]]
+        out["crops"] = [list(crop_box)] * len(out["masks"])
+        return out
+
+    @staticmethod
+    def _near_crop_edge(
+        box: np.ndarray, crop_box: list[int], orig_size: tuple[int, int], atol: float = 20.0
+    ) -> bool:
+        crop = np.array(crop_box, dtype=np.float64)
+        orig = np.array([0, 0, orig_size[1], orig_size[0]], dtype=np.float64)
+        uncropped = box + crop[[0, 1, 0, 1]]
+        near_crop = np.abs(uncropped - crop) <= atol
+        near_image = np.abs(uncropped - orig) <= atol
+        return bool((near_crop & ~near_image).any())
+
+
+def _uncrop(mask: np.ndarray, crop_box: list[int], h: int, w: int) -> np.ndarray:
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return mask
+    full = np.zeros((h, w), dtype=bool)
+    full[y0:y1, x0:x1] = mask
+    return full
+
+
+__all__ = [
+    "OnnxAutomaticMaskGenerator",
+    "crop_boxes",
+    "mask_to_box",
+    "mask_to_rle",
+    "nms",
+    "point_grid",
+    "rle_to_mask",
+]
