@@ -284,12 +284,21 @@ print(masks.shape, iou.shape, low.shape, len(records) >= 1)
     assert result.stdout.strip() == "(3, 120, 160) (3,) (3, 256, 256) True"
 
 
-def test_cli_verify_prints_table_and_fails_out_of_bounds(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+def test_cli_verify_prints_table_and_fails_out_of_bounds(
+    tmp_path, exported, tiny_checkpoint, monkeypatch, capsys
+):
+    """--verify's wiring: the table goes to stdout and a row out of bounds makes the exit status 1 (the
+    export and the verification themselves are tested above; here both are stand-ins)."""
+    import samkit.utils.onnx_export as export_module
     import samkit.utils.onnx_verify as verify_module
 
-    monkeypatch.setattr(verify_module, "IMAGE_SIZES", ONE_IMAGE)
-    impossible = verify_module.Bounds(emb_rel_l2=0.0, mask_agreement=1.01, mask_iou=1.01, iou_abs=0.0)
-    monkeypatch.setitem(verify_module.BOUNDS, "fp32", impossible)
+    calls = []
+    monkeypatch.setattr(export_module, "export_onnx", lambda model, output, **kw: calls.append(kw) or {})
+    rows = [
+        verify_module.Row("square", "embeddings", 1e-6, 1e-7),
+        verify_module.Row("square", "box", mask_agreement=0.5, mask_iou=0.1, iou_abs=0.2, ok=False),
+    ]
+    monkeypatch.setattr(verify_module, "verify_onnx", lambda model, folder, precision: rows)
     args = [
         "--model-type",
         "vit_tiny",
@@ -301,8 +310,10 @@ def test_cli_verify_prints_table_and_fails_out_of_bounds(tmp_path, tiny_checkpoi
     ]
     assert main(args) == 1
     out = capsys.readouterr().out
-    assert "portrait   one point" in out and "FAIL" in out and "6 FAILED" in out
-    assert sorted(os.listdir(tmp_path / "m")) == ["decoder.onnx", "encoder.onnx"]  # the export itself stands
+    assert "square     box" in out and "FAIL" in out and "1/2 within bounds; 1 FAILED" in out
+    assert calls[0]["precision"] == "fp32" and calls[0]["opset"] == 17
+    rows[1].ok = True
+    assert main(args) == 0
 
 
 def test_onnx_amg_records_equal_samkit(exported, model):

@@ -185,7 +185,7 @@ class OnnxAutomaticMaskGenerator:
         out: dict[str, list] = {"masks": [], "boxes": [], "iou": [], "stability": [], "points": []}
         for point in points:
             inputs = predictor.decoder_inputs(0, point[None], np.array([1]), None, None)
-            result = dict(zip(predictor._decoder_outputs, predictor.decoder.run(None, inputs)))
+            result = dict(zip(predictor.decoder_output_names, predictor.decoder.run(None, inputs)))
             logits, ious = result["masks"][0, 1:], result["iou_predictions"][0, 1:]
             for logit, iou in zip(logits, ious):
                 if self.pred_iou_thresh > 0.0 and not iou > self.pred_iou_thresh:

@@ -95,7 +95,7 @@ class OnnxPredictor:
         )
         self.mask_threshold = float(meta.get("mask_threshold", 0.0))
         self._encoder_input = self.encoder.get_inputs()[0]
-        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.decoder_output_names = [o.name for o in self.decoder.get_outputs()]
         self.reset_image()
 
     # ------------------------------------------------------------------ images
@@ -254,7 +254,7 @@ class OnnxPredictor:
         return_logits: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         inputs = self.decoder_inputs(image_index, point_coords, point_labels, box, mask_input)
-        out = dict(zip(self._decoder_outputs, self.decoder.run(None, inputs)))
+        out = dict(zip(self.decoder_output_names, self.decoder.run(None, inputs)))
         masks, iou, low_res = out["masks"][0], out["iou_predictions"][0], out["low_res_masks"][0]
         if masks.shape[0] > 1:  # all mask tokens: the single-mask token first, then the multimask ones
             pick = slice(1, None) if multimask_output else slice(0, 1)

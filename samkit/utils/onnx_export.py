@@ -7,6 +7,7 @@ both are complete and pass ``onnx.checker``: ``output_dir`` never holds a half-w
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -137,9 +138,14 @@ def finish_model(path: str, metadata: dict[str, str], precision: str, external: 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantised = os.path.join(os.path.dirname(folder), f"{os.path.basename(path)}.int8")
-        quantize_dynamic(
-            path, quantised, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"]
-        )
+        # Silences its advice to run its pre-processing first (noise on the command line).
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(
+                path, quantised, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         _clear(folder)
         os.replace(quantised, path)
     model = onnx.load(path)  # with any external data the exporter wrote beside it
