@@ -48,3 +48,10 @@ lint: install
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
+
+# The web page on the demo photo: http://127.0.0.1:8000/ (pick it under "from --images"). Needs samkit[serve].
+.PHONY: serve
+serve: install
+	$(PY) -m samkit.commands.demo_data $(DEMO_IMAGE)
+	$(PY) -m samkit serve --model-type $(MODEL_TYPE) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) --images $(dir $(DEMO_IMAGE))

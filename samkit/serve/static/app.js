@@ -357,6 +357,7 @@
       const select = $("folder");
       for (const name of reply.images) { const o = document.createElement("option"); o.value = o.textContent = name; select.appendChild(o); }
       select.hidden = false;
+      if (reply.images.length === 1) { select.value = reply.images[0]; openFromFolder(reply.images[0]); }  // make serve's demo photo
     });
   }).catch(showError);
   window.samkit = { state, undo, redo, clear, keep, everything, exportResult, openFile };
