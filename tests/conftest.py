@@ -1,4 +1,6 @@
-"""Shared fixtures: samkit and Meta's segment_anything with the same random weights."""
+"""Shared fixtures: samkit and Meta's segment_anything with the same random weights, and the trained
+test models (tests/trained_models.py), built once collection is done so that no test's timeout includes
+training."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ import torch
 
 from samkit import build_model
 from samkit.build import ENCODER_CONFIGS
+
+from . import trained_models
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Train the models the selected tests need now, so that no test's timeout includes training."""
+    trained_models.build_needed(session.config, session.items)
 
 
 def perturbed_state(state: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
@@ -67,17 +76,16 @@ def tiny_checkpoint(tmp_path_factory, tiny_model) -> str:
 
 
 @pytest.fixture(scope="session")
-def shapes_model(request, tmp_path_factory):
+def shapes_model(request):
     """(samkit model, Meta model) holding a vit_tiny trained on generated shapes (tests/shapes.py).
 
-    Trained once (about 80 s on 2 CPU cores) and cached in pytest's cache directory, keyed by the
-    trainer's source, so later sessions load it.
+    Trained before the first test runs (about 80 s on 2 CPU cores) and cached, keyed by the code it
+    depends on (tests/trained_models.py); this only loads it.
     """
-    from .shapes import train_tiny_shapes_model
-
-    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    cache_dir = cache.mkdir("samkit-shapes-model") if cache is not None else tmp_path_factory.mktemp("shapes")
-    ours = train_tiny_shapes_model(cache_dir=cache_dir)
+    folder = trained_models.model_dir(request.config, "shapes_model")
+    ours = build_model("vit_tiny")
+    ours.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    ours.eval()
     meta = meta_model("vit_tiny")
     meta.load_state_dict(ours.state_dict())
     return ours, meta

@@ -4,8 +4,8 @@ A randomly initialised SAM gives roughly one blob wherever it is prompted, so th
 generator's NMS, crops and small-region cleanup have nothing to do. ``train_tiny_shapes_model``
 trains the ``vit_tiny`` configuration (2-block 64-wide encoder, the real mask decoder) for a fixed
 number of steps on ``make_shapes_image`` pictures with one-point prompts, so that a point inside a
-shape gives (mostly) that shape's mask. The trained weights are cached on disk, keyed by the seed,
-the step count, this file's source and the torch version.
+shape gives (mostly) that shape's mask. The tests get it through ``tests/trained_models.py``,
+which trains it once before any test runs and caches the weights, keyed by the code it depends on.
 
 Limits of ~80 s of CPU training (measured on 5 held-out images): the best of the 3 masks for a
 point at a shape's most interior pixel has mean IoU ~0.65 with the shape (0.74 on the tests'
@@ -17,11 +17,7 @@ automatic mask generator's default thresholds (0.88, 0.95) keep no mask; 0.5 and
 from __future__ import annotations
 
 import colorsys
-import hashlib
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -283,31 +279,18 @@ def _train_step(
     return loss, float(iou[rows, best].mean())
 
 
-def _cache_path(cache_dir: str | os.PathLike, steps: int, seed: int) -> Path:
-    key = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"sam_vit_tiny_shapes_seed{seed}_steps{steps}_{key}.pt"
-
-
 def train_tiny_shapes_model(
     steps: int = TRAIN_STEPS,
     seed: int = 0,
-    cache_dir: str | os.PathLike | None = None,
     verbose: bool = False,
 ) -> Sam:
     """A ``vit_tiny`` SAM whose prompt encoder and mask decoder are trained for ``steps`` steps on
     ``make_shapes_image`` pictures with one-point prompts (see the notes above this function).
 
     Deterministic for a seed and step count (on one machine and thread count: CPU reductions may
-    round differently elsewhere). With ``cache_dir`` the state dict is kept there, keyed by seed,
-    steps, this file's source and the torch version, and loaded instead of retraining. Returns the
-    model in eval mode.
+    round differently elsewhere). Returns the model in eval mode. Caching is the caller's business
+    (tests/trained_models.py).
     """
-    path = _cache_path(cache_dir, steps, seed) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        model = build_model("vit_tiny")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = build_model("vit_tiny")
@@ -335,12 +318,4 @@ def train_tiny_shapes_model(
                 )
     finally:
         model.image_encoder.requires_grad_(True)
-    model.eval()
-
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a concurrent session never reads a half-written file
-    return model
+    return model.eval()
