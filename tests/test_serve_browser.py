@@ -1,0 +1,223 @@
+"""The page of ``samkit serve`` in a real headless Chromium (Debian's, driven by Playwright): upload,
+click, right click, box, undo, 'everything' and export, each checked against the JSON API.
+
+Chromium is installed with apt when /usr/bin/chromium is missing (CI machines start bare and run as
+root); a failed install fails the test. The screenshot is kept in outputs/test_artifacts/serve.png.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="samkit[serve] is part of the dev install")
+import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from samkit.serve.app import create_app  # noqa: E402
+from samkit.serve.state import ModelService  # noqa: E402
+from samkit.utils.amg import rle_to_mask  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+# Playwright adds --headless and a fresh temporary profile (--user-data-dir) itself.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "outputs" / "test_artifacts"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when missing; a failed install fails loudly."""
+    if not os.path.exists(CHROMIUM):
+        started = time.time()
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        steps = [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]]
+        for step in steps:
+            if shutil.which(step[0]) is None:
+                pytest.fail(f"{CHROMIUM} is missing and {step[0]} is not available to install it")
+            done = subprocess.run(step, capture_output=True, text=True, env=env, timeout=900)
+            if done.returncode != 0:
+                pytest.fail(f"installing chromium failed ({' '.join(step)}):\n{done.stderr[-2000:]}")
+        print(f"installed chromium in {time.time() - started:.0f} s")
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is still missing after apt-get install chromium")
+    return CHROMIUM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(shapes_model):
+    """The app on 127.0.0.1 in a thread of this process (uvicorn, one model, as the command runs it)."""
+    import uvicorn
+
+    model, _ = shapes_model
+    port = free_port()
+    config = uvicorn.Config(create_app(ModelService(model)), host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def inside_point(mask: np.ndarray) -> tuple[int, int]:
+    """A pixel deep inside ``mask`` (the one farthest from its edge, by repeated erosion)."""
+    current = mask.copy()
+    while True:
+        p = np.pad(current, 1)
+        eroded = current & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        if not eroded.any():
+            ys, xs = np.nonzero(current)
+            return int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
+        current = eroded
+
+
+def test_the_page_in_chromium(chromium, server, shapes_image, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    image, shapes = shapes_image
+    h, w = image.shape[:2]
+    path = tmp_path / "shapes.png"
+    Image.fromarray(image).save(path)
+    api = httpx.Client(base_url=server, timeout=120)
+    order = np.argsort([-m.sum() for m in shapes])
+    big, other = shapes[order[0]], shapes[order[1]]
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(server + "/")
+        state = lambda expr: page.evaluate(f"() => {{ const s = window.samkit.state; return {expr}; }}")  # noqa: E731
+        idle = "window.samkit.state.busy === 0"
+
+        # Upload with the file button; the embedding is computed once.
+        page.set_input_files("#file", str(path))
+        page.wait_for_function(
+            "window.samkit.state.image !== null && window.samkit.state.busy === 0", timeout=120_000
+        )
+        assert state("[s.image.width, s.image.height]") == [w, h]
+        assert "encoder" in page.inner_text("#latency")
+        page.uncheck("#hover")  # previews on while clicking would race the checks below
+
+        box = page.locator("#view").bounding_box()
+
+        def at(x: float, y: float) -> tuple[float, float]:
+            return box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h
+
+        def replay() -> tuple[np.ndarray, dict]:
+            """The page's current prompt sent to the API again: the page's mask must be the API's."""
+            result = state("s.history[s.position].result")
+            reply = api.post("/api/predict", json=result["body"]).json()
+            assert reply["masks"][result["selected"]] == result["masks"][result["selected"]]
+            best = int(np.argmax(reply["scores"]))
+            assert result["selected"] == best
+            return rle_to_mask(reply["masks"][best]), result
+
+        # 1. A left click: a mask appears, three candidates to choose from.
+        page.mouse.click(*at(*inside_point(big)))
+        page.wait_for_function(f"window.samkit.state.predictions === 1 && {idle}")
+        first, result = replay()
+        assert first.sum() > 0 and len(result["masks"]) == 3
+        assert page.locator("#candidates button").count() == 3
+        iou = (first & big).sum() / (first | big).sum()
+        assert iou > 0.5, f"the shapes model's mask should cover the clicked shape (IoU {iou:.2f})"
+
+        # Its PNG export equals the API's mask for the same prompt.
+        page.select_option("#export-source", "current")
+        page.select_option("#export-format", "png")
+        with page.expect_download() as download:
+            page.click("#export")
+        exported = np.asarray(Image.open(io.BytesIO(Path(download.value.path()).read_bytes()))) > 0
+        assert exported.shape == (h, w) and (exported == first).all()
+
+        # 2. A right click inside the mask, away from the positive point, removes area.
+        ys, xs = np.nonzero(first)
+        px, py = inside_point(big)
+        far = int(np.argmax((xs - px) ** 2 + (ys - py) ** 2))
+        nx, ny = int(xs[far] + (px - xs[far]) * 0.15), int(ys[far] + (py - ys[far]) * 0.15)
+        page.mouse.click(*at(nx, ny), button="right")
+        page.wait_for_function(f"window.samkit.state.predictions === 2 && {idle}")
+        second, result = replay()
+        assert state("s.history[s.position].labels") == [1, 0]
+        assert "mask_input" in result["body"]  # the previous logits were fed back
+        assert second.sum() < first.sum()
+
+        # 3. A drag draws a box around another shape.
+        ys, xs = np.nonzero(other)
+        page.mouse.move(*at(max(xs.min() - 3, 0), max(ys.min() - 3, 0)))
+        page.mouse.down()
+        page.mouse.move(*at(min(xs.max() + 3, w - 1), min(ys.max() + 3, h - 1)), steps=8)
+        page.mouse.up()
+        page.wait_for_function(f"window.samkit.state.predictions === 3 && {idle}")
+        third, result = replay()
+        assert result["body"]["box"] is not None and third.sum() > 0
+
+        # 4. Undo goes back to the two points and their mask; redo forward again.
+        page.click("#undo")
+        assert state("s.history[s.position].box") is None
+        assert (
+            rle_to_mask(state("s.history[s.position].result.masks[s.history[s.position].result.selected]"))
+            == second
+        ).all()
+        page.click("#redo")
+        assert state("s.history[s.position].box") is not None
+        page.fill("#name", "boxed shape")
+        page.click("#keep")
+        page.wait_for_function(idle)
+        assert page.inner_text("#objects").startswith("boxed shape")
+
+        # 5. 'Segment everything' shows as many masks as the API gives for the same settings.
+        settings = {"points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
+        for name, value in settings.items():
+            page.fill(f"#{name}", str(value))
+        page.click("#everything")
+        page.wait_for_function(f"window.samkit.state.everything !== null && {idle}", timeout=120_000)
+        shown = state("s.everything.masks.map((m) => m.segmentation)")
+        image_id = state("s.image.image_id")
+        reply = api.post(
+            "/api/everything",
+            json={"image_id": image_id, "box_nms_thresh": 0.7, "crop_n_layers": 0, **settings},
+        )
+        expected = [m["segmentation"] for m in reply.json()["masks"]]
+        assert len(shown) == len(expected) > 0 and shown == expected
+        assert page.inner_text("#everything-count") == f"{len(expected)} masks"
+
+        # Hover highlights a mask; the hover preview follows the pointer.
+        page.check("#hover")
+        page.mouse.move(*at(*inside_point(other)))
+        page.wait_for_function("window.samkit.state.hover !== null", timeout=60_000)
+        page.wait_for_function(idle)
+        assert page.inner_text("#info").startswith("mask ")
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve.png"))
+        assert errors == [], errors
+        browser.close()
