@@ -55,3 +55,8 @@ serve: install
 	$(PY) -m samkit.commands.demo_data $(DEMO_IMAGE)
 	$(PY) -m samkit serve --model-type $(MODEL_TYPE) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) --images $(dir $(DEMO_IMAGE))
+
+# requirements.txt is generated from pyproject.toml (tests/test_packaging.py checks that they agree).
+.PHONY: requirements
+requirements:
+	$(PYTHON) scripts/write_requirements.py
