@@ -10,7 +10,9 @@ processes are added at the end. Box protocol: each valid object's ground-truth b
 thresholded at logits > 0; reported (x100, means over objects of the whole dataset, not per image):
 ``miou_1024`` / ``dice_1024`` at the padded 1024x1024 input frame (the seed's number) and
 ``miou_original`` / ``dice_original`` at the original image resolution. Box jitter (FLARE) and the
-object subset are seeded per image, so a checkpoint always gets the same score.
+object subset are seeded per image, so a checkpoint always gets the same score. Point protocol
+(``eval_prompt: point``, :mod:`samkit.training.modes.point_eval`): up to 20 simulated clicks per
+object, deterministic; ``miou_*_click{1,3,5,10}``, ``miou_*_click1_oracle``, ``noc85``, ``noc90``.
 """
 
 from __future__ import annotations

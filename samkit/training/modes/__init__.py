@@ -3,7 +3,9 @@
 ``PROMPT_MODES`` maps a config's ``prompt_mode`` to the class the training loop builds (with the
 mode's own keyword arguments; see ``samkit.training.train.build_prompt_mode``), and
 ``EVAL_PROTOCOLS`` maps ``eval_prompt`` to the function that scores one evaluation batch. Both are
-plain dicts written here; nothing registers itself on import.
+plain dicts written here; nothing registers itself on import. Modes: ``box`` (one box per object,
+one round) and ``point`` (iterative clicks, :mod:`.point`); protocols: ``box`` and ``point``
+(interactive clicks, :mod:`.point_eval`).
 """
 
 from __future__ import annotations

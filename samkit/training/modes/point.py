@@ -94,11 +94,7 @@ def mask_only_rounds(spec: Sequence[Union[int, str]], num_iter: int, rng: np.ran
             rounds.add(int(item))
     for item in spec:
         if str(item) == "random":
-            free = [
-                r
-                for r in range(1, num_iter)
-                if r not in rounds and not (r == num_iter - 1 and "last" in spec)
-            ]
+            free = [r for r in range(1, num_iter) if r not in rounds]
             if free:
                 rounds.add(free[int(rng.integers(len(free)))])
     return {r for r in rounds if 0 < r < num_iter}
@@ -161,10 +157,11 @@ class PointSession(Session):
         for i, key in enumerate(self._keys):
             rng = object_rng(*key, 0, _FIRST)
             if first_prompt == "mixed" and rng.random() < 0.5:
-                self.box[i] = noisy_box(self._targets[i], rng, box_noise, max_box_noise)
+                if self._targets[i].any():  # an empty mask (the datasets drop them) gets no prompt
+                    self.box[i] = noisy_box(self._targets[i], rng, box_noise, max_box_noise)
                 continue
             xy = random_pixel(self._targets[i], rng)
-            if xy is not None:  # an empty mask (not produced by the datasets) gets no click
+            if xy is not None:
                 self._add(i, (xy[0], xy[1], 1))
 
     @property
