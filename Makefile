@@ -49,7 +49,7 @@ lint: install
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
 
-# The web page on the demo photo: http://127.0.0.1:8000/ (pick it under "from --images"). Needs samkit[serve].
+# The web page on the demo photo (opened at once, being the only image of --images): http://127.0.0.1:8000/
 .PHONY: serve
 serve: install
 	$(PY) -m samkit.commands.demo_data $(DEMO_IMAGE)

