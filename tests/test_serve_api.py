@@ -478,3 +478,67 @@ def test_a_bfloat16_model_serves_every_endpoint(tiny_model):
         ).status_code
         == 200
     )
+
+
+def test_lookups_stay_responsive_while_the_model_is_busy(client, service, image_id):
+    with service.lock:  # as if a long 'everything' were running
+        assert client.get("/api/health").status_code == 200
+        assert client.get(f"/api/images/{image_id}/pixels").status_code == 200
+        refused(
+            client.post("/api/predict", json={"image_id": "gone", "points": [[1, 1]], "labels": [1]}), 404
+        )
+
+
+def test_concurrent_clients_on_a_real_server_get_their_own_masks(tiny_model):
+    """4 clients x 5 prompts through uvicorn at once: every reply is the one a lone request gets."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    service = ModelService(tiny_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        ids = [
+            httpx.post(
+                base + "/api/images", content=png(picture(20 + k)), headers={"content-type": "image/png"}
+            ).json()["image_id"]
+            for k in range(2)
+        ]
+        jobs = [(ids[k % 2], [[3 + 7 * k, 4 + 5 * i]]) for k in range(4) for i in range(5)]
+
+        def ask(job):
+            body = {"image_id": job[0], "points": job[1], "labels": [1], "multimask": True}
+            reply = httpx.post(base + "/api/predict", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["masks"]
+
+        alone = [ask(job) for job in jobs]
+        together: list = [None] * len(jobs)
+
+        def client(k):
+            for i in range(k, len(jobs), 4):
+                together[i] = ask(jobs[i])
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert together == alone
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -138,13 +138,18 @@ def rle_of(masks: torch.Tensor) -> list[dict[str, Any]]:
 
 
 class ModelService:
-    """One model in one process; every call of it holds ``self.lock``, so requests run one at a time."""
+    """One model in one process; every call of it holds ``self.lock``, so requests run one at a time.
+
+    The caches have a lock of their own (held only for a dictionary look-up), so that looking up an
+    image, its pixels or the health of the server never waits for a model call.
+    """
 
     def __init__(self, model: torch.nn.Module, limits: Limits = Limits()) -> None:
         self.model = model.eval()
         self.predictor = SamPredictor(model)
         self.limits = limits
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the model and the predictor's state
+        self.cache_lock = threading.Lock()  # the two LRUs below
         self.images = LRU(limits.cache_images)  # image id -> OpenImage (embedding included)
         self.logits = LRU(limits.cache_logits)  # logits id -> Cx1x256x256 low-res logits (float32, CPU)
         self.dtype = next(model.parameters()).dtype
@@ -153,27 +158,29 @@ class ModelService:
     def open_image(self, data: bytes, file_name: str) -> tuple[OpenImage, bool]:
         """Decode, then embed unless the same bytes are cached. Returns the image and whether it was cached."""
         image_id = hashlib.sha256(data).hexdigest()
-        with self.lock:
+        with self.cache_lock:
             if image_id in self.images:
                 return self.images.get_recent(image_id), True
         pixels = decode_image(data, self.limits)  # outside the lock: decoding needs no model
         image = OpenImage(image_id=image_id, file_name=file_name, pixels=pixels)
         with self.lock:
-            if image_id in self.images:  # another request embedded it meanwhile
-                return self.images.get_recent(image_id), True
+            with self.cache_lock:
+                if image_id in self.images:  # another request embedded it meanwhile
+                    return self.images.get_recent(image_id), True
             start = time.perf_counter()
             self.predictor.set_image(pixels)
             image.features = self.predictor.features
             image.input_size = tuple(self.predictor.input_size)  # type: ignore[assignment]
             image.encoder_ms = (time.perf_counter() - start) * 1000
             self.predictor.reset_image()
-            self.images.put(image_id, image)
+            with self.cache_lock:
+                self.images.put(image_id, image)
         return image, False
 
     def image(self, image_id: Any) -> OpenImage:
         if not isinstance(image_id, str) or not image_id:
             raise ApiError(400, "image_id must be a non-empty string")
-        with self.lock:
+        with self.cache_lock:
             if image_id not in self.images:
                 raise ApiError(
                     404, f"unknown image id {image_id[:80]!r} (not uploaded, or forgotten: upload again)"
@@ -192,18 +199,17 @@ class ModelService:
     ) -> dict[str, Any]:
         """Decode one prompt on a cached embedding. Points Nx2 and box 4 in XY pixels of the image."""
         h, w = image.pixels.shape[:2]
+        previous = None
+        if mask_input is not None:
+            logits_id, index = mask_input
+            with self.cache_lock:
+                stored = self.logits.get_recent(logits_id) if logits_id in self.logits else None
+            if stored is None:
+                raise ApiError(404, f"unknown mask_input id {logits_id[:80]!r} (forgotten: predict again)")
+            if not 0 <= index < len(stored):
+                raise ApiError(400, f"mask_input index {index} is out of range (0..{len(stored) - 1})")
+            previous = stored[index]
         with self.lock:
-            previous = None
-            if mask_input is not None:
-                logits_id, index = mask_input
-                if logits_id not in self.logits:
-                    raise ApiError(
-                        404, f"unknown mask_input id {logits_id[:80]!r} (forgotten: predict again)"
-                    )
-                stored = self.logits.get_recent(logits_id)
-                if not 0 <= index < len(stored):
-                    raise ApiError(400, f"mask_input index {index} is out of range (0..{len(stored) - 1})")
-                previous = stored[index]
             start = time.perf_counter()
             p = self.predictor
             p.features, p.is_image_set = image.features, True
@@ -222,7 +228,8 @@ class ModelService:
                 p.reset_image()
             decoder_ms = (time.perf_counter() - start) * 1000
             logits = torch.from_numpy(np.asarray(masks, dtype=np.float32))
-            logits_id = secrets.token_hex(8)
+        logits_id = secrets.token_hex(8)
+        with self.cache_lock:
             self.logits.put(logits_id, np.asarray(low_res, dtype=np.float32)[:, None])
         threshold = float(self.model.mask_threshold)
         binary = logits > threshold
