@@ -44,13 +44,14 @@ def apply_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: 
     return out.astype(np.float32)
 
 
-def _session(path: str | os.PathLike, providers: Sequence[str] | None) -> Any:
+def _session(path: str | os.PathLike, providers: Sequence[str] | None, options: Any = None) -> Any:
     try:
         import onnxruntime as ort
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("OnnxPredictor needs onnxruntime: pip install 'samkit[onnx]'") from err
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
     return ort.InferenceSession(
         os.fspath(path), options, providers=list(providers or ["CPUExecutionProvider"])
     )
@@ -64,7 +65,8 @@ class OnnxPredictor:
     """Embed an image once with ``encoder.onnx``, then prompt it with ``decoder.onnx``.
 
     ``model_dir`` is the folder ``samkit export-onnx`` wrote (or pass ``encoder_path``/``decoder_path``).
-    The image size, pixel mean/std and mask threshold come from the models' metadata.
+    The image size, pixel mean/std and mask threshold come from the models' metadata. ``providers``
+    (default CPU) and ``session_options`` (an ``onnxruntime.SessionOptions``) go to both sessions.
     """
 
     def __init__(
@@ -74,14 +76,15 @@ class OnnxPredictor:
         encoder_path: str | os.PathLike | None = None,
         decoder_path: str | os.PathLike | None = None,
         providers: Sequence[str] | None = None,
+        session_options: Any = None,
     ) -> None:
         if model_dir is not None:
             encoder_path = encoder_path or os.path.join(model_dir, "encoder.onnx")
             decoder_path = decoder_path or os.path.join(model_dir, "decoder.onnx")
         if encoder_path is None or decoder_path is None:
             raise ValueError("pass model_dir, or both encoder_path and decoder_path")
-        self.encoder = _session(encoder_path, providers)
-        self.decoder = _session(decoder_path, providers)
+        self.encoder = _session(encoder_path, providers, session_options)
+        self.decoder = _session(decoder_path, providers, session_options)
         meta = {**_metadata(self.decoder), **_metadata(self.encoder)}
         self.metadata = meta
         self.image_size = int(meta.get("image_size", 1024))
