@@ -7,8 +7,10 @@ which is what is timed here, is the same network for every model size). The phot
 ``skimage.data.coffee()`` (400x600), embedded once. Then, with seeded random single-point prompts
 (``multimask: true``, the page's first click):
 
-(a) in process: ``SamPredictor.predict`` on the same model and photo, ``--requests`` calls;
-(b) one client: the same prompts as POST /api/predict, one after another (HTTP + JSON + RLE overhead);
+(a) in process: ``SamPredictor.predict`` on the same model and photo, ``--requests`` calls, timed in
+    the main thread and in a worker thread (where the server runs it; on a loaded machine the two differ);
+(b) one client: the same prompts as POST /api/predict (HTTP + JSON + RLE overhead), each right after
+    its in-process twin, so that the machine's other load falls on (a) and (b) alike;
 (c) load: ``--clients`` concurrent clients x ``--requests`` requests each; every reply must be 200.
 
 Printed and written: p50/p95 latency in ms of each, the server's own decoder time, throughput, errors.
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -88,18 +91,6 @@ def main() -> None:
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format="PNG")
 
-    # (a) in process
-    torch.manual_seed(0)
-    predictor = SamPredictor(build_model(args.model).to(dtype=getattr(torch, args.dtype)).eval())
-    predictor.set_image(photo)
-    in_process = []
-    for point in prompts(args.requests + 1, h, w, seed=0):
-        start = time.perf_counter()
-        predictor.predict(np.array([point]), np.array([1]), multimask_output=True)
-        in_process.append((time.perf_counter() - start) * 1000)
-    in_process = in_process[1:]  # the first call warms up
-    del predictor
-
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve-child", "--model", args.model, "--dtype", args.dtype],
         stdout=subprocess.PIPE,
@@ -124,8 +115,26 @@ def main() -> None:
                 took = (time.perf_counter() - start) * 1000
                 return took, (r.json().get("decoder_ms", 0.0) if r.status_code == 200 else 0.0), r.status_code
 
-            # (b) one client
-            single = [ask(client, p) for p in prompts(args.requests + 1, h, w, seed=0)][1:]
+            # (a) and (b) alternate, call by call, so that the machine's other load falls on both alike.
+            torch.manual_seed(0)
+            predictor = SamPredictor(build_model(args.model).to(dtype=getattr(torch, args.dtype)).eval())
+            predictor.set_image(photo)
+
+            def call(point: list[float]) -> float:
+                start = time.perf_counter()
+                predictor.predict(np.array([point]), np.array([1]), multimask_output=True)
+                return (time.perf_counter() - start) * 1000
+
+            # The server runs the model in a worker thread; the in-process call is timed both in this
+            # (main) thread and in a worker thread, as the two differ on a loaded machine.
+            worker_pool = ThreadPoolExecutor(1)
+            in_process, in_worker, single = [], [], []
+            for point in prompts(args.requests + 1, h, w, seed=0):
+                in_process.append(call(point))
+                in_worker.append(worker_pool.submit(call, point).result())
+                single.append(ask(client, point))
+            worker_pool.shutdown()
+            in_process, in_worker, single = in_process[1:], in_worker[1:], single[1:]  # warm-up calls
 
         # (c) load
         results: list[tuple[float, float, int]] = []
@@ -159,6 +168,7 @@ def main() -> None:
         "prompt": "one random point, multimask_output=True",
         "upload_and_embed_ms": round(upload_ms, 1),
         "in_process": percentiles(in_process),
+        "in_process_worker_thread": percentiles(in_worker),
         "http_one_client": {
             **percentiles([s[0] for s in single]),
             "server_decoder": percentiles([s[1] for s in single]),
@@ -173,7 +183,8 @@ def main() -> None:
         },
     }
     print(
-        f"in process p50 {result['in_process']['p50_ms']} ms; HTTP one client p50 "
+        f"in process p50 {result['in_process']['p50_ms']} ms (in a worker thread "
+        f"{result['in_process_worker_thread']['p50_ms']} ms); HTTP one client p50 "
         f"{result['http_one_client']['p50_ms']} ms (p95 {result['http_one_client']['p95_ms']}); "
         f"{args.clients}x{args.requests} load p50 {result['http_load']['p50_ms']} ms, p95 "
         f"{result['http_load']['p95_ms']} ms, {result['http_load']['throughput_rps']} req/s, {errors} errors"
