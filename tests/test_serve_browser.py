@@ -158,6 +158,13 @@ def test_the_page_in_chromium(chromium, server, shapes_image, tmp_path):
         exported = np.asarray(Image.open(io.BytesIO(Path(download.value.path()).read_bytes()))) > 0
         assert exported.shape == (h, w) and (exported == first).all()
 
+        # The other candidates can be chosen instead of the best-scored one.
+        chosen = (result["selected"] + 1) % 3
+        page.click(f'#candidates button[data-candidate="{chosen}"]')
+        assert state("s.history[s.position].result.selected") == chosen
+        page.click(f'#candidates button[data-candidate="{result["selected"]}"]')
+        assert page.locator("#candidates button.selected").count() == 1
+
         # 2. A right click inside the mask, away from the positive point, removes area.
         ys, xs = np.nonzero(first)
         px, py = inside_point(big)
@@ -189,6 +196,13 @@ def test_the_page_in_chromium(chromium, server, shapes_image, tmp_path):
         ).all()
         page.click("#redo")
         assert state("s.history[s.position].box") is not None
+        # Shift+click is a negative point too.
+        page.keyboard.down("Shift")
+        page.mouse.click(*at(*inside_point(big)))
+        page.keyboard.up("Shift")
+        page.wait_for_function(f"window.samkit.state.predictions === 4 && {idle}")
+        assert state("s.history[s.position].labels") == [1, 0, 0]
+        replay()
         page.fill("#name", "boxed shape")
         page.click("#keep")
         page.wait_for_function(idle)
