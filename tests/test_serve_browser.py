@@ -7,6 +7,7 @@ root); a failed install fails the test. The screenshot is kept in outputs/test_a
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -235,5 +236,20 @@ def test_the_page_in_chromium(chromium, server, shapes_image, tmp_path):
 
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "serve.png"))
+        # Dropping the same file again re-opens it from the embedding cache (no encoder run).
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        page.evaluate(
+            """(data) => {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                window.samkit.state.image = null;
+                document.getElementById("stage").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer }));
+            }""",
+            encoded,
+        )
+        page.wait_for_function(f"window.samkit.state.image !== null && {idle}", timeout=60_000)
+        assert state("[s.image.image_id, s.image.cached, s.objects.length]") == [image_id, True, 0]
+        assert page.inner_text("#latency") == "encoder: cached"
         assert errors == [], errors
         browser.close()
