@@ -17,6 +17,7 @@ from torchvision.ops import batched_nms, box_area
 from .modeling import Sam
 from .predictor import SamPredictor
 from .utils.amg import (
+    MaskData,
     area_from_rle,
     batched_mask_to_box,
     box_xyxy_to_xywh,
@@ -103,7 +104,7 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Masks for an HxWx3 uint8 RGB image (other layouts converted as by ``SamPredictor.set_image``).
 
@@ -114,7 +115,9 @@ class SamAutomaticMaskGenerator:
         image = to_rgb_uint8(image)
         data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
-            data = self._postprocess_small_regions(data, max(self.box_nms_thresh, self.crop_nms_thresh))
+            data = self.postprocess_small_regions(
+                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
         if self.output_mode == "coco_rle":
             segmentations = [coco_encode_rle(rle) for rle in data["rles"]]
         elif self.output_mode == "binary_mask":
@@ -139,7 +142,7 @@ class SamAutomaticMaskGenerator:
         ]
 
     # ------------------------------------------------------------------ pipeline
-    def _generate_masks(self, image: np.ndarray) -> dict[str, Any]:
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = _cat(
@@ -148,13 +151,14 @@ class SamAutomaticMaskGenerator:
         if len(crop_boxes) > 1 and len(data["rles"]):
             # Across crops prefer the mask from the smaller crop (finer detail).
             scores = 1 / box_area(data["crop_boxes"].float())
-            keep = batched_nms(data["boxes"].float(), scores, torch.zeros_like(scores), self.crop_nms_thresh)
-            data = _filter(data, keep)
+            data.filter(
+                batched_nms(data["boxes"].float(), scores, torch.zeros_like(scores), self.crop_nms_thresh)
+            )
         return data
 
     def _process_crop(
         self, image: np.ndarray, crop_box: list[int], layer: int, orig_size: tuple[int, int]
-    ) -> dict[str, Any]:
+    ) -> MaskData:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
@@ -169,13 +173,14 @@ class SamAutomaticMaskGenerator:
         self.predictor.reset_image()
         data = _cat(batches)
         if len(data["rles"]):
-            keep = batched_nms(
-                data["boxes"].float(),
-                data["iou_preds"],
-                torch.zeros_like(data["iou_preds"]),
-                self.box_nms_thresh,
+            data.filter(
+                batched_nms(
+                    data["boxes"].float(),
+                    data["iou_preds"],
+                    torch.zeros_like(data["iou_preds"]),
+                    self.box_nms_thresh,
+                )
             )
-            data = _filter(data, keep)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
         data["crop_boxes"] = torch.tensor([crop_box] * len(data["rles"]), dtype=torch.long).reshape(-1, 4)
@@ -183,7 +188,7 @@ class SamAutomaticMaskGenerator:
 
     def _process_batch(
         self, points: np.ndarray, crop_size: tuple[int, int], crop_box: list[int], orig_size: tuple[int, int]
-    ) -> dict[str, Any]:
+    ) -> MaskData:
         predictor, model = self.predictor, self.predictor.model
         orig_h, orig_w = orig_size
         dev = predictor.device
@@ -242,26 +247,30 @@ class SamAutomaticMaskGenerator:
             out["stability_score"].append(stability.cpu())
             out["point_idx"].append(c_idx.cpu())
         point_idx = torch.cat(out.pop("point_idx")) if out["boxes"] else torch.zeros(0, dtype=torch.long)
-        data: dict[str, Any] = {
-            "rles": out["rles"],
-            "boxes": torch.cat(out["boxes"]) if out["boxes"] else torch.zeros(0, 4, dtype=torch.long),
-            "iou_preds": torch.cat(out["iou_preds"]) if out["iou_preds"] else torch.zeros(0),
-            "stability_score": torch.cat(out["stability_score"])
-            if out["stability_score"]
-            else torch.zeros(0),
-            "points": torch.as_tensor(points, dtype=torch.float64)[point_idx].reshape(-1, 2),
-        }
-        return data
+        return MaskData(
+            rles=out["rles"],
+            boxes=torch.cat(out["boxes"]) if out["boxes"] else torch.zeros(0, 4, dtype=torch.long),
+            iou_preds=torch.cat(out["iou_preds"]) if out["iou_preds"] else torch.zeros(0),
+            stability_score=torch.cat(out["stability_score"]) if out["stability_score"] else torch.zeros(0),
+            points=torch.as_tensor(points, dtype=torch.float64)[point_idx].reshape(-1, 2),
+        )
 
-    def _postprocess_small_regions(self, data: dict[str, Any], nms_thresh: float) -> dict[str, Any]:
-        """Fill small holes and drop small islands; where masks changed, NMS prefers unchanged ones."""
-        if len(data["rles"]) == 0:
-            return data
+    @staticmethod
+    def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Fill holes and drop islands smaller than ``min_area`` pixels in each mask of ``mask_data``.
+
+        ``mask_data`` holds ``rles`` (uncompressed RLEs), ``boxes`` (Nx4 XYXY) and any other per-mask
+        values. Masks are compared again by NMS at ``nms_thresh`` on their new boxes, preferring masks
+        that did not change; the survivors' RLEs and boxes are updated. Edits ``mask_data`` in place
+        and returns it, as Meta's does. Needs OpenCV.
+        """
+        if len(mask_data["rles"]) == 0:
+            return mask_data
         masks, unchanged = [], []
-        for rle in data["rles"]:
+        for rle in mask_data["rles"]:
             mask = rle_to_mask(rle)
-            mask, changed_holes = remove_small_regions(mask, self.min_mask_region_area, "holes")
-            mask, changed_islands = remove_small_regions(mask, self.min_mask_region_area, "islands")
+            mask, changed_holes = remove_small_regions(mask, min_area, "holes")
+            mask, changed_islands = remove_small_regions(mask, min_area, "islands")
             masks.append(torch.from_numpy(mask))
             unchanged.append(not (changed_holes or changed_islands))
         stacked = torch.stack(masks)
@@ -270,26 +279,17 @@ class SamAutomaticMaskGenerator:
         keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), nms_thresh)
         changed = [int(i) for i in keep if not unchanged[int(i)]]
         if changed:
-            new_rles = mask_to_rle(stacked[changed])
-            for i, rle in zip(changed, new_rles):
-                data["rles"][i] = rle
-                data["boxes"][i] = boxes[i]
-        return _filter(data, keep)
+            for i, rle in zip(changed, mask_to_rle(stacked[changed])):
+                mask_data["rles"][i] = rle
+                mask_data["boxes"][i] = boxes[i]
+        mask_data.filter(keep)
+        return mask_data
 
 
-def _filter(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
-    idx = keep.cpu()
-    if idx.dtype == torch.bool:
-        idx = idx.nonzero().flatten()
+def _cat(parts: list[MaskData]) -> MaskData:
+    """The records of ``parts`` one after the other (without MaskData.cat's copies)."""
     out = {}
-    for key, value in data.items():
-        out[key] = [value[int(i)] for i in idx] if isinstance(value, list) else value[idx]
-    return out
-
-
-def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in parts[0]:
+    for key, first in parts[0].items():
         values = [p[key] for p in parts]
-        out[key] = [v for vs in values for v in vs] if isinstance(values[0], list) else torch.cat(values)
-    return out
+        out[key] = [v for vs in values for v in vs] if isinstance(first, list) else torch.cat(values)
+    return MaskData(**out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import partial
 from typing import Callable, Mapping
 
 import torch
@@ -45,6 +46,7 @@ def _build_sam(
             mlp_ratio=4.0,
             out_chans=PROMPT_EMBED_DIM,
             qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
             use_rel_pos=True,
             window_size=14,
             global_attn_indexes=encoder_global_attn_indexes,

@@ -1,7 +1,9 @@
 """SamPredictor: embed an image once, then prompt it as often as you like.
 
 Same names, arguments, return types and shapes as Meta's ``segment_anything.SamPredictor``, plus
-many prompts and many images per call (``predict_batch``, ``set_image_batch``).
+many prompts and many images per call (``predict_batch``, ``set_image_batch``). As in Meta's, work
+runs under ``torch.no_grad()``: returned tensors and ``get_image_embedding()`` are ordinary tensors
+(editable in place, usable in later autograd code), not inference-mode ones.
 
 Conventions: points are XY pixels of the original image, boxes XYXY pixels, labels 1 (foreground)
 and 0 (background); sizes are (H, W).
@@ -35,7 +37,7 @@ class SamPredictor:
         image = to_rgb_uint8(image, image_format)
         self.set_torch_image(self._to_input_tensor(image), image.shape[:2])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
         """Embed one image already resized by ``self.transform``: 1x3xHxW, pixel values 0-255."""
         self._check_input_tensor(transformed_image, batch=1)
@@ -47,7 +49,7 @@ class SamPredictor:
         self.original_sizes = [self.original_size]
         self.input_sizes = [self.input_size]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def set_image_batch(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
         """Embed several images in one encoder call (images may differ in size).
 
@@ -67,7 +69,7 @@ class SamPredictor:
 
     def _to_input_tensor(self, image: np.ndarray) -> torch.Tensor:
         resized = self.transform.apply_image(image)
-        return torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1).contiguous()[None]
+        return torch.from_numpy(resized).to(self.device).permute(2, 0, 1).contiguous()[None]
 
     def _check_input_tensor(self, x: torch.Tensor, batch: int) -> None:
         size = self.model.image_encoder.img_size
@@ -101,7 +103,7 @@ class SamPredictor:
         out = self.predict_torch(coords, labels, boxes, masks, multimask_output, return_logits)
         return tuple(t[0].cpu().numpy() for t in out)  # type: ignore[return-value]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict_torch(
         self,
         point_coords: torch.Tensor | None,
@@ -155,7 +157,7 @@ class SamPredictor:
             results.append(tuple(t.cpu().numpy() for t in out))
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _decode(
         self,
         features: torch.Tensor,

@@ -102,3 +102,39 @@ def test_prompt_dependent_model_matches_meta(shapes_model, shapes_image, kwargs)
     ref = MetaGenerator(meta, **kwargs).generate(image)
     assert len(ref) >= 3
     compare_records(ref, SamAutomaticMaskGenerator(ours, **kwargs).generate(image))
+
+
+@pytest.mark.parametrize("min_area", [0, 30, 200, 5000])
+def test_postprocess_small_regions_matches_meta(min_area):
+    """The public static method, on its own: Meta's MaskData in, the same records out, edited in place."""
+    from segment_anything.utils import amg as meta_amg
+
+    from samkit.utils import amg
+
+    g = torch.Generator().manual_seed(min_area)
+    blobs = torch.nn.functional.interpolate(torch.randn(12, 1, 8, 10, generator=g), (60, 80), mode="bilinear")
+    masks = blobs[:, 0] > 0.3
+    masks[3] = masks[2]  # a duplicate
+    masks[5, 20:23, 30:33] = ~masks[5, 20:23, 30:33]  # a small hole or island
+    values = dict(
+        rles=amg.mask_to_rle(masks),
+        boxes=amg.batched_mask_to_box(masks),
+        iou_preds=torch.rand(12, generator=g),
+        points=torch.rand(12, 2, generator=g),
+    )
+    ref = meta_amg.MaskData(
+        **{k: v.clone() if isinstance(v, torch.Tensor) else list(v) for k, v in values.items()}
+    )
+    ref = MetaGenerator.postprocess_small_regions(ref, min_area, 0.7)
+    ours = amg.MaskData(
+        **{k: v.clone() if isinstance(v, torch.Tensor) else list(v) for k, v in values.items()}
+    )
+    out = SamAutomaticMaskGenerator.postprocess_small_regions(ours, min_area, 0.7)
+    assert out is ours
+    assert ours["rles"] == ref["rles"]
+    for key in ("boxes", "iou_preds", "points"):
+        assert torch.equal(ours[key], ref[key])
+    if min_area >= 200:
+        assert len(ref["rles"]) < 12  # the method really removed and merged masks here
+    empty = amg.MaskData(rles=[], boxes=torch.zeros(0, 4))
+    assert SamAutomaticMaskGenerator.postprocess_small_regions(empty, 10, 0.7) is empty

@@ -91,3 +91,94 @@ def test_remove_small_regions_matches_meta(mode, area):
     ours, changed = amg.remove_small_regions(mask, area, mode)
     ref, ref_changed = meta_amg.remove_small_regions(mask, area, mode)
     assert changed == ref_changed and np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("shape", [(4, 30, 20), (2, 3, 17, 9)])
+def test_mask_to_rle_pytorch_and_stability_of_any_leading_shape_match_meta(shape):
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3
+    torch.testing.assert_close(
+        amg.calculate_stability_score(logits, 0.5, 1.0), meta_amg.calculate_stability_score(logits, 0.5, 1.0)
+    )
+    masks = logits.flatten(0, -3) > 0
+    assert amg.mask_to_rle_pytorch(masks) == meta_amg.mask_to_rle_pytorch(masks)
+
+
+def test_box_and_point_helpers_match_meta():
+    g = torch.Generator().manual_seed(2)
+    boxes = torch.randint(0, 500, (6, 4), generator=g)
+    boxes[:, 2:] += boxes[:, :2]
+    for box in boxes:  # Meta's converts one box at a time (its indexing is along the first axis)
+        assert torch.equal(amg.box_xyxy_to_xywh(box), meta_amg.box_xyxy_to_xywh(box))
+    assert torch.equal(amg.box_xyxy_to_xywh(boxes), torch.stack([amg.box_xyxy_to_xywh(b) for b in boxes]))
+    crop = [30, 40, 300, 200]
+    points = torch.rand(5, 2, generator=g, dtype=torch.float64) * 100
+    for t, ref in (
+        (amg.uncrop_boxes_xyxy(boxes, crop), meta_amg.uncrop_boxes_xyxy(boxes, crop)),
+        (amg.uncrop_boxes_xyxy(boxes[None], crop), meta_amg.uncrop_boxes_xyxy(boxes[None], crop)),
+        (amg.uncrop_points(points, crop), meta_amg.uncrop_points(points, crop)),
+        (amg.uncrop_points(points[None], crop), meta_amg.uncrop_points(points[None], crop)),
+    ):
+        torch.testing.assert_close(t, ref)
+
+
+@pytest.mark.parametrize("n, batch", [(10, 3), (9, 3), (0, 4), (5, 8)])
+def test_batch_iterator_matches_meta(n, batch):
+    a, b = np.arange(n), list(range(100, 100 + n))
+    ours, ref = list(amg.batch_iterator(batch, a, b)), list(meta_amg.batch_iterator(batch, a, b))
+    assert len(ours) == len(ref)
+    for x, y in zip(ours, ref):
+        assert np.array_equal(x[0], y[0]) and x[1] == y[1]
+    with pytest.raises(ValueError, match="same length"):
+        next(amg.batch_iterator(2, a, b + [1]))
+
+
+def mask_data_pair(seed: int = 0):
+    """The same records (a list, tensors and an array) as a samkit and a Meta MaskData."""
+    g = torch.Generator().manual_seed(seed)
+    masks = random_masks(6, 20, 30, seed=seed)
+    values = dict(
+        rles=amg.mask_to_rle(masks),
+        boxes=amg.batched_mask_to_box(masks),
+        iou_preds=torch.rand(6, generator=g),
+        points=np.arange(12.0).reshape(6, 2),
+    )
+    return amg.MaskData(**values), meta_amg.MaskData(**values)
+
+
+def assert_same_mask_data(ours, ref) -> None:
+    assert [k for k, _ in ours.items()] == [k for k, _ in ref.items()]
+    for key, value in ref.items():
+        got = ours[key]
+        assert type(got) is type(value)
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got, value)
+        elif isinstance(value, np.ndarray):
+            assert np.array_equal(got, value)
+        else:
+            assert got == value
+
+
+def test_mask_data_filter_cat_and_to_numpy_match_meta():
+    for keep in (torch.tensor([True, False, True, True, False, False]), torch.tensor([4, 0, 2])):
+        ours, ref = mask_data_pair()
+        ours.filter(keep)
+        ref.filter(keep)
+        assert_same_mask_data(ours, ref)
+    ours, ref = mask_data_pair()
+    more_ours, more_ref = mask_data_pair(seed=1)
+    more_ours["extra"] = torch.ones(6)
+    more_ref["extra"] = torch.ones(6)
+    ours.cat(more_ours)
+    ref.cat(more_ref)
+    assert_same_mask_data(ours, ref)
+    more_ours["rles"][0]["counts"].append(1)  # cat copied the lists: no shared records
+    assert ours["rles"][6] == ref["rles"][6]
+    ours.to_numpy()
+    ref.to_numpy()
+    assert_same_mask_data(ours, ref)
+    del ours["extra"]
+    assert "extra" not in dict(ours.items())
+    with pytest.raises(TypeError, match="lists, numpy arrays or tensors"):
+        amg.MaskData(boxes=3)
+    with pytest.raises(TypeError, match="lists, numpy arrays or tensors"):
+        ours["score"] = 0.5

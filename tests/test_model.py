@@ -43,7 +43,7 @@ def test_every_parameter_gets_a_gradient(tiny_model):
         ]
         loss = 0
         for multimask in (True, False):
-            for out in model(batch, multimask_output=multimask):
+            for out in model.forward_train(batch, multimask_output=multimask):
                 assert torch.isfinite(out["low_res_logits"]).all()
                 loss = loss + out["low_res_logits"].mean() + out["iou_predictions"].mean()
         loss.backward()
@@ -69,7 +69,7 @@ def test_global_attention_chunking_matches_unchunked(monkeypatch):
     import samkit.modeling.image_encoder as enc
 
     torch.manual_seed(0)
-    attn = Attention(32, 4, input_size=(8, 8))
+    attn = Attention(32, 4, use_rel_pos=True, input_size=(8, 8))
     torch.nn.init.normal_(attn.rel_pos_h)
     torch.nn.init.normal_(attn.rel_pos_w)
     x = torch.randn(2, 8, 8, 32)
@@ -89,7 +89,7 @@ def test_inference_bias_blocks_match_the_whole_bias(monkeypatch, dtype, block):
     import samkit.modeling.image_encoder as enc
 
     torch.manual_seed(0)
-    attn = Attention(32, 4, input_size=(6, 10)).to(dtype)
+    attn = Attention(32, 4, use_rel_pos=True, input_size=(6, 10)).to(dtype)
     torch.nn.init.normal_(attn.rel_pos_h)
     torch.nn.init.normal_(attn.rel_pos_w)
     x = torch.randn(3, 6, 10, 32, dtype=dtype)
@@ -205,3 +205,63 @@ def test_tune_cpu_allocator_is_on_by_default_and_can_be_turned_off():
     assert off.stdout.split() == ["False", "False"]
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert on.stdout.split() == ["True", "True"]
+
+
+def _sam_batch(model):
+    p = SamPredictor(model)
+    image = torch.from_numpy(p.transform.apply_image(np.full((300, 400, 3), 90, np.uint8))).permute(2, 0, 1)
+    return [
+        {
+            "image": image.float(),
+            "original_size": (300, 400),
+            "point_coords": torch.tensor([[[100.0, 200.0]], [[300.0, 50.0]]]),
+            "point_labels": torch.tensor([[1], [1]]),
+        },
+        {"image": image.float(), "original_size": (300, 400), "boxes": torch.tensor([[50.0, 60, 700, 500]])},
+    ]
+
+
+def test_forward_runs_without_autograd_as_meta(tiny_model):
+    """Sam.forward is inference (Meta's notebooks call .numpy() on its outputs); forward_train equals it."""
+    batch = _sam_batch(tiny_model)
+    outputs = tiny_model(batch, multimask_output=True)
+    trained = tiny_model.forward_train(batch, multimask_output=True)
+    for out, ref in zip(outputs, trained):
+        for key, value in out.items():
+            assert not value.requires_grad and value.grad_fn is None
+            value.numpy()  # raises for a tensor that requires grad
+            if key == "masks":  # the inference kernels round differently from the autograd ones
+                assert (value == ref[key]).float().mean() > 0.999
+            else:
+                torch.testing.assert_close(value, ref[key].detach(), atol=1e-4, rtol=1e-4)
+        assert out["masks"].shape == (len(out["iou_predictions"]), 3, 300, 400)
+
+
+def test_forward_train_gives_every_decoder_parameter_a_gradient(tiny_model):
+    decoder = tiny_model.mask_decoder
+    try:
+        batch = _sam_batch(tiny_model)
+        loss = 0
+        for multimask in (True, False):
+            for out in tiny_model.forward_train(batch, multimask_output=multimask):
+                assert out["low_res_logits"].requires_grad and out["iou_predictions"].requires_grad
+                loss = loss + out["low_res_logits"].mean() + out["iou_predictions"].mean()
+        loss.backward()
+        missing = [n for n, p in decoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert missing == []
+    finally:
+        tiny_model.zero_grad(set_to_none=True)
+
+
+def test_predictor_outputs_are_ordinary_tensors(tiny_model, photo):
+    """Meta's predictor returns tensors that can be edited in place; inference-mode tensors refuse."""
+    predictor = SamPredictor(tiny_model)
+    predictor.set_image(photo)
+    point = predictor.transform.apply_coords_torch(torch.tensor([[[200.0, 150.0]]]), photo.shape[:2])
+    outputs = predictor.predict_torch(point, torch.tensor([[1]]))
+    for tensor in (*outputs, predictor.get_image_embedding()):
+        assert not tensor.is_inference() and not tensor.requires_grad
+        tensor.zero_()
+        assert not tensor.any()
+    predictor.set_image_batch([photo, photo[:100]])
+    predictor.get_image_embedding().mul_(2)

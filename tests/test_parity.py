@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from segment_anything import SamPredictor as MetaPredictor
 
 from samkit import SamPredictor
 
-from .conftest import model_pair
+from .conftest import model_pair, perturbed_state
 
 
 def rel_diff(a, b) -> float:
@@ -124,7 +126,7 @@ def test_tiny_model_on_other_images(seed):
             assert_same_prediction(p_meta.predict(**kwargs), p_ours.predict(**kwargs))
 
 
-def test_sam_forward_matches_meta_and_is_differentiable(tiny_pair, photo):
+def test_sam_forward_and_forward_train_match_meta(tiny_pair, photo):
     ours, meta = tiny_pair
     p = SamPredictor(ours)
     x = torch.from_numpy(np.array(p.transform.apply_image(photo))).permute(2, 0, 1).float()
@@ -132,9 +134,11 @@ def test_sam_forward_matches_meta_and_is_differentiable(tiny_pair, photo):
         torch.tensor([[10.0, 20, 300, 400], [100, 100, 200, 250]]), photo.shape[:2]
     )
     batch = [{"image": x, "original_size": photo.shape[:2], "boxes": boxes}]
-    with torch.no_grad():
-        ref = meta(batch, multimask_output=True)[0]
-    got = ours(batch, multimask_output=True)[0]
+    ref = meta(batch, multimask_output=True)[0]
+    inference = ours(batch, multimask_output=True)[0]  # no autograd, as Meta's
+    assert rel_diff(ref["low_res_logits"], inference["low_res_logits"]) < 1e-4
+    assert not inference["low_res_logits"].requires_grad
+    got = ours.forward_train(batch, multimask_output=True)[0]
     assert got["low_res_logits"].requires_grad
     assert (ref["masks"] == got["masks"]).float().mean() >= 0.999
     assert rel_diff(ref["low_res_logits"], got["low_res_logits"].detach()) < 1e-4
@@ -150,3 +154,134 @@ def test_sam_forward_matches_meta_and_is_differentiable(tiny_pair, photo):
     no_grad = [n for n, p in ours.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad and all(n.startswith(unused) for n in no_grad), no_grad
     ours.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules built with Meta's constructor arguments, including non-default ones, compute what Meta's do.
+
+
+def module_pair(meta_cls, ours_cls, seed: int, *args, **kwargs):
+    """(samkit module, Meta module) built with the same arguments and holding the same random weights."""
+    torch.manual_seed(seed)
+    meta = meta_cls(*args, **kwargs).eval()
+    ours = ours_cls(*args, **kwargs).eval()
+    state = perturbed_state(meta.state_dict(), seed)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    meta.load_state_dict(state)
+    ours.load_state_dict(state)
+    return ours, meta
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=16),  # Meta's defaults
+        dict(
+            img_size=80,
+            patch_size=8,
+            in_chans=1,
+            embed_dim=32,
+            depth=3,
+            num_heads=4,
+            mlp_ratio=2.0,
+            out_chans=16,
+            qkv_bias=False,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            act_layer=torch.nn.ReLU,
+            use_abs_pos=False,
+            use_rel_pos=True,
+            window_size=3,  # 10x10 tokens: padded windows
+            global_attn_indexes=(1,),
+        ),
+    ],
+    ids=["defaults", "every-argument"],
+)
+def test_image_encoder_with_meta_arguments(kwargs):
+    from segment_anything.modeling import ImageEncoderViT as MetaEncoder
+
+    from samkit.modeling import ImageEncoderViT
+
+    ours, meta = module_pair(MetaEncoder, ImageEncoderViT, 0, **kwargs)
+    x = torch.randn(2, kwargs.get("in_chans", 3), kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        assert rel_diff(meta(x), ours(x)) < 1e-5
+    # rel_pos_zero_init=False draws the tables (Meta's ignores the flag and leaves them at zero).
+    drawn = ImageEncoderViT(**{**kwargs, "use_rel_pos": True, "rel_pos_zero_init": False})
+    assert all(blk.attn.rel_pos_h.abs().sum() > 0 for blk in drawn.blocks)
+
+
+def test_decoder_modules_with_meta_arguments():
+    from segment_anything.modeling import MaskDecoder as MetaDecoder
+    from segment_anything.modeling import PromptEncoder as MetaPromptEncoder
+    from segment_anything.modeling import TwoWayTransformer as MetaTransformer
+    from segment_anything.modeling.mask_decoder import MLP as MetaMLP
+
+    from samkit.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from samkit.modeling.mask_decoder import MLP
+
+    ours, meta = module_pair(MetaMLP, MLP, 0, 8, 16, 4, 3, sigmoid_output=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(ours(x), meta(x))
+
+    args = dict(depth=1, embedding_dim=32, num_heads=2, mlp_dim=48)
+    kinds = dict(activation=torch.nn.GELU, attention_downsample_rate=1)
+    ours_t, meta_t = module_pair(MetaTransformer, TwoWayTransformer, 1, **args, **kinds)
+    image, pe, tokens = torch.randn(1, 32, 6, 6), torch.randn(1, 32, 6, 6), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        for a, b in zip(ours_t(image, pe, tokens), meta_t(image, pe, tokens)):
+            assert rel_diff(b, a) < 1e-5
+
+    ours_d, meta_d = module_pair(
+        lambda **kw: MetaDecoder(transformer=MetaTransformer(**args, **kinds), **kw),
+        lambda **kw: MaskDecoder(transformer=TwoWayTransformer(**args, **kinds), **kw),
+        2,
+        transformer_dim=32,
+        num_multimask_outputs=2,
+        activation=torch.nn.ReLU,
+        iou_head_depth=2,
+        iou_head_hidden_dim=24,
+    )
+    sparse, dense = torch.randn(3, 4, 32), torch.randn(3, 32, 6, 6)
+    with torch.no_grad():
+        for multimask in (True, False):
+            got, ref = (
+                ours_d(image, pe, sparse, dense, multimask),
+                meta_d(image, pe, sparse, dense, multimask),
+            )
+            assert got[0].shape == ref[0].shape and rel_diff(ref[0], got[0]) < 1e-5
+            torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+
+    # Meta's PromptEncoder takes its arguments by position too.
+    ours_p, meta_p = module_pair(MetaPromptEncoder, PromptEncoder, 3, 32, (6, 6), (24, 24), 8, torch.nn.ReLU)
+    boxes, masks = torch.tensor([[1.0, 2, 20, 17]]), torch.randn(1, 1, 24, 24)
+    with torch.no_grad():
+        for a, b in zip(ours_p(None, boxes, masks), meta_p(None, boxes, masks)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_image_encoder_helpers_match_meta():
+    from segment_anything.modeling import image_encoder as meta_enc
+
+    from samkit.modeling import image_encoder as enc
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 7, 6)
+    for window in (3, 5, 7):
+        ours, meta = enc.window_partition(x, window), meta_enc.window_partition(x, window)
+        assert torch.equal(ours[0], meta[0]) and ours[1] == meta[1]
+        back = enc.window_unpartition(ours[0], window, ours[1], (10, 7))
+        assert torch.equal(back, meta_enc.window_unpartition(meta[0], window, meta[1], (10, 7)))
+        assert torch.equal(back, x)
+    for q, k, length in ((7, 7, 13), (5, 5, 13), (4, 8, 15)):
+        table = torch.randn(length, 6)
+        torch.testing.assert_close(enc.get_rel_pos(q, k, table), meta_enc.get_rel_pos(q, k, table))
+    q, rel_h, rel_w = torch.randn(3, 4 * 5, 6), torch.randn(7, 6), torch.randn(9, 6)
+    attn = torch.randn(3, 20, 20)
+    torch.testing.assert_close(
+        enc.add_decomposed_rel_pos(attn, q, rel_h, rel_w, (4, 5), (4, 5)),
+        meta_enc.add_decomposed_rel_pos(attn, q, rel_h, rel_w, (4, 5), (4, 5)),
+    )
+    patches = dict(kernel_size=(4, 4), stride=(2, 2), padding=(1, 1), in_chans=2, embed_dim=8)
+    ours, meta = module_pair(meta_enc.PatchEmbed, enc.PatchEmbed, 0, **patches)
+    image = torch.randn(1, 2, 9, 11)
+    torch.testing.assert_close(ours(image), meta(image))

@@ -99,3 +99,15 @@ def test_load_image_formats(tmp_path):
         load_image(tmp_path / "cut.png")
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "missing.png")
+
+
+def test_apply_image_returns_a_writable_array():
+    """Meta's notebooks wrap it with torch.as_tensor, which warns on a read-only array."""
+    import warnings
+
+    resized = ResizeLongestSide(64).apply_image(np.zeros((30, 40, 3), np.uint8))
+    assert resized.flags.writeable and resized.shape == (48, 64, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.as_tensor(resized).add_(1)
+    resized[0, 0] = 255

@@ -83,13 +83,18 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (the hypernetwork and IoU heads)."""
+    """``num_layers`` linear layers with ReLU between them (the hypernetwork and IoU heads), and a
+    sigmoid on the output with ``sigmoid_output``."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+    def __init__(
+        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, sigmoid_output: bool = False
+    ) -> None:
         super().__init__()
+        self.num_layers = num_layers
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.sigmoid_output = sigmoid_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
@@ -97,4 +102,4 @@ class MLP(nn.Module):
             x = layer(x)
             if i < last:
                 x = F.relu(x)
-        return x
+        return torch.sigmoid(x) if self.sigmoid_output else x

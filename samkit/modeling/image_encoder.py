@@ -1,12 +1,15 @@
 """ViT image encoder (ViTDet style): windowed and global attention with decomposed relative positions,
 followed by a convolutional neck that maps to the 256-channel image embedding.
 
-Parameter names follow Meta's release so its checkpoints load with ``strict=True``.
+Parameter names follow Meta's release so its checkpoints load with ``strict=True``; the classes and
+functions take Meta's arguments with Meta's defaults (``window_partition``, ``get_rel_pos`` and
+``add_decomposed_rel_pos`` are the reference forms: the encoder itself fuses them into its attention).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +26,19 @@ _BIAS_BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> BxHxWxC tokens."""
+    """Bx(in_chans)xHxW images -> BxH'xW'x(embed_dim) tokens by one convolution (patches when the
+    stride equals the kernel)."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(
+        self,
+        kernel_size: tuple[int, int] = (16, 16),
+        stride: tuple[int, int] = (16, 16),
+        padding: tuple[int, int] = (0, 0),
+        in_chans: int = 3,
+        embed_dim: int = 768,
+    ) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)
@@ -50,19 +61,72 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[offsets.long()]
 
 
+get_rel_pos = relative_position_table  # Meta's name
+
+
+def add_decomposed_rel_pos(
+    attn: torch.Tensor,
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
+) -> torch.Tensor:
+    """Attention logits Bx(qh*qw)x(kh*kw) plus the decomposed relative-position bias of the queries
+    q: Bx(qh*qw)xC, ``q·Rh[y_q, y_k] + q·Rw[x_q, x_k]`` (MViTv2), as a new tensor."""
+    qh, qw = q_size
+    kh, kw = k_size
+    rh = relative_position_table(qh, kh, rel_pos_h)
+    rw = relative_position_table(qw, kw, rel_pos_w)
+    grid_q = q.reshape(q.shape[0], qh, qw, -1)
+    rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh)
+    rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw)
+    bias = rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)  # B x qh x qw x kh x kw
+    return (attn.view(-1, qh, qw, kh, kw) + bias).view(-1, qh * qw, kh * kw)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """BxHxWxC tokens -> (B*windows)x(window)x(window)xC, windows in row-major order, after zero-padding
+    H and W up to multiples of ``window_size``; also returns the padded size (Hp, Wp)."""
+    b, h, w, c = x.shape
+    ph, pw = -h % window_size, -w % window_size
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    tiles = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c).transpose(2, 3)
+    return tiles.reshape(-1, window_size, window_size, c), (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """The inverse of :func:`window_partition`: windows -> BxHxWxC with the padding (Hp, Wp) -> (H, W)
+    removed."""
+    hp, wp = pad_hw
+    h, w = hw
+    nh, nw = hp // window_size, wp // window_size
+    b = windows.shape[0] // (nh * nw)
+    x = windows.view(b, nh, nw, window_size, window_size, -1).transpose(2, 3).reshape(b, hp, wp, -1)
+    return x[:, :h, :w].contiguous() if hp > h or wp > w else x
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a grid of tokens with decomposed relative-position bias.
 
     The bias ``q·Rh[y_q, y_k] + q·Rw[x_q, x_k]`` is computed from the unscaled queries and handed to
     ``scaled_dot_product_attention`` as an additive mask, so the fused kernel does the softmax.
+    ``input_size`` (H, W) sizes the relative-position tables (required with ``use_rel_pos``); they
+    start at zero, or from a truncated normal (std 0.02, as in ViTDet) with ``rel_pos_zero_init=False``
+    (Meta's accepts that flag but always starts at zero).
     """
 
     def __init__(
         self,
         dim: int,
-        num_heads: int,
+        num_heads: int = 8,
         qkv_bias: bool = True,
-        use_rel_pos: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
         input_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
@@ -77,6 +141,9 @@ class Attention(nn.Module):
                 raise ValueError("input_size is required when use_rel_pos is True")
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]
@@ -201,7 +268,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``window_size`` 0 means global attention."""
+    """Pre-norm transformer block over BxHxWxC tokens; ``window_size`` 0 means global attention.
+
+    ``norm_layer(dim)`` builds the two norms (SAM passes LayerNorm with eps 1e-6) and ``act_layer`` is
+    the MLP's activation; ``input_size`` (H, W) sizes a global block's relative-position tables.
+    """
 
     def __init__(
         self,
@@ -209,18 +280,26 @@ class Block(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        use_rel_pos: bool = True,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
         window_size: int = 0,
         input_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = norm_layer(dim)
         attn_size = (window_size, window_size) if window_size > 0 else input_size
         self.attn = Attention(
-            dim, num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=attn_size
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            rel_pos_zero_init=rel_pos_zero_init,
+            input_size=attn_size,
         )
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,11 +310,15 @@ class Block(nn.Module):
 
 
 class ImageEncoderViT(nn.Module):
-    """Bx3xSxS normalised, padded images -> Bx(out_chans)x(S/patch)x(S/patch) embeddings."""
+    """Bx(in_chans)xSxS normalised, padded images -> Bx(out_chans)x(S/patch)x(S/patch) embeddings.
+
+    Meta's arguments and defaults (global attention in every block, no relative positions); the SAM
+    sizes in ``samkit.build`` pass window 14, relative positions, global blocks at
+    ``global_attn_indexes`` and ``norm_layer=partial(nn.LayerNorm, eps=1e-6)``.
+    """
 
     def __init__(
         self,
-        *,
         img_size: int = 1024,
         patch_size: int = 16,
         in_chans: int = 3,
@@ -245,15 +328,23 @@ class ImageEncoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         out_chans: int = 256,
         qkv_bias: bool = True,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
         use_abs_pos: bool = True,
-        use_rel_pos: bool = True,
-        window_size: int = 14,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
         global_attn_indexes: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.img_size = img_size
         grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(
+            kernel_size=(patch_size, patch_size),
+            stride=(patch_size, patch_size),
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim)) if use_abs_pos else None
         self.blocks = nn.ModuleList(
             Block(
@@ -261,7 +352,10 @@ class ImageEncoderViT(nn.Module):
                 num_heads,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
                 use_rel_pos=use_rel_pos,
+                rel_pos_zero_init=rel_pos_zero_init,
                 window_size=0 if i in global_attn_indexes else window_size,
                 input_size=(grid, grid),
             )

@@ -53,7 +53,6 @@ class PromptEncoder(nn.Module):
 
     def __init__(
         self,
-        *,
         embed_dim: int,
         image_embedding_size: tuple[int, int],
         input_image_size: tuple[int, int],

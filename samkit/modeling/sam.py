@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from .prompt_encoder import PromptEncoder
 
 
 class Sam(nn.Module):
+    """SAM: ``image_encoder`` embeds images, ``prompt_encoder`` embeds prompts, ``mask_decoder`` predicts
+    masks. ``pixel_mean``/``pixel_std`` normalise RGB 0-255 pixels."""
+
     mask_threshold: float = 0.0
     image_format: str = "RGB"
 
@@ -22,8 +25,8 @@ class Sam(nn.Module):
         image_encoder: ImageEncoderViT,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
-        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -45,10 +48,12 @@ class Sam(nn.Module):
         """The dtype of the weights (the model computes in it)."""
         return self.mask_decoder.iou_token.weight.dtype
 
+    @torch.no_grad()
     def forward(
         self, batched_input: list[dict[str, Any]], multimask_output: bool
     ) -> list[dict[str, torch.Tensor]]:
-        """End-to-end prediction, differentiable (wrap in ``torch.no_grad()`` for inference).
+        """End-to-end prediction for inference, under ``torch.no_grad()`` as Meta's (train with
+        :meth:`forward_train`, same inputs and outputs).
 
         Each input dict holds ``image`` (3xHxW, already resized so the long side is the encoder's
         input size, pixel values 0-255), ``original_size`` (H, W) and optionally ``point_coords``
@@ -56,6 +61,20 @@ class Sam(nn.Module):
         ``mask_inputs`` (Bx1x256x256 logits). Each output dict holds ``masks`` (BxCxHxW bool at the
         original size), ``iou_predictions`` (BxC) and ``low_res_logits`` (BxCx256x256).
         """
+        return self._predict(batched_input, multimask_output)
+
+    def forward_train(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward` with autograd: ``iou_predictions`` and ``low_res_logits`` carry gradients to
+        every parameter they depend on (``masks`` is thresholded, so it has none). Autograd follows the
+        caller's grad mode (on unless disabled); run the model in ``train()`` mode for training.
+        """
+        return self._predict(batched_input, multimask_output)
+
+    def _predict(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
         images = torch.stack([self.preprocess(x["image"]) for x in batched_input])
         embeddings = self.image_encoder(images)
         outputs = []

@@ -1,5 +1,6 @@
-"""Helpers of automatic mask generation: point grids, crops, stability scores, boxes and RLE.
+"""Helpers of automatic mask generation: point grids, crops, stability scores, boxes, RLE and MaskData.
 
+Every public name of Meta's ``segment_anything.utils.amg`` is here, with the same arguments and results.
 Masks are BxHxW tensors; boxes are XYXY with inclusive pixel indices (x1 = last column of the mask);
 RLEs are COCO's uncompressed form ``{"size": [H, W], "counts": [...]}`` over the column-major
 (Fortran-order) pixel sequence, starting with a run of zeros.
@@ -8,12 +9,94 @@ RLEs are COCO's uncompressed form ``{"size": [H, W], "counts": [...]}`` over the
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 from itertools import product
-from typing import Any
+from typing import Any, ItemsView, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class MaskData:
+    """Per-mask records kept side by side: every value (list, numpy array or tensor) has one entry per
+    mask along its first axis, so ``filter`` and ``cat`` act on all of them at once.
+
+    Meta's ``MaskData``: item access by key, ``items()``, in-place ``filter``/``cat``, ``to_numpy()``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        for key, value in kwargs.items():
+            _check_mask_data_value(key, value)
+        self._stats: dict[str, Any] = dict(kwargs)
+
+    def __setitem__(self, key: str, item: Any) -> None:
+        _check_mask_data_value(key, item)
+        self._stats[key] = item
+
+    def __delitem__(self, key: str) -> None:
+        del self._stats[key]
+
+    def __getitem__(self, key: str) -> Any:
+        return self._stats[key]
+
+    def items(self) -> ItemsView[str, Any]:
+        return self._stats.items()
+
+    def filter(self, keep: torch.Tensor) -> None:
+        """Keep, in place, the masks ``keep`` selects: an N bool tensor or a tensor of indices (in that order)."""
+        keep = torch.as_tensor(keep).detach().cpu()
+        index = keep.nonzero().flatten() if keep.dtype == torch.bool else keep.flatten()
+        for key, value in self._stats.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                self._stats[key] = value[index.to(value.device)]
+            elif isinstance(value, np.ndarray):
+                self._stats[key] = value[index.numpy()]
+            elif isinstance(value, list):
+                self._stats[key] = [value[i] for i in index.tolist()]
+            else:
+                raise TypeError(f"MaskData key {key!r} has an unsupported type {type(value).__name__}")
+
+    def cat(self, new_stats: MaskData) -> None:
+        """Append ``new_stats``'s masks after these, in place (its values are copied, never shared)."""
+        for key, value in new_stats.items():
+            old = self._stats.get(key)
+            if old is None:
+                self._stats[key] = deepcopy(value)
+            elif isinstance(value, torch.Tensor):
+                self._stats[key] = torch.cat([old, value], dim=0)
+            elif isinstance(value, np.ndarray):
+                self._stats[key] = np.concatenate([old, value], axis=0)
+            elif isinstance(value, list):
+                self._stats[key] = old + deepcopy(value)
+            else:
+                raise TypeError(f"MaskData key {key!r} has an unsupported type {type(value).__name__}")
+
+    def to_numpy(self) -> None:
+        """Turn every tensor value into a numpy array (on the CPU), in place."""
+        for key, value in self._stats.items():
+            if isinstance(value, torch.Tensor):
+                self._stats[key] = value.detach().cpu().numpy()
+
+
+def _check_mask_data_value(key: str, value: Any) -> None:
+    if not isinstance(value, (list, np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"MaskData values must be lists, numpy arrays or tensors; {key!r} is {type(value).__name__}"
+        )
+
+
+def batch_iterator(batch_size: int, *args: Sequence[Any]) -> Iterator[list[Any]]:
+    """Yield ``[arg[i : i + batch_size] for arg in args]`` for i = 0, batch_size, ... (the last may be shorter).
+
+    Every ``arg`` must have the same length.
+    """
+    if not args or any(len(a) != len(args[0]) for a in args):
+        raise ValueError("batch_iterator needs one or more inputs, all of the same length")
+    for start in range(0, len(args[0]), batch_size):
+        yield [a[start : start + batch_size] for a in args]
 
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
@@ -58,9 +141,9 @@ def stability_score_from_counts(strict: torch.Tensor, loose: torch.Tensor) -> to
 def calculate_stability_score(
     masks: torch.Tensor, mask_threshold: float, threshold_offset: float
 ) -> torch.Tensor:
-    """Stability of BxHxW logits: IoU between the masks at threshold +- offset."""
-    strict = (masks > (mask_threshold + threshold_offset)).flatten(1).sum(-1, dtype=torch.int32)
-    loose = (masks > (mask_threshold - threshold_offset)).flatten(1).sum(-1, dtype=torch.int32)
+    """Stability of ...xHxW logits (one score per mask): IoU of the masks at threshold +- offset."""
+    strict = (masks > (mask_threshold + threshold_offset)).flatten(-2).sum(-1, dtype=torch.int32)
+    loose = (masks > (mask_threshold - threshold_offset)).flatten(-2).sum(-1, dtype=torch.int32)
     return stability_score_from_counts(strict, loose)
 
 
@@ -97,11 +180,13 @@ def is_box_near_crop_edge(
 
 
 def uncrop_boxes_xyxy(boxes: torch.Tensor, crop_box: list[int]) -> torch.Tensor:
+    """...x4 XYXY boxes in a crop's pixels -> in the image's pixels."""
     x0, y0 = crop_box[:2]
     return boxes + torch.tensor([x0, y0, x0, y0], device=boxes.device, dtype=boxes.dtype)
 
 
 def uncrop_points(points: torch.Tensor, crop_box: list[int]) -> torch.Tensor:
+    """...x2 XY points in a crop's pixels -> in the image's pixels."""
     x0, y0 = crop_box[:2]
     return points + torch.tensor([x0, y0], device=points.device, dtype=points.dtype)
 
@@ -114,9 +199,10 @@ def uncrop_masks(masks: torch.Tensor, crop_box: list[int], orig_h: int, orig_w: 
     return F.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
 
 
-def box_xyxy_to_xywh(box: torch.Tensor) -> torch.Tensor:
-    out = box.clone()
-    out[..., 2:] = box[..., 2:] - box[..., :2]
+def box_xyxy_to_xywh(box_xyxy: torch.Tensor) -> torch.Tensor:
+    """...x4 XYXY -> XYWH (a new tensor)."""
+    out = box_xyxy.clone()
+    out[..., 2:] = box_xyxy[..., 2:] - box_xyxy[..., :2]
     return out
 
 
@@ -141,6 +227,11 @@ def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
     return out
 
 
+def mask_to_rle_pytorch(tensor: torch.Tensor) -> list[dict[str, Any]]:
+    """Meta's name for :func:`mask_to_rle`: BxHxW bool -> uncompressed RLEs."""
+    return mask_to_rle(tensor)
+
+
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     """Uncompressed RLE -> HxW bool."""
     h, w = rle["size"]
@@ -150,6 +241,7 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
 
 
 def area_from_rle(rle: dict[str, Any]) -> int:
+    """Foreground pixels of an uncompressed RLE."""
     return int(sum(rle["counts"][1::2]))
 
 

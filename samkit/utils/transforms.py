@@ -27,9 +27,10 @@ class ResizeLongestSide:
         return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """HxWxC uint8 -> resized HxWxC uint8 (PIL bilinear, anti-aliased when shrinking)."""
+        """HxWxC uint8 -> resized HxWxC uint8 (PIL bilinear, anti-aliased when shrinking), a new writable array."""
         h, w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        # np.array, not np.asarray: an array viewing PIL's buffer is read-only, and torch.as_tensor warns on it.
+        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         old_h, old_w = original_size
