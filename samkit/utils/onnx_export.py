@@ -137,18 +137,26 @@ def finish_model(path: str, metadata: dict[str, str], precision: str, external: 
     if precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantised = os.path.join(os.path.dirname(folder), f"{os.path.basename(path)}.int8")
-        # Silences its advice to run its pre-processing first (noise on the command line).
-        logging.disable(logging.WARNING)
+        # Into a folder of its own: with external data (vit_h) the quantiser writes its data file
+        # beside its output, and the model is read back from there.
+        quantised_dir = f"{folder}.int8"
+        os.makedirs(quantised_dir)
+        quantised = os.path.join(quantised_dir, os.path.basename(path))
+        logging.disable(logging.WARNING)  # its advice to run its pre-processing first: noise
         try:
             quantize_dynamic(
-                path, quantised, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"]
+                path,
+                quantised,
+                weight_type=QuantType.QUInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                use_external_data_format=external,
             )
         finally:
             logging.disable(logging.NOTSET)
-        _clear(folder)
-        os.replace(quantised, path)
-    model = onnx.load(path)  # with any external data the exporter wrote beside it
+        model = onnx.load(quantised)
+        shutil.rmtree(quantised_dir)
+    else:
+        model = onnx.load(path)  # with any external data the exporter wrote beside it
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
