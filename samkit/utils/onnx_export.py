@@ -228,6 +228,11 @@ def export_onnx(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if model.dtype != torch.float32 or model.device.type != "cpu":
+        raise ValueError(
+            f"export a float32 model on the CPU (got {model.dtype} on {model.device}): "
+            "precision='fp16' converts the exported model"
+        )
     require_onnx()
     output_dir = os.path.abspath(os.fspath(output_dir))
     check_output(output_dir, overwrite)
