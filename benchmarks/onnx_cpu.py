@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     apply_common_flags(args)
+    tmp = tempfile.mkdtemp(prefix="onnx_cpu_")
+    try:
+        return run(args, argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the vit_b exports take ~470 MB
 
+
+def run(args: argparse.Namespace, argv: list[str] | None, tmp: str) -> int:
     from skimage import data
 
     _, state = shared_random_weights(args.model)
     model = samkit_sam(args.model, state).eval()
-    tmp = tempfile.mkdtemp(prefix="onnx_cpu_")
     export_s, sizes, predictors = {}, {}, {"samkit fp32": SamPredictor(model)}
     for precision in ("fp32", "int8"):
         out = os.path.join(tmp, precision)
