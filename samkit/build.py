@@ -34,6 +34,7 @@ def _build_sam(
     encoder_num_heads: int,
     encoder_global_attn_indexes: tuple[int, ...],
     checkpoint: str | os.PathLike | None = None,
+    text_feature_dim: int | None = None,
 ) -> Sam:
     grid = IMAGE_SIZE // PATCH_SIZE
     sam = Sam(
@@ -56,6 +57,7 @@ def _build_sam(
             image_embedding_size=(grid, grid),
             input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
             mask_in_chans=16,
+            text_feature_dim=text_feature_dim,
         ),
         mask_decoder=MaskDecoder(
             transformer_dim=PROMPT_EMBED_DIM,
@@ -71,7 +73,9 @@ def _build_sam(
     return sam
 
 
-def _build_named(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
+def _build_named(
+    name: str, checkpoint: str | os.PathLike | None = None, text_feature_dim: int | None = None
+) -> Sam:
     dim, depth, heads, global_idx = ENCODER_CONFIGS[name]
     return _build_sam(
         encoder_embed_dim=dim,
@@ -79,30 +83,39 @@ def _build_named(name: str, checkpoint: str | os.PathLike | None = None) -> Sam:
         encoder_num_heads=heads,
         encoder_global_attn_indexes=global_idx,
         checkpoint=checkpoint,
+        text_feature_dim=text_feature_dim,
     )
 
 
-def build_sam_vit_h(checkpoint: str | os.PathLike | None = None) -> Sam:
+def build_sam_vit_h(
+    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+) -> Sam:
     """ViT-H SAM (636M parameters); Meta's file: sam_vit_h_4b8939.pth."""
-    return _build_named("vit_h", checkpoint)
+    return _build_named("vit_h", checkpoint, text_feature_dim)
 
 
-def build_sam_vit_l(checkpoint: str | os.PathLike | None = None) -> Sam:
+def build_sam_vit_l(
+    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+) -> Sam:
     """ViT-L SAM (308M parameters); Meta's file: sam_vit_l_0b3195.pth."""
-    return _build_named("vit_l", checkpoint)
+    return _build_named("vit_l", checkpoint, text_feature_dim)
 
 
-def build_sam_vit_b(checkpoint: str | os.PathLike | None = None) -> Sam:
+def build_sam_vit_b(
+    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+) -> Sam:
     """ViT-B SAM (94M parameters); Meta's file: sam_vit_b_01ec64.pth."""
-    return _build_named("vit_b", checkpoint)
+    return _build_named("vit_b", checkpoint, text_feature_dim)
 
 
-def build_sam_vit_tiny(checkpoint: str | os.PathLike | None = None) -> Sam:
+def build_sam_vit_tiny(
+    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+) -> Sam:
     """A tiny, untrained SAM (2-block 64-wide encoder, full decoder) for tests and examples.
 
     It has no released weights: its masks are meaningless until it is trained.
     """
-    return _build_named("vit_tiny", checkpoint)
+    return _build_named("vit_tiny", checkpoint, text_feature_dim)
 
 
 build_sam = build_sam_vit_h
@@ -116,11 +129,17 @@ sam_model_registry: dict[str, Callable[..., Sam]] = {
 }
 
 
-def build_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
-    """Build by name, with a clear error for an unknown name."""
+def build_model(
+    model_type: str, checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+) -> Sam:
+    """Build by name, with a clear error for an unknown name.
+
+    ``text_feature_dim`` (e.g. 768 for CLIP ViT-L/14, 256 for BLIP-2) adds the text-prompt branch
+    (``prompt_encoder.text_proj`` and ``prompt_encoder.text_embeddings``).
+    """
     if model_type not in sam_model_registry:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(sam_model_registry)}")
-    return sam_model_registry[model_type](checkpoint=checkpoint)
+    return sam_model_registry[model_type](checkpoint=checkpoint, text_feature_dim=text_feature_dim)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,8 +147,10 @@ def build_model(model_type: str, checkpoint: str | os.PathLike | None = None) ->
 
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
-# Parameters of the seed's text-prompt models that a plain SAM does not have.
-_TEXT_PREFIXES = ("text_encoder.", "prompt_encoder.text_proj.", "prompt_encoder.text_embeddings.")
+# The seed's text-prompt checkpoints may hold the frozen feature encoder; SAM never loads it.
+_IGNORED_PREFIXES = ("text_encoder.",)
+_TEXT_PROJ_WEIGHT = "prompt_encoder.text_proj.weight"
+_TEXT_BRANCH_PREFIXES = ("prompt_encoder.text_proj.", "prompt_encoder.text_embeddings.")
 
 
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,14 +226,25 @@ def _is_tensor_dict(state: Mapping) -> bool:
     )
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
-    """Load weights strictly into ``model``; errors name the file, the sizes and the mismatched keys."""
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    keep_new_text_branch: bool = False,
+) -> None:
+    """Load weights strictly into ``model``; errors name the file, the sizes and the mismatched keys.
+
+    ``keep_new_text_branch=True`` loads a plain SAM checkpoint (e.g. Meta's ``.pth``) into a text-prompt
+    model and keeps the model's freshly initialised ``text_proj``/``text_embeddings`` (the start of
+    text fine-tuning); everything else is still strict.
+    """
     source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     state = clean_state_dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     expected = model.state_dict()
-    # The seed's text-prompt checkpoints carry extra text parameters; a plain SAM ignores them.
-    if not any(k.startswith(_TEXT_PREFIXES) for k in expected):
-        state = {k: v for k, v in state.items() if not k.startswith(_TEXT_PREFIXES)}
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    if keep_new_text_branch and _TEXT_PROJ_WEIGHT not in state:
+        state.update({k: v for k, v in expected.items() if k.startswith(_TEXT_BRANCH_PREFIXES)})
+    _check_text_branch(state, expected, source)
     ckpt_size, model_size = identify_model_size(state), model_size_name(model)
     if ckpt_size != model_size and ckpt_size is not None:
         raise CheckpointError(f"checkpoint is {ckpt_size}, model is {model_size}: {source}")
@@ -227,6 +259,30 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(f"{source} does not match a {model_size} SAM ({'; '.join(parts)})")
     model.load_state_dict(state, strict=True)
+
+
+def _check_text_branch(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """A text-prompt checkpoint and a plain model (or the reverse) get one line saying what to pass."""
+    ckpt_dim = state[_TEXT_PROJ_WEIGHT].shape[1] if _TEXT_PROJ_WEIGHT in state else None
+    model_dim = expected[_TEXT_PROJ_WEIGHT].shape[1] if _TEXT_PROJ_WEIGHT in expected else None
+    if ckpt_dim is not None and model_dim is None:
+        raise CheckpointError(
+            f"{source} is a text-prompt SAM (text features of size {ckpt_dim}); "
+            f"build the model with text_feature_dim={ckpt_dim}"
+        )
+    if ckpt_dim is None and model_dim is not None:
+        raise CheckpointError(
+            f"{source} has no text-prompt parameters but the model was built with "
+            f"text_feature_dim={model_dim}; build it without text_feature_dim, or pass keep_new_text_branch=True "
+            "to start text fine-tuning from it"
+        )
+    if ckpt_dim != model_dim:
+        raise CheckpointError(
+            f"{source} holds text features of size {ckpt_dim}, the model was built with "
+            f"text_feature_dim={model_dim}; build it with text_feature_dim={ckpt_dim}"
+        )
 
 
 __all__ = [

@@ -88,11 +88,15 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        *,
+        text_features: np.ndarray | torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one prompt on the current image.
 
         point_coords: Nx2 XY pixels; point_labels: N; box: 4 (XYXY); mask_input: 1x256x256 low-res
-        logits from an earlier call. Returns masks CxHxW (bool, or float32 logits with
+        logits from an earlier call; text_features: D (e.g. an L2-normalised CLIP text feature; only on
+        a model built with ``text_feature_dim=D``; text models were trained with
+        ``multimask_output=False``). Returns masks CxHxW (bool, or float32 logits with
         ``return_logits``), IoU predictions C and low-res logits Cx256x256 (C = 3 with
         ``multimask_output`` else 1).
         """
@@ -100,8 +104,24 @@ class SamPredictor:
         coords, labels, boxes, masks = self._prompt_tensors(
             point_coords, point_labels, box, mask_input, self.original_size, batched=False
         )
-        out = self.predict_torch(coords, labels, boxes, masks, multimask_output, return_logits)
+        text = self._text_tensor(text_features)
+        out = self.predict_torch(
+            coords, labels, boxes, masks, multimask_output, return_logits, text_features=text
+        )
         return tuple(t[0].cpu().numpy() for t in out)  # type: ignore[return-value]
+
+    def _text_tensor(self, text_features: Any) -> torch.Tensor | None:
+        if text_features is None:
+            return None
+        dim = getattr(self.model.prompt_encoder, "text_feature_dim", None)
+        if dim is None:
+            raise PromptError("text_features need a text-prompt model: build it with text_feature_dim=<size>")
+        t = torch.as_tensor(np.asarray(text_features, dtype=np.float32), device=self.device)
+        if t.ndim == 1:
+            t = t[None]
+        if t.ndim != 2 or t.shape[1] != dim:
+            raise PromptError(f"text_features must be {dim} values (or Bx{dim}), got {tuple(t.shape)}")
+        return t
 
     @torch.no_grad()
     def predict_torch(
@@ -112,17 +132,20 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        *,
+        text_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for B prompts on the current image, coordinates already in the model frame.
 
         point_coords: BxNx2 (``transform.apply_coords_torch``); point_labels: BxN; boxes: Bx4
-        (``transform.apply_boxes_torch``); mask_input: Bx1x256x256. Returns masks BxCxHxW,
-        IoU predictions BxC and low-res logits BxCx256x256, all on the model's device.
+        (``transform.apply_boxes_torch``); mask_input: Bx1x256x256; text_features: BxD (text-prompt
+        models). Returns masks BxCxHxW, IoU predictions BxC and low-res logits BxCx256x256, all on the
+        model's device.
         """
         self._require_image()
         return self._decode(
             self.features[:1], self.input_size, self.original_size,
-            point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
+            point_coords, point_labels, boxes, mask_input, multimask_output, return_logits, text_features,
         )  # fmt: skip
 
     def predict_batch(
@@ -169,12 +192,16 @@ class SamPredictor:
         mask_input: torch.Tensor | None,
         multimask_output: bool,
         return_logits: bool,
+        text_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if point_coords is not None and point_labels is None:
             raise PromptError("point_labels must be given with point_coords")
         points = (point_coords, point_labels) if point_coords is not None else None
         model = self.model
-        sparse, dense = model.prompt_encoder(points, boxes, mask_input)
+        if text_features is None:
+            sparse, dense = model.prompt_encoder(points, boxes, mask_input)
+        else:
+            sparse, dense = model.prompt_encoder(points, boxes, mask_input, text=text_features)
         low_res, iou = model.mask_decoder(
             features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
         )

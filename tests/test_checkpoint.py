@@ -43,9 +43,9 @@ def test_mindspore_ckpt_round_trip(tmp_path, tiny_model):
     assert any(k.endswith(".gamma") for k in ms_state) and any(
         k.endswith(".embedding_table") for k in ms_state
     )
-    # The seed's text models also carry text parameters: a plain SAM ignores them.
-    ms_state["prompt_encoder.text_proj.weight"] = torch.zeros(256, 768)
-    ms_state["prompt_encoder.text_embeddings.embedding_table"] = torch.zeros(1, 256)
+    # The seed's checkpoints may carry its frozen text encoder: SAM ignores it (text-prompt
+    # parameters themselves need text_feature_dim; tests/test_text_mode.py).
+    ms_state["text_encoder.visual.proj"] = torch.zeros(4, 4)
     write_mindspore_checkpoint(ms_state, path)
     loaded = build_model("vit_tiny", checkpoint=path)
     assert_same_weights(tiny_model, loaded)

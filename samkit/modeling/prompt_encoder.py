@@ -1,4 +1,5 @@
-"""Prompt encoder: points and boxes become sparse tokens, a low-res mask becomes a dense embedding."""
+"""Prompt encoder: points, boxes and (optionally) text features become sparse tokens, a low-res mask
+becomes a dense embedding."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class PromptEncoder(nn.Module):
     Points are BxNx2 pixel coordinates (x, y) in the padded model-input frame with labels BxN
     (1 foreground, 0 background, -1 padding); boxes are Bx4 (x0, y0, x1, y1); masks are Bx1xHxW
     logits at 4x the embedding resolution (256x256 for SAM).
+
+    With ``text_feature_dim`` set, it also embeds BxD text (or image-crop) features, e.g. L2-normalised
+    CLIP or BLIP-2 features, as one sparse token per prompt: ``text_proj(feature) + text_embeddings``
+    (the seed's text-prompt SAM). Without it the module is Meta's, with no text parameters.
     """
 
     def __init__(
@@ -58,6 +63,8 @@ class PromptEncoder(nn.Module):
         input_image_size: tuple[int, int],
         mask_in_chans: int,
         activation: type[nn.Module] = nn.GELU,
+        *,
+        text_feature_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -78,6 +85,10 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self.text_feature_dim = text_feature_dim
+        if text_feature_dim is not None:
+            self.text_proj = nn.Linear(text_feature_dim, embed_dim)
+            self.text_embeddings = nn.Embedding(1, embed_dim)
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
@@ -113,6 +124,16 @@ class PromptEncoder(nn.Module):
         corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
         return pe + corner_embed
 
+    def _embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        if self.text_feature_dim is None:
+            raise ValueError(
+                "this prompt encoder has no text branch: build the model with text_feature_dim=<feature size>"
+            )
+        if text.ndim != 2 or text.shape[1] != self.text_feature_dim:
+            raise ValueError(f"text features must be Bx{self.text_feature_dim}, got {tuple(text.shape)}")
+        token = self.text_proj(text.to(self._dtype)) + self.text_embeddings.weight
+        return token[:, None, :]
+
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         return self.mask_downscaling(masks.to(self._dtype))
 
@@ -121,7 +142,10 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
+        text: torch.Tensor | None = None,
     ) -> int:
+        if text is not None:
+            return text.shape[0]
         if points is not None:
             return points[0].shape[0]
         if boxes is not None:
@@ -135,15 +159,22 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
+        text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns sparse embeddings BxNxC and dense embeddings BxCxHxW (H, W = image_embedding_size)."""
-        bs = self._batch_size(points, boxes, masks)
+        """Returns sparse embeddings BxNxC and dense embeddings BxCxHxW (H, W = image_embedding_size).
+
+        ``text`` (BxD features, models built with ``text_feature_dim=D``) adds one token per prompt
+        after the point and box tokens.
+        """
+        bs = self._batch_size(points, boxes, masks, text)
         device = self.no_mask_embed.weight.device
         parts = []
         if points is not None:
             parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
             parts.append(self._embed_boxes(boxes))
+        if text is not None:
+            parts.append(self._embed_text(text))
         sparse = (
             torch.cat(parts, dim=1)
             if parts

@@ -58,7 +58,7 @@ class Sam(nn.Module):
         Each input dict holds ``image`` (3xHxW, already resized so the long side is the encoder's
         input size, pixel values 0-255), ``original_size`` (H, W) and optionally ``point_coords``
         (BxNx2, XY in the resized frame), ``point_labels`` (BxN), ``boxes`` (Bx4 XYXY) and
-        ``mask_inputs`` (Bx1x256x256 logits). Each output dict holds ``masks`` (BxCxHxW bool at the
+        ``mask_inputs`` (Bx1x256x256 logits), and on a text-prompt model ``text_features`` (BxD). Each output dict holds ``masks`` (BxCxHxW bool at the
         original size), ``iou_predictions`` (BxC) and ``low_res_logits`` (BxCx256x256).
         """
         return self._predict(batched_input, multimask_output)
@@ -80,7 +80,9 @@ class Sam(nn.Module):
         outputs = []
         for record, embedding in zip(batched_input, embeddings):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
-            sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
+            sparse, dense = self.prompt_encoder(
+                points, record.get("boxes"), record.get("mask_inputs"), text=record.get("text_features")
+            )
             low_res, iou = self.mask_decoder(
                 embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
             )

@@ -1,0 +1,143 @@
+"""Text-prompt SAM: the prompt encoder's text branch, checkpoints with and without it (PyTorch and the
+seed's MindSpore names), and SamPredictor with text features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samkit import SamPredictor, build_model, load_checkpoint
+from samkit.errors import CheckpointError, PromptError
+from samkit.utils.mindspore_ckpt import write_mindspore_checkpoint
+from samkit.utils.mindspore_names import torch_to_mindspore_names
+
+TEXT_KEYS = {
+    "prompt_encoder.text_proj.weight",
+    "prompt_encoder.text_proj.bias",
+    "prompt_encoder.text_embeddings.weight",
+}
+
+
+def text_model(dim: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("vit_tiny", text_feature_dim=dim)
+
+
+def test_plain_model_has_no_text_parameters(tiny_model):
+    assert not any("text" in k for k in tiny_model.state_dict())
+
+
+def test_text_branch_parameters_and_token():
+    model = text_model(32)
+    state = model.state_dict()
+    assert TEXT_KEYS <= set(state)
+    assert state["prompt_encoder.text_proj.weight"].shape == (256, 32)
+    assert state["prompt_encoder.text_embeddings.weight"].shape == (1, 256)
+    pe = model.prompt_encoder
+    feats = torch.randn(3, 32)
+    sparse, dense = pe(None, None, None, text=feats)
+    assert sparse.shape == (3, 1, 256) and dense.shape == (3, 256, 64, 64)
+    expected = pe.text_proj(feats) + pe.text_embeddings.weight
+    torch.testing.assert_close(sparse[:, 0], expected)
+    torch.testing.assert_close(dense[0, :, 0, 0], pe.no_mask_embed.weight[0])
+    # After box tokens: 2 corners then the text token.
+    sparse, _ = pe(None, torch.tensor([[0.0, 0, 10, 10]] * 3), None, text=feats)
+    assert sparse.shape == (3, 3, 256)
+    torch.testing.assert_close(sparse[:, 2], expected)
+
+
+def test_text_gradients_reach_text_parameters():
+    model = text_model(16)
+    sparse, dense = model.prompt_encoder(None, None, None, text=torch.randn(2, 16))
+    low_res, iou = model.mask_decoder(
+        torch.randn(1, 256, 64, 64), model.prompt_encoder.get_dense_pe(), sparse, dense, False
+    )
+    (low_res.mean() + iou.mean()).backward()
+    pe = model.prompt_encoder
+    for p in (pe.text_proj.weight, pe.text_proj.bias, pe.text_embeddings.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_text_on_plain_model_and_wrong_size_are_clear(tiny_model):
+    with pytest.raises(ValueError, match="text_feature_dim"):
+        tiny_model.prompt_encoder(None, None, None, text=torch.randn(1, 8))
+    with pytest.raises(ValueError, match=r"Bx32"):
+        text_model(32).prompt_encoder(None, None, None, text=torch.randn(1, 8))
+
+
+def test_text_checkpoint_round_trip_pth(tmp_path):
+    model = text_model(24, seed=1)
+    path = tmp_path / "text.pth"
+    torch.save(model.state_dict(), path)
+    loaded = build_model("vit_tiny", path, text_feature_dim=24)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_text_checkpoint_into_plain_model_says_what_to_pass(tmp_path):
+    path = tmp_path / "text.pth"
+    torch.save(text_model(24).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"text_feature_dim=24") as info:
+        build_model("vit_tiny", path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match=r"text_feature_dim=24"):
+        build_model("vit_tiny", path, text_feature_dim=32)
+
+
+def test_plain_checkpoint_into_text_model(tmp_path, tiny_model):
+    path = tmp_path / "plain.pth"
+    torch.save(tiny_model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="keep_new_text_branch=True") as info:
+        build_model("vit_tiny", path, text_feature_dim=16)
+    assert "\n" not in str(info.value)
+    model = text_model(16, seed=3)
+    text_before = {k: v.clone() for k, v in model.state_dict().items() if k in TEXT_KEYS}
+    load_checkpoint(model, path, keep_new_text_branch=True)
+    state = model.state_dict()
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for k, v in text_before.items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_seed_mindspore_text_ckpt_loads(tmp_path):
+    model = text_model(768, seed=2)
+    ms_state = torch_to_mindspore_names(model.state_dict())
+    assert "prompt_encoder.text_embeddings.embedding_table" in ms_state
+    assert "prompt_encoder.text_proj.weight" in ms_state
+    # The seed may also save its frozen feature encoder; SAM ignores it.
+    ms_state["text_encoder.visual.proj"] = torch.zeros(4, 4)
+    path = tmp_path / "sam_vitb_text.ckpt"
+    write_mindspore_checkpoint(ms_state, path)
+    loaded = build_model("vit_tiny", path, text_feature_dim=768)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(CheckpointError, match="text_feature_dim=768"):
+        build_model("vit_tiny", path)
+
+
+def test_predictor_with_text_features():
+    model = text_model(32, seed=4)
+    predictor = SamPredictor(model)
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    feat = torch.nn.functional.normalize(torch.randn(32), dim=0).numpy()
+    masks, iou, low_res = predictor.predict(text_features=feat, multimask_output=False)
+    assert masks.shape == (1, 48, 64) and iou.shape == (1,) and low_res.shape == (1, 256, 256)
+    # Same as the decoder driven by hand.
+    sparse, dense = model.prompt_encoder(None, None, None, text=torch.as_tensor(feat)[None])
+    with torch.no_grad():
+        expected, _ = model.mask_decoder(
+            predictor.features, model.prompt_encoder.get_dense_pe(), sparse, dense, False
+        )
+    np.testing.assert_allclose(low_res, expected[0].numpy(), atol=1e-5)
+    with pytest.raises(PromptError, match="32"):
+        predictor.predict(text_features=np.zeros(8, np.float32))
+
+
+def test_predictor_text_on_plain_model_is_clear(tiny_model):
+    predictor = SamPredictor(tiny_model)
+    predictor.set_image(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(PromptError, match="text_feature_dim"):
+        predictor.predict(text_features=np.zeros(8, np.float32))
