@@ -141,3 +141,106 @@ def test_predictor_text_on_plain_model_is_clear(tiny_model):
     predictor.set_image(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(PromptError, match="text_feature_dim"):
         predictor.predict(text_features=np.zeros(8, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature encoders: tiny random CLIP and BLIP-2 from transformers configs, saved and loaded by path.
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "red", "blue", "circle", "square", "dog"]
+
+
+def save_tiny_tokenizer(folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=12,
+    )  # fmt: skip
+    transformers.CLIPModel(config).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_blip2_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_blip2")
+    torch.manual_seed(0)
+    config = transformers.Blip2Config(
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=28, patch_size=14,
+        ),
+        qformer_config=dict(
+            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32, pad_token_id=0,
+            use_qformer_text_input=True,
+        ),
+        num_query_tokens=4,
+        image_text_hidden_size=8,
+    )  # fmt: skip
+    transformers.Blip2ForImageTextRetrieval(config).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, dim, size", [("clip", 12, 32), ("blip2", 8, 28)])
+def test_feature_encoders_load_by_path(kind, dim, size, tiny_clip_dir, tiny_blip2_dir):
+    from samkit.text import build_feature_encoder
+
+    folder = tiny_clip_dir if kind == "clip" else tiny_blip2_dir
+    encoder = build_feature_encoder(kind, folder)
+    assert encoder.feature_dim == dim and encoder.image_size == size
+    encoder.train()
+    assert not encoder.model.training and not any(p.requires_grad for p in encoder.parameters())
+    crops = torch.rand(3, 3, size, size)
+    image = encoder.image_features(crops)
+    text = encoder.text_features(["a red circle", "blue square", "dog"])
+    for feats in (image, text):
+        assert feats.shape == (3, dim) and feats.dtype == torch.float32
+        torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
+    # Deterministic (eval mode) and per-sample (batching does not mix crops).
+    torch.testing.assert_close(encoder.image_features(crops[1:2]), image[1:2], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=f"Bx3x{size}x{size}"):
+        encoder.image_features(torch.rand(1, 3, size + 1, size))
+
+
+def test_missing_feature_model_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import huggingface_hub.constants
+
+    from samkit.text import FeatureModelError, build_feature_encoder
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for kind, name in (("clip", str(tmp_path / "no-such-model")), ("blip2", "nobody/no-such-blip2")):
+        with pytest.raises(FeatureModelError) as info:
+            build_feature_encoder(kind, name)
+        message = str(info.value)
+        assert name in message and "save_pretrained" in message and "\n" not in message
+    with pytest.raises(ValueError, match="clip, blip2"):
+        build_feature_encoder("siglip", "x")
