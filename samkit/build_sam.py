@@ -2,8 +2,14 @@
 
 A thin re-export, so that ``from samkit.build_sam import build_sam_vit_b`` works as it does with Meta's
 package. As there, the package attribute ``samkit.build_sam`` is the function (the vit_h builder), not
-this module.
+this module (which is callable as the builder too, whichever of the two a program imports first).
 """
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
 
 from .build import (
     build_sam,
@@ -28,3 +34,14 @@ __all__ = [
     "build_sam_vit_tiny",
     "sam_model_registry",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as the vit_h builder: after ``from samkit.build_sam import ...`` Python
+    sets the package attribute ``samkit.build_sam`` to this module, and Meta's users call it."""
+
+    def __call__(self, checkpoint: Any = None) -> Sam:
+        return build_sam(checkpoint)
+
+
+sys.modules[__name__].__class__ = _CallableModule

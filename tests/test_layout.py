@@ -158,3 +158,16 @@ def test_old_notebook_import_paths_still_work():
     from samkit.utils.transforms import ResizeLongestSide
 
     assert ResizeLongestSide(1024).get_preprocess_shape(512, 256, 1024) == (1024, 512)
+
+
+def test_importing_samkit_or_its_onnx_runtime_does_not_import_torch():
+    """The package root loads its public names on first use: samkit.onnx deploys without PyTorch."""
+    code = (
+        "import sys, samkit, samkit.onnx\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]\n"
+        "assert samkit.SamPredictor.__name__ == 'SamPredictor' and 'torch' in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
