@@ -12,14 +12,15 @@ from .train import add_arguments as add_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate box-prompt mIoU (zero-shot or fine-tuned) on a config's eval_data."""
+    """Evaluate a checkpoint (zero-shot or fine-tuned) on a config's eval_data: box or point (click) protocol."""
     from ..training.config import load_config
     from ..training.evaluate import run as evaluate_config
 
     metrics = evaluate_config(load_config(args.config, args.override_cfg))
     if "output" in metrics:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{shown} over {metrics.get('objects_1024', '?')} objects -> {metrics['output']}")
+        objects = next((v for k, v in sorted(metrics.items()) if k.startswith("objects_1024")), "?")
+        print(f"{shown} over {objects} objects -> {metrics['output']}")
     return 0
 
 

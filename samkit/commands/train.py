@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fine-tune SAM (box prompts) from a YAML config (also under torchrun)."""
+    """Fine-tune SAM (box or point prompts) from a YAML config (also under torchrun)."""
     from ..training.config import load_config
     from ..training.train import train
 
