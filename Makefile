@@ -25,7 +25,7 @@ demo: install
 	  --input $(DEMO_IMAGE) --output outputs/demo/amg.png
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=30
 
 # CPU benchmarks against Meta's implementation (slow: about 35 minutes), then BENCHMARKS.md from the results.
 # Each runs under glibc's default allocator and under the tuned one (both libraries alike in one process).

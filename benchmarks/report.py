@@ -243,6 +243,69 @@ def train_step() -> list[str]:
     return lines
 
 
+def onnx_cpu() -> list[str]:
+    lines = ["## ONNX Runtime against samkit's PyTorch on the CPU", ""]
+    runs = load("onnx_cpu_*.json")
+    if not runs:
+        return lines + ["Not measured yet: `python benchmarks/onnx_cpu.py --model vit_b`.", ""]
+    for name, r in runs:
+        lines += [
+            f"`{r['command']}` ({name}); machine: {r['machine']}; image: {r['image']}; medians of {r['rounds']} rounds.",
+            "",
+            "| implementation | encoder median s | one point (3 masks, original size) median ms |",
+            "|---|---|---|",
+        ]
+        for impl, sec in r["encoder_median_s"].items():
+            lines.append(f"| {impl} | {sec:.2f} | {1000 * r['prompt_median_s'][impl]:.1f} |")
+        lines += ["", "| ONNX model | embedding max abs / rel. L2 vs samkit fp32 | mask pixel agreement | mask IoU |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for impl, a in r["agreement_vs_samkit_fp32"].items():
+            agree = ", ".join(f"{v:.6f}" for v in a["mask_pixel_agreement"])
+            iou = ", ".join(f"{v:.4f}" for v in a["mask_iou"])
+            lines.append(
+                f"| {impl} | {a['embedding_max_abs']:.2e} / {a['embedding_rel_l2']:.2e} | {agree} | {iou} |"
+            )
+        sizes = "; ".join(
+            f"{prec}: " + ", ".join(f"{f} {b / 2**20:.1f} MiB" for f, b in sorted(files.items()))
+            for prec, files in r["file_bytes"].items()
+        )
+        lines += ["", f"Model files: {sizes}."]
+        if r.get("note"):
+            lines += ["", f"Note: {r['note']}"]
+        lines.append("")
+    return lines
+
+
+def serve_latency() -> list[str]:
+    lines = ["## Decoder round trip through `samkit serve`", ""]
+    runs = load("serve_latency_*.json") + load("serve_latency.json")
+    if not runs:
+        return lines + ["Not measured yet: `python benchmarks/serve_latency.py --model vit_b`.", ""]
+    for name, r in runs:
+        load_ = r["http_load"]
+        lines += [
+            f"`python benchmarks/serve_latency.py --model {r['model']}` ({name}); machine: {r['machine']};",
+            f"image: {r['image']}; prompt: {r['prompt']}; dtype {r['dtype']}.",
+            "",
+            "| path | p50 ms | p95 ms | requests |",
+            "|---|---|---|---|",
+            f"| in process, main thread | {r['in_process']['p50_ms']:.1f} | {r['in_process']['p95_ms']:.1f} | {r['in_process']['n']} |",
+            f"| in process, worker thread | {r['in_process_worker_thread']['p50_ms']:.1f} | "
+            f"{r['in_process_worker_thread']['p95_ms']:.1f} | {r['in_process_worker_thread']['n']} |",
+            f"| HTTP, one client | {r['http_one_client']['p50_ms']:.1f} | {r['http_one_client']['p95_ms']:.1f} | "
+            f"{r['http_one_client']['n']} |",
+            f"| HTTP, {load_['clients']} clients x {load_['requests_per_client']} requests | {load_['p50_ms']:.1f} | "
+            f"{load_['p95_ms']:.1f} | {load_['n']} |",
+            "",
+            f"Under load: {load_['throughput_rps']:.1f} requests/s, {load_['errors']} errors (model calls are serialised "
+            f"by one lock; server-side decoder p50 {load_['server_decoder']['p50_ms']:.1f} ms).",
+        ]
+        if r.get("note"):
+            lines += ["", f"Note: {r['note']}"]
+        lines.append("")
+    return lines
+
+
 def main() -> int:
     lines = [
         "# Benchmarks",
@@ -253,7 +316,7 @@ def main() -> int:
         "the project's shared 2-core machine: compare ratios, not absolute times.",
         "",
     ]
-    lines += cpu_encoder() + gpu_encoder() + amg() + prompts() + train_step()
+    lines += cpu_encoder() + gpu_encoder() + amg() + prompts() + train_step() + onnx_cpu() + serve_latency()
     (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
     return 0
