@@ -244,3 +244,102 @@ def test_missing_feature_model_is_one_line(tmp_path, monkeypatch):
         assert name in message and "save_pretrained" in message and "\n" not in message
     with pytest.raises(ValueError, match="clip, blip2"):
         build_feature_encoder("siglip", "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text-mode fine-tuning with crop-feature prompts on generated multi-object images.
+
+
+@pytest.fixture(scope="module")
+def text_coco(tmp_path_factory):
+    from .datagen import make_coco_dataset
+
+    root = tmp_path_factory.mktemp("text_coco")
+    train_dir, train_json = make_coco_dataset(root / "train", num_images=4, seed=1, split="train")
+    return str(train_dir), str(train_json)
+
+
+def text_config(data, work_dir, clip_dir, checkpoint, **overrides):
+    from samkit.training.config import config_from_dict
+
+    cfg = {
+        "model": {
+            "type": "vit_tiny",
+            "checkpoint": checkpoint,
+            "freeze": ["image_encoder", "prompt_encoder"],
+            "unfreeze": ["prompt_encoder.text_proj", "prompt_encoder.text_embeddings"],
+        },
+        "train_data": {
+            "type": "coco", "data_dir": data[0], "annotation_path": data[1], "max_objects": 4, "num_workers": 0,
+        },
+        "prompt_mode": "text",
+        "text": {"encoder": "clip", "model": str(clip_dir), "feature_dim": 12, "min_area": 100},
+        "optimizer": {"lr": 1e-3},
+        "scheduler": {"warmup_steps": 1, "decay": "cosine"},
+        "work_dir": str(work_dir),
+        "epochs": 2,
+        "batch_size": 2,
+        "eval_every": 0,
+        "log_every": 1,
+        "tensorboard": False,
+        "progress": False,
+        "seed": 3,
+        **overrides,
+    }  # fmt: skip
+    return config_from_dict(cfg)
+
+
+def test_text_mode_trains_checkpoints_and_resumes(text_coco, tiny_clip_dir, tiny_checkpoint, tmp_path):
+    from samkit.training.train import train
+
+    whole = text_config(text_coco, tmp_path / "whole", tiny_clip_dir, tiny_checkpoint)
+    train(whole)
+    final = torch.load(tmp_path / "whole" / "sam_final.pth", weights_only=True)
+    assert TEXT_KEYS <= set(final)
+    start = build_model("vit_tiny", tiny_checkpoint).state_dict()
+    # The text branch and the decoder trained; the image encoder and the rest of the prompt encoder did not.
+    assert not torch.equal(final["mask_decoder.iou_token.weight"], start["mask_decoder.iou_token.weight"])
+    assert torch.equal(final["image_encoder.pos_embed"], start["image_encoder.pos_embed"])
+    assert torch.equal(
+        final["prompt_encoder.no_mask_embed.weight"], start["prompt_encoder.no_mask_embed.weight"]
+    )
+    # The trained file loads as a text-prompt SAM.
+    torch.save(final, tmp_path / "text_sam.pth")
+    build_model("vit_tiny", tmp_path / "text_sam.pth", text_feature_dim=12)
+
+    # Stopped after 2 of 4 steps, then resumed: the same final weights.
+    part = text_config(text_coco, tmp_path / "part", tiny_clip_dir, tiny_checkpoint, max_steps=2)
+    train(part)
+    resumed = text_config(text_coco, tmp_path / "part", tiny_clip_dir, tiny_checkpoint, resume="auto")
+    train(resumed)
+    again = torch.load(tmp_path / "part" / "sam_final.pth", weights_only=True)
+    for k in final:
+        assert torch.equal(final[k], again[k]), k
+
+
+def test_crop_features_are_seeded_and_filtered(text_coco, tiny_clip_dir):
+    from samkit.data import collate
+    from samkit.text import build_feature_encoder
+    from samkit.training.config import DataConfig
+    from samkit.training.modes import batch_on_device
+    from samkit.training.modes.text import TextPrompts
+    from samkit.training.setup import build_data
+
+    data = DataConfig(type="coco", data_dir=text_coco[0], annotation_path=text_coco[1], max_objects=4)
+    dataset = build_data(data, image_size=1024, seed=0, for_eval=False)
+    raw = collate([dataset[0], dataset[1]])
+    encoder = build_feature_encoder("clip", tiny_clip_dir)
+    mode = TextPrompts(build_model("vit_tiny", text_feature_dim=12), feature_encoder=encoder, min_area=100)
+    batch = batch_on_device(raw, torch.device("cpu"), epoch=0, seed=5)
+    session = mode.session(batch)
+    n = int(session.valid.sum())
+    assert 0 < n and session.features.shape == (n, 12)
+    torch.testing.assert_close(session.features.norm(dim=-1), torch.ones(n))
+    assert bool((session.valid <= batch.valid).all())
+    torch.testing.assert_close(mode.session(batch).features, session.features)  # same seed, same crops
+    other = mode.session(batch_on_device(raw, torch.device("cpu"), epoch=1, seed=5)).features
+    assert not torch.allclose(other, session.features)  # a new epoch draws new crops
+    huge = TextPrompts(mode.sam, feature_encoder=encoder, min_area=10**9).session(batch)
+    assert int(huge.valid.sum()) == 0 and huge.features.shape == (0, 12)
+    pred = mode(huge, torch.zeros(2, 256, 64, 64))
+    assert pred.low_res.shape[0] == 0

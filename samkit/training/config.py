@@ -91,6 +91,20 @@ class PointConfig:
 
 
 @dataclass
+class TextConfig:
+    """The crop-feature prompts of ``prompt_mode: text`` (samkit.training.modes.text); seed defaults."""
+
+    encoder: str = "clip"  # clip | blip2 (samkit.text.FEATURE_ENCODERS)
+    model: Optional[str] = (
+        None  # Hugging Face name or save_pretrained folder (default: the seed's for encoder)
+    )
+    feature_dim: int = 768  # the encoder's feature size (CLIP ViT-L/14: 768, BLIP-2: 256)
+    min_area: int = 10000  # objects below this mask area (original pixels) are not prompted
+    max_expand: float = 2.0  # the crop box is the mask's box expanded by U(1, max_expand)
+    mask_background_prob: float = 0.5  # probability of zeroing the crop's background
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train_data: Optional[DataConfig] = None
@@ -99,6 +113,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     point: PointConfig = field(default_factory=PointConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     work_dir: str = "./work_dir/run"
     epochs: int = 8
     batch_size: int = 16  # global: split evenly over the processes
@@ -119,13 +134,13 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # default <work_dir>/embedding_cache
     resume: Optional[str] = None  # "auto" (newest checkpoint in work_dir) or a checkpoint path
     eval_output: Optional[str] = None  # eval.py's JSON (default <work_dir>/eval_<checkpoint>.json)
-    prompt_mode: str = "box"  # how training prompts each object: box | point (iterative clicks, see point:)
-    eval_prompt: Optional[str] = None  # evaluation protocol: box | point (default: the prompt_mode's)
+    prompt_mode: str = "box"  # box | point (iterative clicks, see point:) | text (crop features, see text:)
+    eval_prompt: Optional[str] = None  # evaluation protocol: box | point | text (default: the prompt_mode's)
 
 
 AMP_CHOICES = ("off", "bf16", "fp16")
-PROMPT_MODES = ("box", "point")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
-EVAL_PROMPTS = ("box", "point")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
+PROMPT_MODES = ("box", "point", "text")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
+EVAL_PROMPTS = ("box", "point", "text")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
 DECAY_CHOICES = ("cosine", "linear", "step", "constant")
 
 
@@ -306,6 +321,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         check_schedule(cfg.point.num_iter, cfg.point.mask_only_iter, cfg.point.first_prompt)
     except ValueError as err:
         fail("point", str(err))
+    if cfg.text.encoder not in ("clip", "blip2"):
+        fail("text.encoder", f"must be clip or blip2, got {cfg.text.encoder!r}")
+    if cfg.text.max_expand < 1 or not 0 <= cfg.text.mask_background_prob <= 1 or cfg.text.feature_dim < 1:
+        fail("text", "needs max_expand >= 1, 0 <= mask_background_prob <= 1 and feature_dim >= 1")
     if cfg.point.box_noise < 0 or cfg.point.max_box_noise < 0:
         fail("point.box_noise/max_box_noise", "must not be negative")
     if cfg.scheduler.decay not in DECAY_CHOICES:

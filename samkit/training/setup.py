@@ -42,10 +42,34 @@ def build_data(data: DataConfig, *, image_size: int, seed: int, for_eval: bool) 
     return dataset
 
 
+def build_sam(cfg: TrainConfig) -> Sam:
+    """The model to train: ``model.type`` from ``model.checkpoint``; in text mode with the text branch
+    (``text.feature_dim``), whose parameters start fresh when the checkpoint is a plain SAM."""
+    from ..build import build_model, load_checkpoint
+
+    if cfg.prompt_mode != "text":
+        return build_model(cfg.model.type, cfg.model.checkpoint)
+    sam = build_model(cfg.model.type, text_feature_dim=cfg.text.feature_dim)
+    if cfg.model.checkpoint is not None:
+        load_checkpoint(sam, cfg.model.checkpoint, keep_new_text_branch=True)
+    return sam
+
+
 def build_prompt_mode(cfg: TrainConfig, sam: Sam) -> PromptMode:
     """The ``prompt_mode`` of the config around ``sam``, with that mode's own settings."""
     if cfg.prompt_mode == "point":
         return PROMPT_MODES["point"](sam, **dataclasses.asdict(cfg.point))
+    if cfg.prompt_mode == "text":
+        from ..text import build_feature_encoder
+
+        text = cfg.text
+        return PROMPT_MODES["text"](
+            sam,
+            feature_encoder=build_feature_encoder(text.encoder, text.model),
+            min_area=text.min_area,
+            max_expand=text.max_expand,
+            mask_background_prob=text.mask_background_prob,
+        )
     return PROMPT_MODES[cfg.prompt_mode](sam)
 
 

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..build import build_model
 from ..data.common import batch_images
 from ..errors import ConfigError
 from . import distributed
@@ -42,7 +41,7 @@ from .losses import prompt_loss
 from .modes import batch_on_device
 from .params import freeze_parameters, parameter_groups
 from .schedule import lr_at
-from .setup import autocast, build_data, build_prompt_mode, describe_dataset, set_epoch
+from .setup import autocast, build_data, build_prompt_mode, build_sam, describe_dataset, set_epoch
 
 LOSS_TERMS = ("loss", "focal", "dice", "iou")
 
@@ -80,7 +79,7 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
 
     # ---- model: what trains, how each batch is prompted, optimizer, loss scaling.
     # Everything a run can refuse is checked before anything is written to work_dir.
-    sam = build_model(cfg.model.type, cfg.model.checkpoint)
+    sam = build_sam(cfg)  # with the text branch in text mode
     try:
         trainable = freeze_parameters(sam, cfg.model.freeze, cfg.model.unfreeze)
     except ValueError as err:
