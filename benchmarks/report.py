@@ -182,7 +182,7 @@ def prompts() -> list[str]:
 
 
 def train_step() -> list[str]:
-    lines = ["## Box fine-tuning throughput, with and without the embedding cache", ""]
+    lines = ["## Fine-tuning throughput (box and point prompts), with and without the embedding cache", ""]
     runs = load("train_step_*.json")
     if not runs:
         return lines + [
@@ -191,7 +191,8 @@ def train_step() -> list[str]:
         ]
     for name, r in runs:
         lines += [
-            f"`{r['command']}` ({name}); machine: {r['machine']}, device {r['device']}; amp {r['amp']};",
+            f"`{r['command']}` ({name}); machine: {r['machine']}, device {r['device']}; amp {r['amp']}; "
+            f"prompts: {r.get('prompt_mode', 'box')};",
             f"data: {r['data']}; batch {r['batch_size']}, {r['steps_per_epoch']} steps/epoch x {r['epochs']} epochs;",
             "images/s per step from `metrics.jsonl` (data loading included), medians. Meta's `segment_anything`",
             "has no training code, so there is no Meta column.",

@@ -1,7 +1,7 @@
-"""Box fine-tuning throughput (images/s), without and with the embedding cache.
+"""Fine-tuning throughput (images/s), box or point prompts, without and with the embedding cache.
 
     python benchmarks/train_step.py --model vit_b [--amp off|bf16] [--images 8] [--batch-size 2] \\
-        [--objects 8] [--epochs 2] [--workers 1] [--out results.json]
+        [--objects 8] [--epochs 2] [--workers 1] [--prompt-mode box|point] [--rounds 3] [--out results.json]
 
 A COCO-format set of ``--images`` usable pictures (``tests/datagen.make_coco_dataset``: shapes on a
 textured background, 3-6 objects each, JPEG at ``--size``, default 480x640) and a checkpoint of the
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", default="480x640", help="HxW of the generated photos")
     parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
+    parser.add_argument("--prompt-mode", default="box", choices=["box", "point"])
+    parser.add_argument("--rounds", type=int, default=3, help="point mode: rounds per batch (point.num_iter)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             "log_every": 1,
             "tensorboard": False,
             "progress": False,
+            "prompt_mode": args.prompt_mode,
         }
+        if args.prompt_mode == "point":  # the seed's recipe: first click, then one click per round
+            base["point"] = {"num_iter": args.rounds, "mask_only_iter": [], "first_prompt": "point"}
         for name, cached in (("no cache", False), ("embedding cache", True)):
             work_dir = root / ("cached" if cached else "plain")
             cfg = config_from_dict({**base, "work_dir": str(work_dir), "cache_embeddings": cached})
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "model": args.model,
         "amp": args.amp,
+        "prompt_mode": args.prompt_mode if args.prompt_mode == "box" else f"point, {args.rounds} rounds",
         "data": (
             f"tests/datagen.make_coco_dataset, {len(objects)} usable {h}x{w} JPEG images, "
             f"{min(objects)}-{max(objects)} objects each (max_objects {args.objects})"
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "losses_identical": losses_equal,
     }
     print(
-        f"{args.model} box fine-tuning on {device} ({result['machine']}), amp {args.amp}, {result['data']}, "
+        f"{args.model} {result['prompt_mode']} fine-tuning on {device} ({result['machine']}), amp {args.amp}, {result['data']}, "
         f"batch {args.batch_size}, {args.epochs} epochs; median images/s per step:"
     )
     for name, r in runs.items():

@@ -311,6 +311,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("loss.multimask_choice", f"must be min_loss or best_iou, got {cfg.loss.multimask_choice!r}")
     if cfg.loss.focal not in ("paper", "seed"):
         fail("loss.focal", f"must be paper or seed, got {cfg.loss.focal!r}")
+    if cfg.prompt_mode == "text" and cfg.cache_embeddings:
+        fail(
+            "cache_embeddings",
+            "is not available with prompt_mode text yet (its crops are cut from the images)",
+        )
     if cfg.prompt_mode not in PROMPT_MODES:
         fail("prompt_mode", f"must be one of {', '.join(PROMPT_MODES)}, got {cfg.prompt_mode!r}")
     if cfg.eval_prompt is not None and cfg.eval_prompt not in EVAL_PROMPTS:

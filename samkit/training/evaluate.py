@@ -25,12 +25,11 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..build import build_model
 from . import distributed
 from .config import TrainConfig, resolve_amp
 from .metrics import MiouAccumulator
 from .modes import EVAL_PROTOCOLS, PromptMode, batch_on_device
-from .setup import autocast, build_data, build_prompt_mode
+from .setup import autocast, build_data, build_prompt_mode, build_sam
 
 
 @torch.no_grad()
@@ -85,7 +84,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     env = distributed.setup(cfg.device)
     try:
         amp = resolve_amp(cfg.amp, env.device.type)
-        sam = build_model(cfg.model.type, cfg.model.checkpoint).to(env.device)
+        sam = build_sam(cfg).to(env.device)  # with the text branch when prompt_mode is text
         dataset = build_data(
             cfg.eval_data, image_size=sam.image_encoder.img_size, seed=cfg.seed, for_eval=True
         )
