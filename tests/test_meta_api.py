@@ -58,8 +58,8 @@ def is_meta_api(value: Any) -> bool:
 def kind(value: Any) -> str:
     if inspect.isclass(value):
         return "class"
-    if inspect.isroutine(value):
-        return "function"
+    if inspect.isroutine(value) or (isinstance(value, types.ModuleType) and callable(value)):
+        return "function"  # a callable module stands in for a function (samkit.build_sam, see below)
     return "module" if isinstance(value, types.ModuleType) else "data"
 
 
@@ -165,8 +165,13 @@ def api_problems() -> list[tuple[str, str]]:
                     problems.append((qual, f"{ours!r} here, {meta_obj!r} in Meta's"))
             elif not defined_here:  # a re-export: must be samkit's object from Meta's defining path
                 home = meta_obj.__module__.replace("segment_anything", "samkit", 1)
-                home_obj = getattr(import_or_none(home), meta_obj.__name__, None)
-                if home_obj is not None and ours is not home_obj:
+                home_mod = import_or_none(home)
+                home_obj = getattr(home_mod, meta_obj.__name__, None)
+                if ours is home_mod:
+                    # ``samkit.build_sam`` after ``from samkit.build_sam import ...``: Python set the
+                    # package attribute to the module, which is callable as the function it shadows.
+                    problems += signature_problems(qual, meta_obj, ours)
+                elif home_obj is not None and ours is not home_obj:
                     problems.append((qual, f"not the same object as {home}.{meta_obj.__name__}"))
             elif kind(meta_obj) == "class":
                 problems += class_problems(qual, meta_obj, ours)
