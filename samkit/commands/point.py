@@ -26,17 +26,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
-import os
-import secrets
-import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import PromptError, SamkitError
-from .base import add_model_arguments, check_device, check_output_dir, checkpoint_or_none, run_standalone
-from .box import AMP_LEVELS, amp_dtype, result_paths
+from ..errors import PromptError
+from . import single_image as si
 from .prompt_args import Point, check_points, parse_point
 
 Prompt = list[Point]
@@ -100,17 +95,9 @@ def predict_points(
     return np.stack(masks).astype(bool), np.asarray(scores, dtype=np.float32)
 
 
-def save_results(
-    picture_path: str,
-    masks_path: str,
-    image: np.ndarray,
-    masks: np.ndarray,
-    iou: np.ndarray,
-    prompts: Sequence[Prompt],
-) -> None:
-    """Write the overlay picture and the ``.npz`` (masks, iou, points, point_object), each atomically."""
-    from ..utils.visualize import Panel, save_figure
-
+def result_arrays(masks: np.ndarray, iou: np.ndarray, prompts: Sequence[Prompt]) -> dict[str, np.ndarray]:
+    """What the ``.npz`` holds: masks, iou, points Px3 and point_object P (-1: a negative point shared
+    by every prompt)."""
     points, owners = [], []
     for k, prompt in enumerate(prompts):
         for point in prompt:
@@ -119,28 +106,12 @@ def save_results(
                 continue
             points.append(point)
             owners.append(-1 if shared else k)
-    points_array = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    directory, name = os.path.split(os.path.abspath(masks_path))
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.part")
-    try:
-        # The archive waits under a temporary name until the picture is in place: a failure leaves
-        # neither file new.
-        with open(tmp, "xb") as f:
-            np.savez_compressed(
-                f, masks=masks.astype(bool), iou=iou.astype(np.float32), points=points_array,
-                point_object=np.asarray(owners, dtype=np.int64),
-            )  # fmt: skip
-        count = len(prompts)
-        title = f"{count} point prompt{'s' if count != 1 else ''}"
-        panel = Panel(
-            masks, iou, point_coords=points_array[:, :2], point_labels=points_array[:, 2], title=title
-        )
-        save_figure(picture_path, image, [panel])
-        os.replace(tmp, masks_path)
-    except BaseException:  # KeyboardInterrupt included: never leave a partial file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return {
+        "masks": masks.astype(bool),
+        "iou": iou.astype(np.float32),
+        "points": np.asarray(points, dtype=np.float32).reshape(-1, 3),
+        "point_object": np.asarray(owners, dtype=np.int64),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,14 +120,7 @@ def save_results(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of point inference: the seed's, each settable from the command line."""
-    parser.add_argument(
-        "--image-path",
-        "--image_path",
-        dest="image_path",
-        required=True,
-        metavar="IMAGE",
-        help="local image file",
-    )
+    si.add_image_argument(parser)
     parser.add_argument(
         "--point",
         action="append",
@@ -176,32 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="all --point clicks are on one object (one mask); default: one prompt per foreground point",
     )
-    parser.add_argument(
-        "--output-dir",
-        default=".",
-        metavar="DIR",
-        help="where <image stem>_infer.png and <image stem>_masks.npz go (default: the current directory)",
-    )
-    add_model_arguments(parser)
-    parser.set_defaults(dtype=None)  # None tells an explicit --dtype apart from --amp-level
-    parser.add_argument(
-        "--amp-level",
-        "--amp_level",
-        dest="amp_level",
-        choices=AMP_LEVELS,
-        help="the seed's precision flag, instead of --dtype: O0 = float32; O1, O2 = bfloat16 on CPU, "
-        "float16 on other devices",
-    )
-    parser.add_argument("--mode", type=int, help=argparse.SUPPRESS)  # the seed's MindSpore mode: ignored
+    si.add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Predict masks from point prompts on one image; save a picture and the masks."""
-    import torch
-
-    from ..build import build_model
     from ..predictor import SamPredictor
-    from ..utils.download import download_checkpoint
     from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
@@ -212,43 +156,29 @@ def run(args: argparse.Namespace) -> int:
         if args.one_object:
             raise PromptError("--one-object applies to --point; --points-prompt already groups its points")
         prompts += parse_points_prompt(args.points_prompt)
-    device = check_device(args.device)
-    if args.dtype is not None and args.amp_level is not None:
-        raise SamkitError(
-            f"--dtype {args.dtype} and --amp-level {args.amp_level} both set the precision; give one"
-        )
-    dtype_name = args.dtype or (amp_dtype(args.amp_level, device.type) if args.amp_level else "float32")
+    device, dtype_name = si.resolve_precision(args)
     image = load_image(args.image_path)
     for prompt in prompts:
         check_points(prompt, image.shape[:2])
-    checkpoint = checkpoint_or_none(args)
-    output_dir = check_output_dir(args.output_dir)
-    picture_path, masks_path = result_paths(output_dir, args.image_path)
+    checkpoint, output_dir, paths = si.prepare_outputs(args)
 
-    if checkpoint is None and args.download:
-        checkpoint = download_checkpoint(args.model_type)
-    model = build_model(args.model_type, checkpoint).to(device=device, dtype=getattr(torch, dtype_name))
-    if checkpoint is None:  # after the last check that can fail: an error stays the only line on stderr
-        print(
-            f"warning: {args.model_type} runs with random weights: its masks are meaningless", file=sys.stderr
-        )
+    model = si.build_sam(args, checkpoint, device, dtype_name)
     masks, iou = predict_points(SamPredictor(model), image, prompts)
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        save_results(picture_path, masks_path, image, masks, iou, prompts)
-    except OSError as err:
-        raise SamkitError(f"cannot write results to {output_dir}: {err.strerror or err}") from None
+    arrays = result_arrays(masks, iou, prompts)
+    points = arrays["points"]
+    draw = si.draw_panel(
+        image, masks=masks, scores=iou, point_coords=points[:, :2], point_labels=points[:, 2],
+        title=si.plural(len(prompts), "point prompt"),
+    )  # fmt: skip
+    lines = []
     for k, (prompt, score) in enumerate(zip(prompts, iou)):
         clicks = " ".join(f"{x:g},{y:g},{label}" for x, y, label in prompt)
-        print(f"prompt {k} ({clicks}): predicted IoU {score:.3f}")
-    print(f"wrote {picture_path}")
-    print(f"wrote {masks_path}")
+        lines.append(f"prompt {k} ({clicks}): predicted IoU {score:.3f}")
+    si.write_results(output_dir, paths, arrays, draw, lines)
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = "point_inference.py") -> int:
-    """Run point inference as a script: exit status 0, or 2 with one ``error:`` line for a user mistake."""
-    return run_standalone(add_arguments, run, argv, prog=prog, description=__doc__.split("\n\n")[0])
+main = si.main_for(add_arguments, run, __doc__, "point_inference.py")
 
 
 __all__ = [
@@ -257,6 +187,6 @@ __all__ = [
     "main",
     "parse_points_prompt",
     "predict_points",
+    "result_arrays",
     "run",
-    "save_results",
 ]
