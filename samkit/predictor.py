@@ -23,8 +23,11 @@ from .utils.transforms import ResizeLongestSide, upscale_masks
 
 
 class SamPredictor:
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, *, text_encoder: Any = None) -> None:
+        """``text_encoder``: a feature encoder (:func:`samkit.text.build_feature_encoder`) whose text
+        features the model's text branch takes, for ``predict(text=...)`` on a text-prompt model."""
         self.model = sam_model
+        self.text_encoder = text_encoder
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.reset_image()
 
@@ -90,25 +93,68 @@ class SamPredictor:
         return_logits: bool = False,
         *,
         text_features: np.ndarray | torch.Tensor | None = None,
+        text: str | Sequence[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one prompt on the current image.
 
         point_coords: Nx2 XY pixels; point_labels: N; box: 4 (XYXY); mask_input: 1x256x256 low-res
         logits from an earlier call; text_features: D (e.g. an L2-normalised CLIP text feature; only on
         a model built with ``text_feature_dim=D``; text models were trained with
-        ``multimask_output=False``). Returns masks CxHxW (bool, or float32 logits with
-        ``return_logits``), IoU predictions C and low-res logits Cx256x256 (C = 3 with
-        ``multimask_output`` else 1).
+        ``multimask_output=False``); text: a string, encoded by the predictor's ``text_encoder``
+        (``SamPredictor(model, text_encoder=...)``) into text features. Returns masks CxHxW (bool, or
+        float32 logits with ``return_logits``), IoU predictions C and low-res logits Cx256x256 (C = 3
+        with ``multimask_output`` else 1).
+
+        ``text`` may also be a list of K strings: they are decoded in one call, each with the other
+        prompts given (if any), and the results gain a first axis: masks KxCxHxW, IoU KxC, low-res
+        logits KxCx256x256.
         """
         self._require_image()
         coords, labels, boxes, masks = self._prompt_tensors(
             point_coords, point_labels, box, mask_input, self.original_size, batched=False
         )
-        text = self._text_tensor(text_features)
+        if text is not None:
+            if text_features is not None:
+                raise PromptError("give text or text_features, not both")
+            features = self.encode_text(text)
+            count = features.shape[0]
+            coords, labels, boxes, masks = (
+                None if t is None else t.expand(count, *t.shape[1:]) if t.shape[0] == 1 else t
+                for t in (coords, labels, boxes, masks)
+            )
+        else:
+            features = self._text_tensor(text_features)
         out = self.predict_torch(
-            coords, labels, boxes, masks, multimask_output, return_logits, text_features=text
+            coords, labels, boxes, masks, multimask_output, return_logits, text_features=features
         )
+        if text is not None and not isinstance(text, str):
+            return tuple(t.cpu().numpy() for t in out)  # type: ignore[return-value]
         return tuple(t[0].cpu().numpy() for t in out)  # type: ignore[return-value]
+
+    def encode_text(self, text: str | Sequence[str]) -> torch.Tensor:
+        """The text features (KxD on the model's device) of a string or K strings, from the predictor's
+        ``text_encoder``, checked against the model's text branch."""
+        dim = getattr(self.model.prompt_encoder, "text_feature_dim", None)
+        if dim is None:
+            raise PromptError(
+                "text prompts need a text-prompt model (a text-fine-tuned SAM, built with text_feature_dim=<size>)"
+            )
+        if self.text_encoder is None:
+            raise PromptError(
+                "text prompts need a feature encoder: SamPredictor(model, "
+                "text_encoder=samkit.text.build_feature_encoder('clip' or 'blip2', name_or_folder))"
+            )
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise PromptError(f"text must be a string or a non-empty list of strings, got {text!r}")
+        encoder_dim = getattr(self.text_encoder, "feature_dim", None)
+        if encoder_dim is not None and encoder_dim != dim:
+            raise PromptError(
+                f"the text encoder gives {encoder_dim}-d features, the model's text branch takes {dim}-d: "
+                "use the feature model the SAM was fine-tuned with"
+            )
+        features = torch.as_tensor(self.text_encoder.text_features(texts))
+        return self._text_tensor(features)
 
     def _text_tensor(self, text_features: Any) -> torch.Tensor | None:
         if text_features is None:
@@ -116,7 +162,10 @@ class SamPredictor:
         dim = getattr(self.model.prompt_encoder, "text_feature_dim", None)
         if dim is None:
             raise PromptError("text_features need a text-prompt model: build it with text_feature_dim=<size>")
-        t = torch.as_tensor(np.asarray(text_features, dtype=np.float32), device=self.device)
+        if isinstance(text_features, torch.Tensor):
+            t = text_features.detach().to(self.device, torch.float32)
+        else:
+            t = torch.as_tensor(np.asarray(text_features, dtype=np.float32), device=self.device)
         if t.ndim == 1:
             t = t[None]
         if t.ndim != 2 or t.shape[1] != dim:

@@ -10,7 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..version import __version__
-from . import amg, box, export_onnx, point, predict, preprocess_ct, serve, train
+from . import amg, box, export_onnx, point, predict, preprocess_ct, serve, text, train
 from . import eval as eval_command
 from .base import AddArguments, ArgumentParser, Run, guarded, summary
 
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "amg": (amg.add_arguments, amg.run),
     "box": (box.add_arguments, box.run),
     "point": (point.add_arguments, point.run),
+    "text": (text.add_arguments, text.run),
     "train": (train.add_arguments, train.run),
     "eval": (eval_command.add_arguments, eval_command.run),
     "preprocess-ct": (preprocess_ct.add_arguments, preprocess_ct.run),
