@@ -18,19 +18,16 @@ redoes it). An image that cannot be read is skipped with a warning and the run e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import math
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import ImageError, SamkitError
+from ..errors import SamkitError
 from ..utils.amg_output import (
     METADATA_HEADER,
     decode_segmentation,
@@ -42,11 +39,12 @@ from ..utils.amg_output import (
     write_json,
     write_mask_folder,
 )
+from . import folder_jobs
 from .base import add_model_arguments, check_device, checkpoint_or_none
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_PICTURE = "./amg_test.jpg"  # the seed's --output
-INTERRUPTED, TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+INTERRUPTED, TERMINATED = folder_jobs.INTERRUPTED, folder_jobs.TERMINATED
 
 # ---------------------------------------------------------------------------------------------------
 # Flags and their checks
@@ -272,116 +270,147 @@ def run(args: argparse.Namespace) -> int:
     """Generate masks of everything in an image, or in each image of a folder (automatic mask generation)."""
     import torch
 
-    from ..amg import SamAutomaticMaskGenerator
-    from ..build import build_model
-    from ..utils.download import download_checkpoint
     from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
     settings = generator_settings(args)
     job = plan_job(args.input, args.output, args.overlay)
-    device = check_device(args.device)
+    device = check_device(folder_jobs.process_device(args.device))
     dtype = getattr(torch, args.dtype)
     output_mode = "coco_rle" if args.convert_to_rle and not job.picture else "binary_mask"
     _check_packages(output_mode, settings)
     checkpoint = checkpoint_or_none(args)
     # A single image file is read now (unreadable: a user mistake); a folder's images one by one later.
     first_image = load_image(job.inputs[0]) if not os.path.isdir(args.input) else None
-    pending = job.inputs
-    if not job.picture:
-        pending = [
-            p
-            for p in job.inputs
-            if args.overwrite
-            or not all(os.path.lexists(r) for r in result_paths(job, p, args.convert_to_rle, args.overlay))
-        ]
-        skipped = len(job.inputs) - len(pending)
-        if skipped:
-            print(
-                f"skipping {skipped} of {len(job.inputs)} images: their results are in {job.output} "
-                "(--overwrite redoes them)"
-            )
-        if not pending:
-            return 0
 
+    # Under torchrun each process takes its share of the pending images (folder_jobs); alone, all.
+    workers = folder_jobs.join()
+    try:
+        if job.picture:
+            share = job.inputs if workers.is_main else []
+        else:
+
+            def finished(path: str) -> bool:
+                paths = result_paths(job, path, args.convert_to_rle, args.overlay)
+                return not args.overwrite and all(os.path.lexists(r) for r in paths)
+
+            pending, share = folder_jobs.split_pending(job.inputs, finished, workers)
+            skipped = len(job.inputs) - len(pending)
+            if skipped and workers.is_main:
+                print(
+                    f"skipping {skipped} of {len(job.inputs)} images: their results are in {job.output} "
+                    "(--overwrite redoes them)"
+                )
+            if not pending:
+                workers.close()
+                return 0
+    except BaseException:
+        workers.close()
+        raise
+
+    outcome = folder_jobs.Outcome()
+    generator = None
+    try:
+        generator = _build_generator(
+            args, checkpoint, device, dtype, output_mode, settings, job, workers, share
+        )
+    except Exception as err:
+        if not workers.distributed:
+            raise
+        from .base import one_line
+
+        outcome.error = f"cannot build the model: {one_line(err)}"
+
+    if job.picture:
+        if outcome.error:
+            print(f"error: {outcome.error}", file=sys.stderr)
+            workers.close()
+            return 1
+        if generator is not None and share:
+            assert first_image is not None
+            records = generator.generate(first_image)
+            picture = overlay_masks(first_image, [r["segmentation"] for r in records])
+            try:
+                save_image(job.output, picture)
+            except OSError as err:
+                raise SamkitError(f"--output {job.output}: cannot write: {err.strerror or err}") from None
+            print(f"wrote {job.output} ({len(records)} masks)")
+        workers.close()
+        return 0
+    return _run_batch(job, share, generator, args, load_image, first_image, workers, outcome)
+
+
+def _build_generator(
+    args: argparse.Namespace,
+    checkpoint: Optional[str],
+    device: Any,
+    dtype: Any,
+    output_mode: str,
+    settings: dict[str, Any],
+    job: Job,
+    workers: folder_jobs.Workers,
+    share: list[str],
+) -> Any:
+    """The mask generator (None when this process has no images), with its notes printed once."""
+    from ..amg import SamAutomaticMaskGenerator
+    from ..build import build_model
+    from ..utils.download import download_checkpoint
+
+    if not share:
+        return None
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
     model = build_model(args.model_type, checkpoint).to(device=device, dtype=dtype)
     # Notes come after the last check that can fail, so that an error stays the only line on stderr.
-    if job.picture and args.convert_to_rle:
-        print(
-            "note: --convert-to-rle applies to an output directory; a picture was asked for", file=sys.stderr
-        )
-    if checkpoint is None:
-        print(
-            f"warning: {args.model_type} runs with random weights: its masks are meaningless", file=sys.stderr
-        )
-    generator = SamAutomaticMaskGenerator(model, output_mode=output_mode, **settings)
-
-    if job.picture:
-        assert first_image is not None
-        records = generator.generate(first_image)
-        picture = overlay_masks(first_image, [r["segmentation"] for r in records])
-        try:
-            save_image(job.output, picture)
-        except OSError as err:
-            raise SamkitError(f"--output {job.output}: cannot write: {err.strerror or err}") from None
-        print(f"wrote {job.output} ({len(records)} masks)")
-        return 0
-    return _run_batch(job, pending, generator, args, load_image, first_image)
+    if workers.is_main:
+        if job.picture and args.convert_to_rle:
+            print(
+                "note: --convert-to-rle applies to an output directory; a picture was asked for",
+                file=sys.stderr,
+            )
+        if checkpoint is None:
+            print(
+                f"warning: {args.model_type} runs with random weights: its masks are meaningless",
+                file=sys.stderr,
+            )
+    return SamAutomaticMaskGenerator(model, output_mode=output_mode, **settings)
 
 
 def _run_batch(
     job: Job,
-    pending: list[str],
+    share: list[str],
     generator: Any,
     args: argparse.Namespace,
     load_image: Callable[[str], np.ndarray],
     first_image: Optional[np.ndarray],
+    workers: folder_jobs.Workers,
+    outcome: folder_jobs.Outcome,
 ) -> int:
-    from tqdm import tqdm
-
     try:
         os.makedirs(job.output, exist_ok=True)
     except OSError as err:
-        raise SamkitError(f"--output {job.output}: cannot create: {err.strerror or err}") from None
-    unreadable = done = 0
-    bar = tqdm(pending, desc="amg", unit="image", file=sys.stderr, dynamic_ncols=True)
-    try:
-        with _sigterm_as_interrupt():
-            for path in bar:
-                try:
-                    image = first_image if first_image is not None else load_image(path)
-                except ImageError as err:
-                    message = str(err) if path in str(err) else f"{path}: {err}"
-                    tqdm.write(f"warning: {message}; skipped", file=sys.stderr)
-                    unreadable += 1
-                    continue
-                records = generator.generate(image)
-                try:
-                    write_results(
-                        job, path, image, records, args.convert_to_rle, args.overlay, args.overwrite
-                    )
-                except OSError as err:
-                    raise SamkitError(f"cannot write the results of {path}: {err.strerror or err}") from None
-                done += 1
-                bar.set_postfix(masks=len(records), refresh=False)
-    except KeyboardInterrupt as stop:
-        bar.close()
-        why = "terminated" if isinstance(stop, _Terminated) else "interrupted"
-        print(
-            f"error: {why} after {done} of {len(pending)} images; their results are complete and a re-run "
-            "continues with the rest",
-            file=sys.stderr,
-        )
-        return TERMINATED if isinstance(stop, _Terminated) else INTERRUPTED
-    finally:
-        bar.close()
-    print(f"wrote the results of {done} images to {job.output}")
-    if unreadable:
-        print(f"error: {unreadable} of {len(job.inputs)} images could not be read", file=sys.stderr)
-        return 1
-    return 0
+        if not workers.distributed:
+            raise SamkitError(f"--output {job.output}: cannot create: {err.strerror or err}") from None
+        outcome.error = outcome.error or f"--output {job.output}: cannot create: {err.strerror or err}"
+
+    def work(path: str) -> dict[str, Any]:
+        image = first_image if first_image is not None else load_image(path)
+        records = generator.generate(image)
+        try:
+            write_results(job, path, image, records, args.convert_to_rle, args.overlay, args.overwrite)
+        except OSError as err:
+            raise SamkitError(f"cannot write the results of {path}: {err.strerror or err}") from None
+        return {"masks": len(records)}
+
+    if outcome.error is None:
+        folder_jobs.process_share(share, work, workers, "amg", outcome)
+    return folder_jobs.finish(
+        outcome,
+        workers,
+        len(share),
+        len(job.inputs),
+        lambda done: f"wrote the results of {done} images to {job.output}",
+    )
 
 
 def _check_packages(output_mode: str, settings: dict[str, Any]) -> None:
@@ -393,26 +422,6 @@ def _check_packages(output_mode: str, settings: dict[str, Any]) -> None:
     except ImportError as err:
         flag = "--convert-to-rle" if output_mode == "coco_rle" else "--min-mask-region-area"
         raise SamkitError(f"{flag} needs {err.name}: pip install 'samkit[amg]'") from None
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same cleanup runs."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------------
