@@ -12,6 +12,8 @@ from samkit.errors import CheckpointError, PromptError
 from samkit.utils.mindspore_ckpt import write_mindspore_checkpoint
 from samkit.utils.mindspore_names import torch_to_mindspore_names
 
+from .text_helpers import WORDS, save_tiny_blip2, save_tiny_clip, save_tiny_tokenizer  # noqa: F401 (importable here)
+
 TEXT_KEYS = {
     "prompt_encoder.text_proj.weight",
     "prompt_encoder.text_proj.bias",
@@ -146,67 +148,17 @@ def test_predictor_text_on_plain_model_is_clear(tiny_model):
 # ---------------------------------------------------------------------------------------------------
 # Feature encoders: tiny random CLIP and BLIP-2 from transformers configs, saved and loaded by path.
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "red", "blue", "circle", "square", "dog"]
-
-
-def save_tiny_tokenizer(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-    fast.save_pretrained(folder)
-
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        ),
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
-        projection_dim=12,
-    )  # fmt: skip
-    transformers.CLIPModel(config).save_pretrained(folder)
-    save_tiny_tokenizer(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
 def tiny_blip2_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_blip2")
-    torch.manual_seed(0)
-    config = transformers.Blip2Config(
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=28, patch_size=14,
-        ),
-        qformer_config=dict(
-            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32, pad_token_id=0,
-            use_qformer_text_input=True,
-        ),
-        num_query_tokens=4,
-        image_text_hidden_size=8,
-    )  # fmt: skip
-    transformers.Blip2ForImageTextRetrieval(config).save_pretrained(folder)
-    save_tiny_tokenizer(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return save_tiny_blip2(tmp_path_factory.mktemp("tiny_blip2"))
 
 
 @pytest.mark.parametrize("kind, dim, size", [("clip", 12, 32), ("blip2", 8, 28)])

@@ -46,7 +46,12 @@ def _transformers():
 
 
 def _load(cls, name: str, what: str):
-    """``cls.from_pretrained(name)`` with one-line errors for a model that is neither cached nor a folder."""
+    """``cls.from_pretrained(name)`` with one-line errors for a model that is neither cached nor a folder,
+    without transformers' progress bars (the commands' stderr is for errors and warnings)."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return cls.from_pretrained(os.fspath(name))
     except (OSError, ValueError) as err:
@@ -56,6 +61,9 @@ def _load(cls, name: str, what: str):
             f"(download it once with network access: huggingface-cli download {name}) or be a local "
             "folder written by save_pretrained"
         ) from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 class FeatureEncoder(nn.Module):

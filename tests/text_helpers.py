@@ -1,0 +1,68 @@
+"""Tiny random CLIP and BLIP-2 models from ``transformers`` configs, saved with ``save_pretrained`` and
+a word-level tokenizer, so that samkit's feature encoders load them by path (no downloads in tests)."""
+
+from __future__ import annotations
+
+import torch
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "red", "blue", "circle", "square", "dog"]
+
+
+def save_tiny_tokenizer(folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    fast.save_pretrained(folder)
+
+
+def save_tiny_clip(folder):
+    """A random CLIP (12-d projections, 32x32 images) and its tokenizer in ``folder``; returns it."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=12,
+    )  # fmt: skip
+    transformers.CLIPModel(config).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+def save_tiny_blip2(folder):
+    """A random BLIP-2 retrieval model (8-d features, 28x28 images) and its tokenizer in ``folder``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Blip2Config(
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=28, patch_size=14,
+        ),
+        qformer_config=dict(
+            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32, pad_token_id=0,
+            use_qformer_text_input=True,
+        ),
+        num_query_tokens=4,
+        image_text_hidden_size=8,
+    )  # fmt: skip
+    transformers.Blip2ForImageTextRetrieval(config).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
