@@ -105,6 +105,32 @@ def test_inference_bias_blocks_match_the_whole_bias(monkeypatch, dtype, block):
     torch.testing.assert_close(trained.detach(), whole, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("block", [10**9, 2 * 60 * 60, 7 * 60])  # all heads; 2 heads; 7-row blocks
+@pytest.mark.parametrize("windowed", [False, True])
+def test_bf16_cpu_inference_folds_the_bias_into_the_scores(monkeypatch, block, windowed):
+    """CPU bf16 inference widens queries by their bias terms and keys by one-hot row/column codes, so
+    one matmul gives the biased scores: the result matches fp32 attention of the same inputs (with
+    the bias added explicitly) to bf16 accuracy, for every block size and for padded windows."""
+    import samkit.modeling.image_encoder as enc
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, use_rel_pos=True, input_size=(4, 4) if windowed else (6, 10))
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(attn.rel_pos_w, std=0.5)
+    x = torch.randn(3, 6, 10, 32).bfloat16().float()
+    with torch.inference_mode():
+        expected = attn.forward_windowed(x, 4) if windowed else attn(x)  # fp32: bias added to the scores
+        monkeypatch.setattr(enc, "_BIAS_BLOCK_ELEMENTS", block)
+        calls = []
+        folded = enc.Attention._attend_folded
+        monkeypatch.setattr(enc.Attention, "_attend_folded", lambda *a: calls.append(1) or folded(*a))
+        low = attn.to(torch.bfloat16)
+        got = (low.forward_windowed(x.bfloat16(), 4) if windowed else low(x.bfloat16())).float()
+    assert calls, "the bf16 CPU path did not fold the bias"
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_matches_pytorch(activation, dtype):

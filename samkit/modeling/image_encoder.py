@@ -162,6 +162,8 @@ class Attention(nn.Module):
         if differentiable or q.device.type != "cpu" or torch.compiler.is_compiling():
             out = self._attend_head_chunks(qf, kf, vf, rh, rw, grid, differentiable)
             return out.view(n, heads, length, d)
+        if q.dtype == torch.bfloat16:
+            return self._attend_folded(q, k, v, rh, rw, grid)
         # CPU inference: the bias is built and consumed in blocks of (heads x query rows) written into one
         # reused buffer, instead of one N*heads x L x L tensor (805 MB per global vit_b layer in fp32,
         # whose first touch alone costs more than the attention). Query rows are independent: the
@@ -192,6 +194,53 @@ class Attention(nn.Module):
                     vf[:, s:e],
                     attn_mask=bias.view(1, e - s, (y_end - y) * gw, length),
                 )
+        return out.view(n, heads, length, d)
+
+    def _attend_folded(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rh: torch.Tensor,
+        rw: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> torch.Tensor:
+        """CPU bf16 inference: the relative-position bias folded into the score matmul.
+
+        ``q·k*scale + q·Rh[y_q, y_k] + q·Rw[x_q, x_k]`` is one dot product of widened vectors: each
+        query is extended by its gh + gw bias terms, each key by the one-hot codes of its row and
+        column. One bf16 matmul (fp32 accumulation) then gives the biased scores without a bias
+        tensor, and softmax and the value matmul follow per block of (heads x query rows). On CPUs
+        with bf16 matrix units this is about twice as fast as the fused attention kernel with an
+        additive bias (which computes in fp32 and is memory-bound on the bias); the scores are
+        rounded to bf16 once, so the result differs from the fp32 attention a little more (relative
+        error ~0.9% against ~0.6% for the kernel; the decoder's masks agree with fp32 at IoU >= 0.98).
+        """
+        gh, gw = grid
+        n, heads, length, d = q.shape
+        nh = n * heads
+        grid_q = q.reshape(nh, gh, gw, d)
+        rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh).reshape(nh, length, gh)
+        rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw).reshape(nh, length, gw)
+        wide_q = torch.cat([q.reshape(nh, length, d) * self.scale, rel_h, rel_w], dim=-1)
+        rows_code = torch.eye(gh, dtype=q.dtype, device=q.device).repeat_interleave(gw, dim=0)
+        cols_code = torch.eye(gw, dtype=q.dtype, device=q.device).repeat(gh, 1)
+        wide_k = torch.cat(
+            [k.reshape(nh, length, d), rows_code.expand(nh, -1, -1), cols_code.expand(nh, -1, -1)], dim=-1
+        ).transpose(1, 2)
+        values = v.reshape(nh, length, d)
+        head_block = min(nh, max(1, _BIAS_BLOCK_ELEMENTS // (length * length)))
+        rows = min(length, max(1, _BIAS_BLOCK_ELEMENTS // (head_block * length)))
+        if head_block == nh and rows == length:
+            out = torch.bmm(torch.softmax(torch.bmm(wide_q, wide_k), dim=-1), values)
+            return out.view(n, heads, length, d)
+        out = torch.empty_like(values)
+        for s in range(0, nh, head_block):
+            e = min(s + head_block, nh)
+            for r in range(0, length, rows):
+                r_end = min(r + rows, length)
+                scores = torch.bmm(wide_q[s:e, r:r_end], wide_k[s:e])
+                out[s:e, r:r_end] = torch.bmm(torch.softmax(scores, dim=-1), values[s:e])
         return out.view(n, heads, length, d)
 
     def _attend_head_chunks(
