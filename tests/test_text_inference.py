@@ -236,3 +236,23 @@ def test_user_mistakes(tmp_path, astronaut_png, checkpoints, clip_dir, blip2_dir
     _fails(argv, out, capsys, "none.pth: not found")
     argv = _args(astronaut_png, out, checkpoints["clip"], "clip", clip_dir, "a dog", extra=["--download"])
     _fails(argv, out, capsys, "--download", "no text branch")
+
+
+def test_picture_labels_each_mask_and_lists_empty_ones(tmp_path, photo):
+    from samkit.commands.text import draw_prompts, label_anchor
+
+    masks = np.zeros((3, 512, 512), bool)
+    masks[0, 100:300, 50:250] = True
+    masks[1, :, 400:] = True
+    assert label_anchor(masks[0]) == pytest.approx((150, 200), abs=2)
+    assert 400 <= label_anchor(masks[1])[0] < 512
+    assert label_anchor(masks[2]) is None
+    ring = np.zeros((64, 64), bool)
+    ring[8:56, 8:56], ring[16:48, 16:48] = True, False
+    x, y = label_anchor(ring)
+    assert ring[int(y), int(x)]  # the centroid is outside a ring: the nearest mask pixel instead
+    path = tmp_path / "labels.png"
+    draw_prompts(photo, masks, np.array([0.9, 0.8, 0.1]), ["a dog", "blue square", "nothing"])(str(path))
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+    assert os.listdir(tmp_path) == ["labels.png"]

@@ -57,9 +57,25 @@ def text_feature_dim(state: dict, source: str) -> int:
     return int(weight.shape[1])
 
 
+def label_anchor(mask: np.ndarray) -> tuple[float, float] | None:
+    """Where a mask's label goes: its centroid when that lies in the mask, else the mask pixel nearest
+    to it (x, y); None for an empty mask."""
+    step = max(1, max(mask.shape) // 256)  # a coarse grid keeps big images cheap
+    ys, xs = np.nonzero(mask[::step, ::step])
+    if len(xs) == 0:
+        ys, xs = np.nonzero(mask)
+        step = 1
+    if len(xs) == 0:
+        return None
+    cx, cy = xs.mean(), ys.mean()
+    i = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
+    return float(xs[i] * step + step / 2), float(ys[i] * step + step / 2)
+
+
 def draw_prompts(image: np.ndarray, masks: np.ndarray, iou: np.ndarray, prompts: Sequence[str]) -> Any:
     """A ``draw`` for :func:`single_image.save_results`: the masks in their colours over the image, each
-    prompt written by its mask (at the top-left of the mask's box; in the corner for an empty mask)."""
+    prompt (with its predicted IoU) written on its mask, in the mask's colour; labels that would land on
+    each other are moved down, and the prompts of empty masks are listed in the top-left corner."""
 
     def draw(picture_path: str) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -73,17 +89,22 @@ def draw_prompts(image: np.ndarray, masks: np.ndarray, iou: np.ndarray, prompts:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
         draw_panel(ax, image, Panel(masks, None, title=si.plural(len(prompts), "text prompt")))
-        empty = 0
+        line = 0.06 * h  # about one label's height
+        placed: list[tuple[float, float]] = []
+        corner = 0
         for k, (mask, prompt, score) in enumerate(zip(masks, prompts, iou)):
-            cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-            if len(cols):
-                x, y, what = float(cols[0]), float(rows[0]), f"{prompt} ({score:.2f})"
-            else:  # nothing to be near: stack in the top-left corner
-                x, y, what = 0.01 * w, 0.01 * h + empty * 0.06 * h, f"{prompt} (no mask)"
-                empty += 1
+            anchor = label_anchor(mask)
+            if anchor is None:
+                x, y, what, ha = 0.01 * w, 0.01 * h + corner * line, f"{prompt} (no mask)", "left"
+                corner += 1
+            else:
+                (x, y), what, ha = anchor, f"{prompt} ({score:.2f})", "center"
+                while any(abs(y - py) < line and abs(x - px) < 0.3 * w for px, py in placed):
+                    y += line
+                placed.append((x, y))
             ax.text(
-                x, y, what, fontsize=10, color="white", va="top", ha="left", zorder=4, clip_on=True,
-                bbox={"facecolor": mask_color(k), "alpha": 0.85, "pad": 2, "lw": 0},
+                x, y, what, fontsize=10, color="white", va="center" if ha == "center" else "top", ha=ha,
+                zorder=4, clip_on=True, bbox={"facecolor": mask_color(k), "alpha": 0.85, "pad": 2, "lw": 0},
             )  # fmt: skip
         _save_atomically(fig, picture_path, 100)
 
@@ -137,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from ..build import build_model, load_checkpoint, read_checkpoint
     from ..predictor import SamPredictor
     from ..text import build_feature_encoder
+    from ..text.features import DEFAULT_MODELS
     from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
@@ -158,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if state is not None:
         dim = text_feature_dim(state, checkpoint)
         if dim != encoder.feature_dim:
-            model_name = args.text_model or encoder_default(args.text_model_type)
+            model_name = args.text_model or DEFAULT_MODELS[args.text_model_type]
             raise CheckpointError(
                 f"{checkpoint} takes text features of size {dim}, the {args.text_model_type} feature model "
                 f"{model_name} gives {encoder.feature_dim}: pass the --text-model-type/--text-model the SAM "
@@ -183,13 +205,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def encoder_default(kind: str) -> str:
-    from ..text.features import DEFAULT_MODELS
-
-    return DEFAULT_MODELS[kind]
-
-
 main = si.main_for(add_arguments, run, __doc__, "text_inference.py")
 
 
-__all__ = ["add_arguments", "draw_prompts", "main", "predict_texts", "run", "text_feature_dim"]
+__all__ = [
+    "add_arguments",
+    "draw_prompts",
+    "label_anchor",
+    "main",
+    "predict_texts",
+    "run",
+    "text_feature_dim",
+]

@@ -67,17 +67,33 @@ def _load(cls, name: str, what: str):
 
 
 class FeatureEncoder(nn.Module):
-    """Base: a frozen model giving L2-normalised ``feature_dim``-d features of crops and texts."""
+    """Base: a frozen model giving L2-normalised ``feature_dim``-d features of crops and texts.
+
+    A subclass names its ``transformers`` class (``model_class``), the config key of its feature size
+    (``feature_dim_key``) and computes the raw features in ``_image_embeds``/``_text_embeds``; loading,
+    normalisation and the checks of crops and texts are shared.
+    """
 
     feature_dim: int
     image_size: int
+    model_class: str  # the transformers class loaded by from_pretrained
+    feature_dim_key: str  # the model config's key of the feature size
+    label: str  # how errors name the model
 
     def __init__(self, model: nn.Module, tokenizer=None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.feature_dim = int(getattr(model.config, self.feature_dim_key))
+        self.image_size = int(model.config.vision_config.image_size)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> FeatureEncoder:
+        tf = _transformers()
+        model = _load(getattr(tf, cls.model_class), name, f"{cls.label} model")
+        return cls(model, _load(tf.AutoTokenizer, name, f"{cls.label} tokenizer"))
 
     def train(self, mode: bool = True) -> FeatureEncoder:
         # Frozen: dropout and the like stay off even inside a model put in train mode.
@@ -107,11 +123,17 @@ class FeatureEncoder(nn.Module):
     @torch.no_grad()
     def image_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Crops Bx3xSxS (RGB in [0, 1]) -> BxD float32, unit L2 norm."""
-        raise NotImplementedError
+        return F.normalize(self._image_embeds(self._pixels(crops)).float(), dim=-1)
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts (B strings) -> BxD float32, unit L2 norm."""
+        return F.normalize(self._text_embeds(self._tokens(texts)).float(), dim=-1)
+
+    def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _text_embeds(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -123,63 +145,40 @@ def _pooled(out) -> torch.Tensor:
 class ClipFeatureEncoder(FeatureEncoder):
     """CLIP's projected image and text features (``get_image_features``/``get_text_features``)."""
 
-    def __init__(self, model: nn.Module, tokenizer=None) -> None:
-        super().__init__(model, tokenizer)
-        self.feature_dim = int(model.config.projection_dim)
-        self.image_size = int(model.config.vision_config.image_size)
+    model_class = "CLIPModel"
+    feature_dim_key = "projection_dim"
+    label = "CLIP"
 
-    @classmethod
-    def from_pretrained(cls, name: str | os.PathLike) -> ClipFeatureEncoder:
-        tf = _transformers()
-        model = _load(tf.CLIPModel, name, "CLIP model")
-        return cls(model, _load(tf.AutoTokenizer, name, "CLIP tokenizer"))
+    def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(pixel_values=pixels))
 
-    @torch.no_grad()
-    def image_features(self, crops: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=self._pixels(crops))
-        return F.normalize(_pooled(out).float(), dim=-1)
-
-    @torch.no_grad()
-    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        out = self.model.get_text_features(**self._tokens(texts))
-        return F.normalize(_pooled(out).float(), dim=-1)
+    def _text_embeds(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(**tokens))
 
 
 class Blip2FeatureEncoder(FeatureEncoder):
     """BLIP-2 first stage (``Blip2ForImageTextRetrieval``): Q-Former image projection of query token 0
     and text projection of the CLS token, as the seed's ``blip2_stage1_classification``."""
 
-    def __init__(self, model: nn.Module, tokenizer=None) -> None:
-        super().__init__(model, tokenizer)
-        self.feature_dim = int(model.config.image_text_hidden_size)
-        self.image_size = int(model.config.vision_config.image_size)
+    model_class = "Blip2ForImageTextRetrieval"
+    feature_dim_key = "image_text_hidden_size"
+    label = "BLIP-2"
 
-    @classmethod
-    def from_pretrained(cls, name: str | os.PathLike) -> Blip2FeatureEncoder:
-        tf = _transformers()
-        model = _load(tf.Blip2ForImageTextRetrieval, name, "BLIP-2 model")
-        return cls(model, _load(tf.AutoTokenizer, name, "BLIP-2 tokenizer"))
-
-    @torch.no_grad()
-    def image_features(self, crops: torch.Tensor) -> torch.Tensor:
+    def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         m = self.model
-        image_embeds = m.vision_model(pixel_values=self._pixels(crops))[0]
+        image_embeds = m.vision_model(pixel_values=pixels)[0]
         mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
         out = m.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)
-        hidden = out[0].to(m.vision_projection.weight.dtype)
-        return F.normalize(m.vision_projection(hidden[:, 0]).float(), dim=-1)
+        return m.vision_projection(out[0].to(m.vision_projection.weight.dtype)[:, 0])
 
-    @torch.no_grad()
-    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+    def _text_embeds(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         m = self.model
         if not getattr(m.config.qformer_config, "use_qformer_text_input", True):
             raise FeatureModelError("this BLIP-2 Q-Former has no text input (use_qformer_text_input is off)")
-        tokens = self._tokens(texts)
         embeds = m.embeddings(input_ids=tokens["input_ids"])
         out = m.qformer(query_embeds=embeds, query_length=0, attention_mask=tokens.get("attention_mask"))
-        hidden = out[0].to(m.text_projection.weight.dtype)
-        return F.normalize(m.text_projection(hidden[:, 0]).float(), dim=-1)
+        return m.text_projection(out[0].to(m.text_projection.weight.dtype)[:, 0])
 
 
 FEATURE_ENCODERS: dict[str, type[FeatureEncoder]] = {
@@ -200,5 +199,5 @@ def build_feature_encoder(
     (default: the seed's model of that kind). Frozen, in eval mode, on ``device``."""
     if kind not in FEATURE_ENCODERS:
         raise ValueError(f"unknown text model type {kind!r}; choose one of {', '.join(FEATURE_ENCODERS)}")
-    encoder = FEATURE_ENCODERS[kind].from_pretrained(name or DEFAULT_MODELS[kind])  # type: ignore[attr-defined]
+    encoder = FEATURE_ENCODERS[kind].from_pretrained(name or DEFAULT_MODELS[kind])
     return encoder.to(device)
