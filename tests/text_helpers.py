@@ -3,16 +3,20 @@ a word-level tokenizer, so that samkit's feature encoders load them by path (no 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "red", "blue", "circle", "square", "dog"]
 
 
-def save_tiny_tokenizer(folder) -> None:
+def save_tiny_tokenizer(folder, words: Sequence[str] = WORDS) -> None:
+    """A word-level tokenizer over ``words`` ("[CLS] a red circle [SEP]"; the first four must be
+    [PAD], [UNK], [CLS], [SEP]), saved with save_pretrained into ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
