@@ -418,7 +418,9 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        # The patch embedding is a permuted (channels-last view of a channels-first) tensor: made
+        # contiguous once here, or every residual add and norm of every block runs on strided memory.
+        x = self.patch_embed(x).contiguous()
         if self.pos_embed is not None:
             x = x + self.pos_embed
         for block in self.blocks:
