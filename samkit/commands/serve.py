@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-side", type=int, default=4096, help="longest image side accepted (default 4096)"
     )
     parser.add_argument("--cache-images", type=int, default=8, help="embeddings kept in memory (default 8)")
+    parser.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="embeddings written by samkit embed with this model: opening one of those images skips the encoder",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise SamkitError("--max-upload-mb, --max-side (>= 16) and --cache-images must be positive")
     if args.token is not None and not args.token.strip():
         raise SamkitError("--token is empty")
+    if args.embeddings is not None and not os.path.isdir(args.embeddings):
+        raise SamkitError(f"--embeddings {args.embeddings}: not a folder")
     device = check_device(args.device)
     checkpoint = checkpoint_or_none(args)
     if checkpoint is None and args.download:
@@ -79,7 +86,16 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_side * args.max_side,
         cache_images=args.cache_images,
     )
-    app = create_app(ModelService(model, limits), images_folder=args.images, token=args.token)
+    service = ModelService(model, limits, embeddings=args.embeddings)
+    if service.embeddings is not None:
+        folder = service.embeddings
+        print(
+            f"embeddings: {len(folder)} images in {args.embeddings}"
+            + (f"; {folder.other_encoder} files of another model left out" if folder.other_encoder else "")
+            + (f"; {folder.damaged} unreadable files left out" if folder.damaged else ""),
+            file=sys.stderr,
+        )
+    app = create_app(service, images_folder=args.images, token=args.token)
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level="warning")
     server = uvicorn.Server(config)
 

@@ -69,6 +69,7 @@ class OpenImage:
     encoder_ms: float = 0.0
     everything: Optional[list[dict[str, Any]]] = None
     everything_settings: dict[str, Any] = field(default_factory=dict)
+    precomputed: bool = False  # the embedding came from a samkit embed file
 
 
 class LRU(OrderedDict):
@@ -144,8 +145,17 @@ class ModelService:
     image, its pixels or the health of the server never waits for a model call.
     """
 
-    def __init__(self, model: torch.nn.Module, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, model: torch.nn.Module, limits: Limits = Limits(), embeddings: Optional[str] = None
+    ) -> None:
+        """``embeddings``: a folder written by ``samkit embed`` with this model; an opened image whose
+        bytes match one of its files takes that embedding instead of running the encoder."""
         self.model = model.eval()
+        self.embeddings = None
+        if embeddings is not None:
+            from ..utils.embeddings import EmbeddingFolder
+
+            self.embeddings = EmbeddingFolder(embeddings, model)
         self.predictor = SamPredictor(model)
         self.limits = limits
         self.lock = threading.Lock()  # the model and the predictor's state
@@ -168,9 +178,16 @@ class ModelService:
                 if image_id in self.images:  # another request embedded it meanwhile
                     return self.images.get_recent(image_id), True
             start = time.perf_counter()
-            self.predictor.set_image(pixels)
-            image.features = self.predictor.features
-            image.input_size = tuple(self.predictor.input_size)  # type: ignore[assignment]
+            stored = self.embeddings.find(image_id, self.model) if self.embeddings is not None else None
+            if stored is not None and tuple(stored.original_size) == tuple(pixels.shape[:2]):
+                param = next(self.model.parameters())
+                image.features = stored.embedding.to(device=param.device, dtype=param.dtype)
+                image.input_size = tuple(stored.input_size)  # type: ignore[assignment]
+                image.precomputed = True
+            else:
+                self.predictor.set_image(pixels)
+                image.features = self.predictor.features
+                image.input_size = tuple(self.predictor.input_size)  # type: ignore[assignment]
             image.encoder_ms = (time.perf_counter() - start) * 1000
             self.predictor.reset_image()
             with self.cache_lock:
