@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['encoder_peak_mib']:7.1f} MiB"
         )
     result = {
-        "command": "python benchmarks/encoder_memory.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/encoder_memory.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "model": args.model,
         "image": "skimage.data.coffee() 400x600",
