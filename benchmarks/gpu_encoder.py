@@ -26,6 +26,23 @@ def meta_encoder(name: str):
     return meta_sam(name).image_encoder
 
 
+class DenseBias(torch.nn.Module):
+    """Runs the encoder with the fused relative-position attention kernel switched off."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from samkit.modeling import rel_pos_attention
+
+        saved, rel_pos_attention.ENABLED = rel_pos_attention.ENABLED, False
+        try:
+            return self.encoder(x)
+        finally:
+            rel_pos_attention.ENABLED = saved
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -75,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile-batches", default=None, help="batches for the compiled encoder (default: --batches)"
     )
+    parser.add_argument(
+        "--dense-bias",
+        action="store_true",
+        help="also time samkit bf16 with the fused Triton attention switched off (the dense-bias path)",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--note", default=None)
     parser.add_argument("--out", default=None)
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = [("meta fp32", meta, torch.float32, int(b)) for b in args.meta_batches.split(",")]
         plan += [("samkit fp32", ours32, torch.float32, int(b)) for b in args.meta_batches.split(",")]
         plan += [("samkit bf16", ours16, torch.bfloat16, b) for b in batches]
+        if args.dense_bias:
+            plan += [("samkit bf16 dense bias", DenseBias(ours16), torch.bfloat16, b) for b in batches]
         if args.compile:
             compiled = torch.compile(ours16, dynamic=False)
             plan += [("samkit bf16 compiled", compiled, torch.bfloat16, b) for b in compile_batches]

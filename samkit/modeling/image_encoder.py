@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rel_pos_attention as fused_attention
 from .common import LayerNorm2d, MLPBlock, linear
 
 # Upper bound on the float relative-position bias materialised at once for global attention
@@ -159,6 +160,13 @@ class Attention(nn.Module):
         # bias) only take 4-D inputs; 3-D ones fall back to the unfused math path.
         qf, kf, vf = (t.reshape(1, n * heads, length, d) for t in (q, k, v))
         differentiable = torch.is_grad_enabled() and (q.requires_grad or rh.requires_grad)
+        if not differentiable and q.dtype in (torch.float16, torch.bfloat16) and fused_attention.available(q):
+            # GPU inference with Triton: the bias is added inside a flash-attention kernel.
+            grid_q = q.reshape(n * heads, gh, gw, d)
+            rel_h = torch.einsum("byxd,ykd->byxk", grid_q, rh).reshape(n * heads, length, gh)
+            rel_w = torch.einsum("byxd,xkd->byxk", grid_q, rw).reshape(n * heads, length, gw)
+            out = fused_attention.rel_pos_attention(qf[0], kf[0], vf[0], rel_h, rel_w, grid, self.scale)
+            return out.view(n, heads, length, d)
         if differentiable or q.device.type != "cpu" or torch.compiler.is_compiling():
             out = self._attend_head_chunks(qf, kf, vf, rh, rw, grid, differentiable)
             return out.view(n, heads, length, d)
