@@ -19,6 +19,7 @@ import torch
 from .errors import PromptError
 from .modeling import Sam
 from .utils.image import to_rgb_uint8
+from .utils.prompt_checks import check_prompts, prompt_sets
 from .utils.transforms import ResizeLongestSide, upscale_masks
 
 
@@ -211,17 +212,9 @@ class SamPredictor:
         Returns, per image, masks BxCxHxW, IoU predictions BxC and low-res logits BxCx256x256.
         """
         self._require_image()
-        if len(prompts) != len(self.original_sizes):
-            raise ValueError(f"got prompts for {len(prompts)} images, but {len(self.original_sizes)} are set")
         results = []
-        for i, p in enumerate(prompts):
-            unknown = set(p) - {"point_coords", "point_labels", "boxes", "mask_input"}
-            if unknown:
-                raise ValueError(f"unknown prompt keys {sorted(unknown)} for image {i}")
-            coords, labels, boxes, masks = self._prompt_tensors(
-                p.get("point_coords"), p.get("point_labels"), p.get("boxes"), p.get("mask_input"),
-                self.original_sizes[i], batched=True,
-            )  # fmt: skip
+        for i, prompt in enumerate(prompt_sets(prompts, len(self.original_sizes))):
+            coords, labels, boxes, masks = self._prompt_tensors(*prompt, self.original_sizes[i], batched=True)
             out = self._decode(
                 self.features[i : i + 1], self.input_sizes[i], self.original_sizes[i],
                 coords, labels, boxes, masks, multimask_output, return_logits,
@@ -269,50 +262,23 @@ class SamPredictor:
         original_size: tuple[int, ...],
         batched: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Validate prompts in original pixels and move them to the model frame as tensors."""
+        """Validate prompts in original pixels (:func:`samkit.utils.prompt_checks.check_prompts`) and
+        move them to the model frame as tensors."""
         dev = self.device
-        coords = labels = boxes = masks = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise PromptError("point_labels must be given with point_coords")
-            pc = np.asarray(point_coords, dtype=np.float64)
-            pl = np.asarray(point_labels)
-            if pc.ndim == 2:
-                pc, pl = pc[None], pl.reshape(1, -1)
-            if pc.ndim != 3 or pc.shape[-1] != 2 or pl.shape != pc.shape[:2]:
-                raise PromptError(
-                    f"point_coords must be Nx2{' or BxNx2' if batched else ''} with matching point_labels, "
-                    f"got {tuple(np.shape(point_coords))} and {tuple(np.shape(point_labels))}"
-                )
-            coords = torch.as_tensor(
-                self.transform.apply_coords(pc, original_size), dtype=torch.float, device=dev
-            )
-            labels = torch.as_tensor(pl, dtype=torch.int, device=dev)
-        if box is not None:
-            b = np.asarray(box, dtype=np.float64)
-            if b.shape == (4,) or (not batched and b.shape == (1, 4)):
-                b = b.reshape(1, 4)
-            if b.ndim != 2 or b.shape[1] != 4:
-                raise PromptError(
-                    f"box must be 4 values (XYXY){' or Bx4' if batched else ''}, got {tuple(b.shape)}"
-                )
-            boxes = torch.as_tensor(
-                self.transform.apply_boxes(b, original_size), dtype=torch.float, device=dev
-            )
-        if mask_input is not None:
-            m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=dev)
-            if m.ndim == 3:
-                m = m[None]
-            size = self.model.prompt_encoder.mask_input_size
-            if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != size:
-                raise PromptError(
-                    f"mask_input must be 1x{size[0]}x{size[1]} per prompt, got {tuple(m.shape)}"
-                )
-            masks = m
-        counts = {t.shape[0] for t in (coords, boxes, masks) if t is not None}
-        if len(counts) > 1:
-            raise PromptError(f"points, boxes and masks disagree on the number of prompts: {sorted(counts)}")
-        return coords, labels, boxes, masks
+        coords, labels, boxes, masks = check_prompts(
+            point_coords, point_labels, box, mask_input,
+            batched=batched, mask_size=self.model.prompt_encoder.mask_input_size,
+        )  # fmt: skip
+        if coords is not None:
+            coords = self.transform.apply_coords(coords, original_size)
+        if boxes is not None:
+            boxes = self.transform.apply_boxes(boxes, original_size)
+        return (
+            None if coords is None else torch.as_tensor(coords, dtype=torch.float, device=dev),
+            None if labels is None else torch.as_tensor(labels, dtype=torch.int, device=dev),
+            None if boxes is None else torch.as_tensor(boxes, dtype=torch.float, device=dev),
+            None if masks is None else torch.as_tensor(masks, device=dev),
+        )
 
     # ------------------------------------------------------------------ state
     def get_image_embedding(self) -> torch.Tensor:

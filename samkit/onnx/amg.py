@@ -8,42 +8,23 @@ decoded by ``decoder.onnx`` (Meta's interface: one prompt per call, masks at the
 
 from __future__ import annotations
 
-import math
-from itertools import product
 from typing import Any
 
 import numpy as np
 
+from ..utils.amg_common import (
+    OUTPUT_MODES,
+    build_point_grid,
+    coco_encode_rle,
+    generate_crop_boxes,
+    generator_point_grids,
+    rle_to_mask,
+)
 from .predictor import OnnxPredictor
 
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-
-
-def point_grid(n_per_side: int) -> np.ndarray:
-    """Cell centres of an n x n grid over [0, 1]^2 as (n*n)x2 XY, row by row."""
-    offset = 1 / (2 * n_per_side)
-    centres = np.linspace(offset, 1 - offset, n_per_side)
-    xs, ys = np.meshgrid(centres, centres, indexing="xy")
-    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
-
-
-def crop_boxes(
-    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
-) -> tuple[list[list[int]], list[int]]:
-    """The whole image, then 2^i x 2^i overlapping crops for layer i (XYXY, exclusive ends), and their layers."""
-    im_h, im_w = im_size
-    boxes, layers = [[0, 0, im_w, im_h]], [0]
-    for layer in range(1, n_layers + 1):
-        n = 2**layer
-        overlap = int(overlap_ratio * min(im_h, im_w) * (2 / n))
-        crop_w = int(math.ceil((overlap * (n - 1) + im_w) / n))
-        crop_h = int(math.ceil((overlap * (n - 1) + im_h) / n))
-        x0s = [int((crop_w - overlap) * i) for i in range(n)]
-        y0s = [int((crop_h - overlap) * i) for i in range(n)]
-        for x0, y0 in product(x0s, y0s):
-            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
-            layers.append(layer)
-    return boxes, layers
+# Earlier names of the shared helpers, kept for callers of samkit.onnx.amg.
+point_grid = build_point_grid
+crop_boxes = generate_crop_boxes
 
 
 def mask_to_box(masks: np.ndarray) -> np.ndarray:
@@ -86,12 +67,6 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [h, w], "counts": counts}
 
 
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    h, w = rle["size"]
-    values = np.arange(len(rle["counts"])) % 2 == 1
-    return np.repeat(values, rle["counts"]).reshape(w, h).T
-
-
 class OnnxAutomaticMaskGenerator:
     """SamAutomaticMaskGenerator's arguments and records, on an :class:`OnnxPredictor`."""
 
@@ -110,16 +85,9 @@ class OnnxAutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         output_mode: str = "binary_mask",
     ) -> None:
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("give exactly one of points_per_side and point_grids")
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
-        self.point_grids = point_grids or [
-            point_grid(int(points_per_side / crop_n_points_downscale_factor**i))
-            for i in range(crop_n_layers + 1)
-        ]
-        if len(self.point_grids) != crop_n_layers + 1:
-            raise ValueError(f"point_grids needs one grid per crop layer ({crop_n_layers + 1})")
+        self.point_grids = generator_point_grids(
+            points_per_side, point_grids, crop_n_layers, crop_n_points_downscale_factor, output_mode
+        )
         self.predictor = predictor
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -134,7 +102,7 @@ class OnnxAutomaticMaskGenerator:
         """Records for an HxWx3 uint8 RGB image: ``segmentation``, ``area``, ``bbox`` (XYWH),
         ``predicted_iou``, ``point_coords``, ``stability_score``, ``crop_box`` (XYWH)."""
         h, w = image.shape[:2]
-        boxes_, layers = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
+        boxes_, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         parts = [self._process_crop(image, box, layer, (h, w)) for box, layer in zip(boxes_, layers)]
         data = {
             k: [v for p in parts for v in p[k]]
@@ -155,10 +123,7 @@ class OnnxAutomaticMaskGenerator:
             elif self.output_mode == "uncompressed_rle":
                 segmentation = rle
             else:
-                from pycocotools import mask as mask_utils
-
-                segmentation = mask_utils.frPyObjects(rle, *rle["size"])
-                segmentation["counts"] = segmentation["counts"].decode("utf-8")
+                segmentation = coco_encode_rle(rle)
             records.append(
                 {
                     "segmentation": segmentation,
@@ -237,6 +202,7 @@ def _uncrop(mask: np.ndarray, crop_box: list[int], h: int, w: int) -> np.ndarray
 
 
 __all__ = [
+    "OUTPUT_MODES",
     "OnnxAutomaticMaskGenerator",
     "crop_boxes",
     "mask_to_box",

@@ -13,11 +13,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import PromptError
 from ..utils.image import to_rgb_uint8
+from ..utils.prompt_checks import check_prompts, prompt_sets
 
 DEFAULT_PIXEL_MEAN = (123.675, 116.28, 103.53)
 DEFAULT_PIXEL_STD = (58.395, 57.12, 57.375)
+MASK_SIZE = (256, 256)  # the decoder's low-res mask input and output, per prompt
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -148,10 +149,6 @@ class OnnxPredictor:
         """One prompt on the current image: point_coords Nx2, point_labels N, box 4 (XYXY), mask_input
         1x256x256. Returns masks CxHxW (bool, or float32 logits), IoU predictions C, low-res logits Cx256x256."""
         self._require_image()
-        if box is not None:
-            box = np.asarray(box, dtype=np.float64).reshape(-1)
-            if box.shape != (4,):
-                raise PromptError(f"box must be 4 values (XYXY), got {np.shape(box)}")
         return self._decode(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits)
 
     def predict_batch(
@@ -164,38 +161,18 @@ class OnnxPredictor:
         ``point_coords`` BxNx2, ``point_labels`` BxN, ``boxes`` Bx4, ``mask_input`` Bx1x256x256 (all
         optional). Returns per image masks BxCxHxW, IoU BxC, low-res logits BxCx256x256."""
         self._require_image()
-        if len(prompts) != len(self.original_sizes):
-            raise ValueError(f"got prompts for {len(prompts)} images, but {len(self.original_sizes)} are set")
         results = []
-        for i, p in enumerate(prompts):
-            unknown = set(p) - {"point_coords", "point_labels", "boxes", "mask_input"}
-            if unknown:
-                raise ValueError(f"unknown prompt keys {sorted(unknown)} for image {i}")
-            coords, labels, boxes, masks = (
-                p.get(k) for k in ("point_coords", "point_labels", "boxes", "mask_input")
-            )
-            if coords is not None and np.ndim(coords) == 2:
-                coords, labels = np.asarray(coords)[None], np.asarray(labels).reshape(1, -1)
-            if boxes is not None:
-                boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-            if masks is not None and np.ndim(masks) == 3:
-                masks = np.asarray(masks)[None]
-            counts = {len(a) for a in (coords, boxes, masks) if a is not None}
-            if len(counts) > 1:
-                raise PromptError(
-                    f"points, boxes and masks disagree on the number of prompts: {sorted(counts)}"
-                )
+        for i, prompt in enumerate(prompt_sets(prompts, len(self.original_sizes))):
+            coords, labels, boxes, masks = check_prompts(*prompt, batched=True, mask_size=MASK_SIZE)
+            count = next((len(a) for a in (coords, boxes, masks) if a is not None), 1)
             outs = [
                 self._decode(
                     i,
-                    None if coords is None else coords[b],
-                    None if labels is None else labels[b],
-                    None if boxes is None else boxes[b],
-                    None if masks is None else masks[b],
+                    *(None if a is None else a[b] for a in (coords, labels, boxes, masks)),
                     multimask_output,
                     return_logits,
                 )
-                for b in range(counts.pop() if counts else 1)
+                for b in range(count)
             ]
             results.append(tuple(np.stack([o[k] for o in outs]) for k in range(3)))
         return results  # type: ignore[return-value]
@@ -211,32 +188,24 @@ class OnnxPredictor:
         """Meta's decoder inputs for one prompt in original pixels: points then box corners (labels 2, 3),
         or a padding point (label -1) when there is no box; coordinates in the resized frame."""
         size = self.original_sizes[image_index]
+        pc, pl, boxes, masks = check_prompts(
+            point_coords, point_labels, box, mask_input, batched=False, mask_size=MASK_SIZE
+        )
         coords = np.zeros((0, 2), dtype=np.float32)
         labels = np.zeros((0,), dtype=np.float32)
-        if point_coords is not None:
-            if point_labels is None:
-                raise PromptError("point_labels must be given with point_coords")
-            pc = np.asarray(point_coords, dtype=np.float64)
-            pl = np.asarray(point_labels, dtype=np.float32).reshape(-1)
-            if pc.ndim != 2 or pc.shape[1] != 2 or pl.shape != (pc.shape[0],):
-                raise PromptError(
-                    f"point_coords must be Nx2 with matching point_labels, got {pc.shape} and {pl.shape}"
-                )
-            coords, labels = apply_coords(pc, size, self.image_size), pl
-        if box is not None:
-            corners = apply_coords(np.asarray(box, dtype=np.float64).reshape(2, 2), size, self.image_size)
+        if pc is not None:
+            coords, labels = apply_coords(pc[0], size, self.image_size), pl[0].astype(np.float32)
+        if boxes is not None:
+            corners = apply_coords(boxes[0].reshape(2, 2), size, self.image_size)
             coords = np.concatenate([coords, corners])
             labels = np.concatenate([labels, np.array([2, 3], dtype=np.float32)])
         else:
             coords = np.concatenate([coords, np.zeros((1, 2), dtype=np.float32)])
             labels = np.concatenate([labels, np.array([-1], dtype=np.float32)])
-        if mask_input is None:
-            mask, has_mask = np.zeros((1, 1, 256, 256), dtype=np.float32), np.zeros(1, dtype=np.float32)
+        if masks is None:
+            mask, has_mask = np.zeros((1, 1, *MASK_SIZE), dtype=np.float32), np.zeros(1, dtype=np.float32)
         else:
-            mask = np.asarray(mask_input, dtype=np.float32)
-            if mask.size != 256 * 256:
-                raise PromptError(f"mask_input must be 1x256x256 per prompt, got {mask.shape}")
-            mask, has_mask = mask.reshape(1, 1, 256, 256), np.ones(1, dtype=np.float32)
+            mask, has_mask = masks[:1], np.ones(1, dtype=np.float32)
         return {
             "image_embeddings": self.features[image_index : image_index + 1],
             "point_coords": coords[None].astype(np.float32),
