@@ -8,14 +8,21 @@ RLEs are COCO's uncompressed form ``{"size": [H, W], "counts": [...]}`` over the
 
 from __future__ import annotations
 
-import math
 from copy import deepcopy
-from itertools import product
 from typing import Any, ItemsView, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# The torch-free helpers live in amg_common (samkit.onnx uses them too); Meta's names are here.
+from .amg_common import (  # noqa: F401  (re-exported under Meta's names)
+    build_all_layer_point_grids,
+    build_point_grid,
+    coco_encode_rle,
+    generate_crop_boxes,
+    rle_to_mask,
+)
 
 
 class MaskData:
@@ -97,40 +104,6 @@ def batch_iterator(batch_size: int, *args: Sequence[Any]) -> Iterator[list[Any]]
         raise ValueError("batch_iterator needs one or more inputs, all of the same length")
     for start in range(0, len(args[0]), batch_size):
         yield [a[start : start + batch_size] for a in args]
-
-
-def build_point_grid(n_per_side: int) -> np.ndarray:
-    """Cell centres of an n x n grid over [0, 1]^2 as (n*n)x2 XY, row by row."""
-    if n_per_side < 1:
-        raise ValueError(f"a point grid needs at least 1 point per side, got {n_per_side}")
-    offset = 1 / (2 * n_per_side)
-    centres = np.linspace(offset, 1 - offset, n_per_side)
-    xs, ys = np.meshgrid(centres, centres, indexing="xy")
-    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
-
-
-def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> list[np.ndarray]:
-    """One grid per crop layer; layer i has n_per_side / scale_per_layer**i points per side."""
-    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
-
-
-def generate_crop_boxes(
-    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
-) -> tuple[list[list[int]], list[int]]:
-    """The whole image, then 2^i x 2^i overlapping crops for layer i = 1..n_layers (XYXY, exclusive ends)."""
-    im_h, im_w = im_size
-    boxes, layers = [[0, 0, im_w, im_h]], [0]
-    for layer in range(1, n_layers + 1):
-        n = 2**layer
-        overlap = int(overlap_ratio * min(im_h, im_w) * (2 / n))
-        crop_w = int(math.ceil((overlap * (n - 1) + im_w) / n))
-        crop_h = int(math.ceil((overlap * (n - 1) + im_h) / n))
-        x0s = [int((crop_w - overlap) * i) for i in range(n)]
-        y0s = [int((crop_h - overlap) * i) for i in range(n)]
-        for x0, y0 in product(x0s, y0s):
-            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
-            layers.append(layer)
-    return boxes, layers
 
 
 def stability_score_from_counts(strict: torch.Tensor, loose: torch.Tensor) -> torch.Tensor:
@@ -232,27 +205,9 @@ def mask_to_rle_pytorch(tensor: torch.Tensor) -> list[dict[str, Any]]:
     return mask_to_rle(tensor)
 
 
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """Uncompressed RLE -> HxW bool."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(w, h).T
-
-
 def area_from_rle(rle: dict[str, Any]) -> int:
     """Foreground pixels of an uncompressed RLE."""
     return int(sum(rle["counts"][1::2]))
-
-
-def coco_encode_rle(uncompressed_rle: dict[str, Any]) -> dict[str, Any]:
-    """Uncompressed RLE -> COCO compressed RLE with a str ``counts`` (JSON-ready)."""
-    from pycocotools import mask as mask_utils
-
-    h, w = uncompressed_rle["size"]
-    rle = mask_utils.frPyObjects(uncompressed_rle, h, w)
-    rle["counts"] = rle["counts"].decode("utf-8")
-    return rle
 
 
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
