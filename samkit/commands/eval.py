@@ -12,7 +12,8 @@ from .train import add_arguments as add_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint (zero-shot or fine-tuned) on a config's eval_data: box or point (click) protocol."""
+    """Evaluate a checkpoint (zero-shot or fine-tuned) on a config's eval_data: box, point (click) or text
+    (crop features; on COCO also category names) protocol."""
     from ..training.config import load_config
     from ..training.evaluate import run as evaluate_config
 
@@ -20,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
     if "output" in metrics:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
         objects = next((v for k, v in sorted(metrics.items()) if k.startswith("objects_1024")), "?")
-        print(f"{shown} over {objects} objects -> {metrics['output']}")
+        pairs = metrics.get("objects_1024_category_best")
+        also = f" and {pairs} (image, category) pairs" if pairs is not None else ""
+        print(f"{shown} over {objects} objects{also} -> {metrics['output']}")
     return 0
 
 

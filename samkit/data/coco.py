@@ -44,6 +44,9 @@ class CocoDataset(BoxPromptDataset):
 
     The file is parsed once: masks are kept as compressed RLEs in flat arrays, and pycocotools'
     index is dropped, so the dataset stays small in memory and in DataLoader workers.
+
+    ``categories`` maps the file's category ids to their names; samples carry each kept object's
+    ``category_ids`` and ``category_names`` (what the category-name text evaluation prompts with).
     """
 
     def __init__(
@@ -101,7 +104,10 @@ class CocoDataset(BoxPromptDataset):
 
     def _read(self, coco, mask_utils) -> None:
         path = self.annotation_path
-        files, sizes, ids, boxes, counts, objects = [], [], [], [], [], []
+        files, sizes, ids, boxes, counts, objects, cats = [], [], [], [], [], [], []
+        self.categories: dict[int, str] = {
+            int(c["id"]): str(c.get("name", c["id"])) for c in coco.cats.values() if "id" in c
+        }
         for image_id in sorted(coco.imgs):
             info = coco.imgs[image_id]
             kept_boxes, kept_counts = [], []
@@ -131,6 +137,7 @@ class CocoDataset(BoxPromptDataset):
                 c = rle["counts"]
                 kept_counts.append(c.encode("ascii") if isinstance(c, str) else bytes(c))
                 kept_boxes.append([x, y, x + bw, y + bh])
+                cats.append(int(ann.get("category_id", -1)))
             if not kept_counts:
                 continue
             try:
@@ -156,6 +163,7 @@ class CocoDataset(BoxPromptDataset):
         self._boxes = Ragged(boxes, np.float64)  # 4 numbers per object
         self._rles = Ragged(counts, np.uint8)  # one compressed RLE string per object
         self._first = np.concatenate([[0], np.cumsum(objects)]).astype(np.int64)  # image -> first object
+        self._categories = np.asarray(cats, dtype=np.int64)  # per object, in the order of _rles
 
     def __len__(self) -> int:
         return len(self._files)
@@ -164,7 +172,7 @@ class CocoDataset(BoxPromptDataset):
     def num_objects(self) -> int:
         return len(self._rles)
 
-    def _load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         path = str(self._files[index])
         height, width = (int(v) for v in self._sizes[index])
         image = load_image(path, apply_exif=False)  # annotations refer to the stored pixel grid
@@ -180,7 +188,8 @@ class CocoDataset(BoxPromptDataset):
         for row, j in enumerate(keep):
             masks[row] = decode_rle(mask_utils, (height, width), self._rles[first + int(j)].tobytes())
         boxes = self._boxes[index].reshape(-1, 4)[keep]
-        return image, masks, boxes
+        categories = self._categories[first : int(self._first[index + 1])][keep]
+        return image, masks, boxes, categories
 
     def describe(self) -> str:
         crowd = ", crowd included" if self.include_crowd else ""

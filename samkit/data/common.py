@@ -14,6 +14,9 @@ A sample (``BoxPromptDataset.__getitem__``) is a dict, with S = ``image_size`` a
 - ``index``: int, the dataset index.
 - ``original_masks`` (only with ``return_original_masks=True``): uint8 KxHxW at the original size,
   same object order, padded rows zero.
+- ``category_ids`` (only datasets with named categories, COCO): int64 K, each object's category id
+  (-1 for padded rows); the dataset's ``categories`` maps ids to names (the evaluation loop hands
+  that mapping to the category-name text protocol with each batch, ``samkit.training.evaluate``).
 
 With ``compact=True`` (what ``train.py`` and ``eval.py`` use) ``image`` is the resized, zero-padded
 uint8 3xSxS picture and ``masks`` the masks with 8 pixels per byte (uint8 KxSx(S/8), see
@@ -148,11 +151,14 @@ def prepare_masks(masks: np.ndarray, input_size: tuple[int, int], image_size: in
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch samples: tensors are stacked (a leading B), ``index`` becomes an int64 B tensor, and
-    ``original_masks`` stays a list of B KxHxW tensors (their sizes differ)."""
+    ``original_masks`` stays a list of B KxHxW tensors (their sizes differ). A key that not every
+    sample has (``category_ids`` when COCO is mixed with other data) is left out."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     batch: dict[str, Any] = {}
     for key in samples[0]:
+        if any(key not in s for s in samples[1:]):
+            continue
         values = [s[key] for s in samples]
         if key == "original_masks":
             batch[key] = values
@@ -241,9 +247,10 @@ class BoxPromptDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         """(HxWx3 uint8 image, kxHxW 0/1 masks, kx4 XYXY boxes in original pixels) of the kept
-        objects, k <= max_objects, chosen with ``self.choose(n, rng)``."""
+        objects, k <= max_objects, chosen with ``self.choose(n, rng)``; a dataset with named
+        categories (``self.categories``: id -> name) adds a fourth item, the k category ids."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -255,8 +262,13 @@ class BoxPromptDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
         index = int(index) % n
         rng = self.sample_rng(index)
-        image, masks, boxes = self._load(index, rng)
-        return self._make_sample(index, image, masks, boxes, rng)
+        image, masks, boxes, *categories = self._load(index, rng)
+        sample = self._make_sample(index, image, masks, boxes, rng)
+        if categories:
+            ids = torch.full((self.max_objects,), -1, dtype=torch.int64)
+            ids[: len(masks)] = torch.as_tensor(np.asarray(categories[0], dtype=np.int64))
+            sample["category_ids"] = ids
+        return sample
 
     def _make_sample(
         self, index: int, image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, rng: np.random.Generator

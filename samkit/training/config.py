@@ -102,6 +102,12 @@ class TextConfig:
     min_area: int = 10000  # objects below this mask area (original pixels) are not prompted
     max_expand: float = 2.0  # the crop box is the mask's box expanded by U(1, max_expand)
     mask_background_prob: float = 0.5  # probability of zeroing the crop's background
+    # Draw each object's crop from (seed, image, object) alone, the same every epoch (default: a new
+    # crop every epoch); needed to cache the crop features with cache_embeddings: true.
+    fixed_crops: bool = False
+    # Category-name evaluation (eval_prompt: text on COCO): the prompt for a category; {} = its name
+    # ("{}" alone prompts with the bare name).
+    template: str = "a photo of a {}"
 
 
 @dataclass
@@ -311,10 +317,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("loss.multimask_choice", f"must be min_loss or best_iou, got {cfg.loss.multimask_choice!r}")
     if cfg.loss.focal not in ("paper", "seed"):
         fail("loss.focal", f"must be paper or seed, got {cfg.loss.focal!r}")
-    if cfg.prompt_mode == "text" and cfg.cache_embeddings:
+    if cfg.prompt_mode == "text" and cfg.cache_embeddings and not cfg.text.fixed_crops:
         fail(
             "cache_embeddings",
-            "is not available with prompt_mode text yet (its crops are cut from the images)",
+            "with prompt_mode text needs text.fixed_crops: true (re-randomised crops cannot be cached)",
         )
     if cfg.prompt_mode not in PROMPT_MODES:
         fail("prompt_mode", f"must be one of {', '.join(PROMPT_MODES)}, got {cfg.prompt_mode!r}")
@@ -328,6 +334,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("point", str(err))
     if cfg.text.encoder not in ("clip", "blip2"):
         fail("text.encoder", f"must be clip or blip2, got {cfg.text.encoder!r}")
+    if cfg.text.template.count("{}") != 1:
+        fail("text.template", f"must hold one {{}} where the category name goes, got {cfg.text.template!r}")
     if cfg.text.max_expand < 1 or not 0 <= cfg.text.mask_background_prob <= 1 or cfg.text.feature_dim < 1:
         fail("text", "needs max_expand >= 1, 0 <= mask_background_prob <= 1 and feature_dim >= 1")
     if cfg.point.box_noise < 0 or cfg.point.max_box_noise < 0:

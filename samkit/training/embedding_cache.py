@@ -7,6 +7,11 @@ encoder's weights, the autocast dtype and the torch version, so changing any of 
 stale embeddings. Files are written atomically (safe with several processes and with kills).
 
 Disk use: 256x64x64 values per image (4 MiB in fp32, 2 MiB in bf16/fp16).
+
+Text prompts with fixed crops (``text.fixed_crops: true``) also cache the prompted objects' crop
+features, one entry per image (its objects' features, D floats each), keyed by the image, its
+masks (``masks_key``, hashed in the workers too) and the crops' draws, in a folder named after a
+hash of the feature encoder's weights and the crop settings (:func:`crop_feature_key`).
 """
 
 from __future__ import annotations
@@ -34,19 +39,34 @@ def encoder_key(encoder: nn.Module, amp: str) -> str:
     """Hash of the encoder's weights (and the precision the embeddings are computed in)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{amp}|{torch.__version__}".encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_weights(h, encoder)
     return h.hexdigest()
 
 
-class KeyedDataset(Dataset):
-    """Adds ``image_key`` to each sample of ``dataset`` (hashing runs in the loader workers)."""
+def _hash_weights(h: Any, module: nn.Module) -> None:
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-D: 0-d tensors (a logit scale) too
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
-    def __init__(self, dataset: Dataset) -> None:
+
+def crop_feature_key(encoder: nn.Module, settings: str) -> str:
+    """Hash of a frozen feature encoder (class, weights) and the crop ``settings`` text: the folder
+    of the crop-feature cache, so another encoder or crop setting never reads stale features."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"crops|{type(encoder).__name__}|{settings}|{torch.__version__}".encode())
+    _hash_weights(h, encoder)
+    return "crops-" + h.hexdigest()
+
+
+class KeyedDataset(Dataset):
+    """Adds ``image_key`` to each sample of ``dataset`` (hashing runs in the loader workers), and
+    ``masks_key`` (a hash of the sample's masks) with ``masks=True``."""
+
+    def __init__(self, dataset: Dataset, *, masks: bool = False) -> None:
         self.dataset = dataset
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -54,6 +74,8 @@ class KeyedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
         sample["image_key"] = image_key(sample["image"])
+        if self.masks:
+            sample["masks_key"] = image_key(sample["masks"])
         return sample
 
     def set_epoch(self, epoch: int) -> None:

@@ -13,6 +13,10 @@ thresholded at logits > 0; reported (x100, means over objects of the whole datas
 object subset are seeded per image, so a checkpoint always gets the same score. Point protocol
 (``eval_prompt: point``, :mod:`samkit.training.modes.point_eval`): up to 20 simulated clicks per
 object, deterministic; ``miou_*_click{1,3,5,10}``, ``miou_*_click1_oracle``, ``noc85``, ``noc90``.
+Text protocol (``eval_prompt: text``, :mod:`samkit.training.modes.text`): the crop-feature protocol
+(``miou_1024``/``miou_original``, any dataset) and, on COCO, the category-name protocol (each category
+of an image prompted with ``text.template`` filled with its name: ``miou_*_category_best`` and
+``miou_*_category_union``, means over (image, category) pairs).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def evaluate(
     loader: Any = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate)
     was_training = mode.training
     mode.eval()
+    names = category_names(dataset)
+    if hasattr(mode, "prepare_eval"):  # e.g. text: every category name's text feature, once
+        mode.prepare_eval(names)
     acc = MiouAccumulator()
     if progress and env.is_main:
         from tqdm import tqdm
@@ -65,6 +72,8 @@ def evaluate(
         loader = tqdm(loader, desc="eval", leave=False)
     for raw in loader:
         batch = batch_on_device(raw, device, seed=seed)
+        if names:
+            batch.extra["category_names"] = names
         with autocast(device, amp):
             embeddings = mode.sam.image_encoder(batch.images)
             score_batch(mode, batch, embeddings, acc)
@@ -72,6 +81,14 @@ def evaluate(
     if was_training:
         mode.train()
     return acc.compute()
+
+
+def category_names(dataset: Dataset) -> dict[int, str]:
+    """The category id -> name mapping of ``dataset`` or of a dataset it wraps (COCO); {} if none."""
+    inner: Any = dataset
+    while inner is not None and not hasattr(inner, "categories"):
+        inner = getattr(inner, "dataset", None)
+    return dict(inner.categories) if inner is not None else {}
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -84,6 +101,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     env = distributed.setup(cfg.device)
     try:
         amp = resolve_amp(cfg.amp, env.device.type)
+        torch.manual_seed(
+            cfg.seed
+        )  # a text branch new to a plain checkpoint: the same in every process and run
         sam = build_sam(cfg).to(env.device)  # with the text branch when prompt_mode is text
         dataset = build_data(
             cfg.eval_data, image_size=sam.image_encoder.img_size, seed=cfg.seed, for_eval=True

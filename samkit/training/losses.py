@@ -128,13 +128,27 @@ def sam_loss(
     )
     iou = (_fp32(iou_pred).reshape(-1)[rows] - target_iou) ** 2
 
+    return _reduce(focal, dice, iou, rows.numel(), num_valid, (focal_weight, dice_weight, iou_weight))
+
+
+def _reduce(
+    focal: torch.Tensor,
+    dice: torch.Tensor,
+    iou: torch.Tensor,
+    count: int,
+    num_valid: Optional[Union[float, torch.Tensor]],
+    weights: tuple[float, float, float],
+) -> dict[str, torch.Tensor]:
+    """Per-object terms -> the loss dict: each term summed and divided by ``num_valid`` (``count``,
+    at least 1, when None; a ``num_valid`` <= 0 counts as 1), then weighted into ``loss``."""
+    device = focal.device
     if num_valid is None:
-        n = torch.tensor(max(rows.numel(), 1), dtype=torch.float32, device=logits.device)
+        n = torch.tensor(max(count, 1), dtype=torch.float32, device=device)
     else:
-        n = torch.as_tensor(num_valid, dtype=torch.float32, device=logits.device)
+        n = torch.as_tensor(num_valid, dtype=torch.float32, device=device)
         n = torch.where(n > 0, n, torch.ones_like(n))
     terms = {"focal": focal.sum() / n, "dice": dice.sum() / n, "iou": iou.sum() / n}
-    loss = focal_weight * terms["focal"] + dice_weight * terms["dice"] + iou_weight * terms["iou"]
+    loss = weights[0] * terms["focal"] + weights[1] * terms["dice"] + weights[2] * terms["iou"]
     return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
 
@@ -275,14 +289,7 @@ def prompt_loss(
         choice = iou_pred.detach().argmax(dim=1, keepdim=True)
         iou_term = iou_sq.gather(1, choice)[:, 0]
     focal, dice = focal.gather(1, choice)[:, 0], dice.gather(1, choice)[:, 0]
-    if num_valid is None:
-        count = torch.tensor(max(n, 1), dtype=torch.float32, device=low_res.device)
-    else:
-        count = torch.as_tensor(num_valid, dtype=torch.float32, device=low_res.device)
-        count = torch.where(count > 0, count, torch.ones_like(count))
-    terms = {"focal": focal.sum() / count, "dice": dice.sum() / count, "iou": iou_term.sum() / count}
-    loss = focal_weight * terms["focal"] + dice_weight * terms["dice"] + iou_weight * terms["iou"]
-    return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+    return _reduce(focal, dice, iou_term, n, num_valid, (focal_weight, dice_weight, iou_weight))
 
 
 def _chunks(rows: torch.Tensor, pixels: int):

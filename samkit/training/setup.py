@@ -69,6 +69,8 @@ def build_prompt_mode(cfg: TrainConfig, sam: Sam) -> PromptMode:
             min_area=text.min_area,
             max_expand=text.max_expand,
             mask_background_prob=text.mask_background_prob,
+            fixed_crops=text.fixed_crops,
+            template=text.template,
         )
     return PROMPT_MODES[cfg.prompt_mode](sam)
 

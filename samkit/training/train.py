@@ -35,7 +35,7 @@ from .checkpointing import (
     set_rng_state,
 )
 from .config import TrainConfig, config_to_dict, resolve_amp
-from .embedding_cache import EmbeddingCache, KeyedDataset, encoder_key
+from .embedding_cache import EmbeddingCache, KeyedDataset, crop_feature_key, encoder_key
 from .logger import TrainLogger
 from .losses import prompt_loss
 from .modes import batch_on_device
@@ -58,7 +58,8 @@ class _StopRequest:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training a config describes; returns ``step``, the last ``eval`` metrics,
-    ``interrupted`` after SIGTERM and the embedding ``cache`` hit counts."""
+    ``interrupted`` after SIGTERM and the embedding ``cache`` hit counts (text mode with fixed crops:
+    ``crop_cache`` too)."""
     env = distributed.setup(cfg.device)
     previous_handler = signal.getsignal(signal.SIGTERM)
     log = TrainLogger(cfg, env.is_main)
@@ -103,8 +104,9 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
     # ---- data: every process knows the whole epoch's order and takes its slice of each batch
     image_size = sam.image_encoder.img_size
     train_set = build_data(cfg.train_data, image_size=image_size, seed=cfg.seed, for_eval=False)
+    crops_cached = cfg.cache_embeddings and hasattr(mode, "feature_cache")  # text mode, fixed crops
     if cfg.cache_embeddings:
-        train_set = KeyedDataset(train_set)
+        train_set = KeyedDataset(train_set, masks=crops_cached)
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {env.world_size} processes")
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -144,6 +146,9 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
     if cfg.cache_embeddings:
         root = cfg.cache_dir or os.path.join(cfg.work_dir, "embedding_cache")
         cache = EmbeddingCache(root, encoder_key(sam.image_encoder, amp))
+        if crops_cached:  # the objects' crop features too (computed outside autocast)
+            crop_key = crop_feature_key(mode.feature_encoder, mode.crop_settings())
+            mode.feature_cache = EmbeddingCache(root, crop_key)
 
     def save(epoch_: int, step_in_epoch_: int) -> None:
         if env.is_main:
@@ -289,6 +294,10 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
         save_atomically(sam.state_dict(), os.path.join(cfg.work_dir, "sam_final.pth"))
     if cache is not None:
         result["cache"] = {"hits": cache.hits, "misses": cache.misses}
+        crops = mode.feature_cache if crops_cached else None
+        if crops is not None:
+            result["crop_cache"] = {"hits": crops.hits, "misses": crops.misses}
+            mode.feature_cache = None
     result["step"] = step
     return result
 

@@ -11,7 +11,7 @@ back to the session (``session.feedback``) so it can prompt the next round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -27,8 +27,10 @@ class TrainBatch:
     ``masks`` BxKxSxS uint8 0/1 ground truth in the padded input frame; ``boxes`` BxKx4 XYXY box
     prompts in that frame; ``valid`` BxK bool (False for padding rows); ``index`` B int64 dataset
     indices and ``epoch``/``seed``: what per-object randomness is seeded by; ``images`` Bx3xSxS the
-    normalised model input when the loop has it (None when embeddings came from the cache);
-    ``extra``: any other tensors of the samples (mode-specific), on the device.
+    normalised model input when the loop has it (None when embeddings came from the cache; then
+    ``load_images(rows)``, when set, gives those rows of it on the device, for a mode that needs
+    pixels, e.g. text crops); ``extra``: any other entries of the samples (mode-specific: tensors
+    on the device, lists as collated, e.g. ``image_key``; ``category_names`` the dataset's id -> name).
     """
 
     masks: torch.Tensor
@@ -39,6 +41,7 @@ class TrainBatch:
     seed: int = 0
     images: Optional[torch.Tensor] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    load_images: Optional[Callable[[list[int]], torch.Tensor]] = None
 
     @property
     def targets(self) -> torch.Tensor:
@@ -152,12 +155,14 @@ def batch_on_device(
 ) -> TrainBatch:
     """A collated batch (:func:`samkit.data.collate`, full or compact samples) on ``device``.
 
-    ``images=False`` leaves the model input on the host (the loop then embeds from the cache).
-    ``original_size``, ``input_size`` and ``original_masks`` (evaluation) go to ``extra``.
+    ``images=False`` leaves the model input on the host (the loop then embeds from the cache) and
+    sets ``load_images`` to bring chosen rows of it over on demand. ``original_size``,
+    ``input_size``, ``original_masks`` (evaluation), ``image_key``/``masks_key`` (the cache's keys)
+    and ``category_ids`` (COCO) go to ``extra``.
     """
     from ...data.common import batch_images, batch_masks
 
-    known = {"image", "masks", "boxes", "valid", "index", "image_key"}
+    known = {"image", "masks", "boxes", "valid", "index"}
     extra: dict[str, Any] = {}
     for key, value in raw.items():
         if key in known:
@@ -172,6 +177,7 @@ def batch_on_device(
         seed=seed,
         images=batch_images(raw, device) if images else None,
         extra=extra,
+        load_images=None if images else (lambda rows: batch_images(raw, device, rows)),
     )
 
 
