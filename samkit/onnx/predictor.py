@@ -149,7 +149,8 @@ class OnnxPredictor:
         """One prompt on the current image: point_coords Nx2, point_labels N, box 4 (XYXY), mask_input
         1x256x256. Returns masks CxHxW (bool, or float32 logits), IoU predictions C, low-res logits Cx256x256."""
         self._require_image()
-        return self._decode(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits)
+        prompt = (point_coords, point_labels, box, mask_input)
+        return self._decode(0, prompt, multimask_output, return_logits)
 
     def predict_batch(
         self,
@@ -165,15 +166,10 @@ class OnnxPredictor:
         for i, prompt in enumerate(prompt_sets(prompts, len(self.original_sizes))):
             coords, labels, boxes, masks = check_prompts(*prompt, batched=True, mask_size=MASK_SIZE)
             count = next((len(a) for a in (coords, boxes, masks) if a is not None), 1)
-            outs = [
-                self._decode(
-                    i,
-                    *(None if a is None else a[b] for a in (coords, labels, boxes, masks)),
-                    multimask_output,
-                    return_logits,
-                )
-                for b in range(count)
-            ]
+            outs = []
+            for b in range(count):
+                one = [None if a is None else a[b] for a in (coords, labels, boxes, masks)]
+                outs.append(self._decode(i, one, multimask_output, return_logits))
             results.append(tuple(np.stack([o[k] for o in outs]) for k in range(3)))
         return results  # type: ignore[return-value]
 
@@ -216,16 +212,10 @@ class OnnxPredictor:
         }
 
     def _decode(
-        self,
-        image_index: int,
-        point_coords: np.ndarray | None,
-        point_labels: np.ndarray | None,
-        box: np.ndarray | None,
-        mask_input: np.ndarray | None,
-        multimask_output: bool,
-        return_logits: bool,
+        self, image_index: int, prompt: Sequence[Any], multimask_output: bool, return_logits: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        inputs = self.decoder_inputs(image_index, point_coords, point_labels, box, mask_input)
+        """One prompt (point_coords, point_labels, box, mask_input) decoded: masks, IoU, low-res logits."""
+        inputs = self.decoder_inputs(image_index, *prompt)
         out = dict(zip(self.decoder_output_names, self.decoder.run(None, inputs)))
         masks, iou, low_res = out["masks"][0], out["iou_predictions"][0], out["low_res_masks"][0]
         if masks.shape[0] > 1:  # all mask tokens: the single-mask token first, then the multimask ones
