@@ -182,3 +182,35 @@ def test_mask_data_filter_cat_and_to_numpy_match_meta():
         amg.MaskData(boxes=3)
     with pytest.raises(TypeError, match="lists, numpy arrays or tensors"):
         ours["score"] = 0.5
+
+
+@pytest.mark.parametrize(
+    "low, input_size, crop_size, sharpness",
+    [
+        (64, (171, 256), (100, 150), 1.0),  # vit_tiny-like frame, wide photo
+        (64, (256, 200), (256, 200), 30.0),  # tall, no resize after the crop
+        (256, (683, 1024), (400, 600), 8.0),  # vit_b on the coffee photo
+        (256, (1024, 1024), (37, 1500), 0.3),  # a strip: the columns upsampled, the rows shrunk
+    ],
+)
+@pytest.mark.parametrize("offset", [1.0, 0.0])
+def test_upscaled_thresholds_equal_full_upscaling(low, input_size, crop_size, sharpness, offset):
+    """Counts and masks from the edge-only computation equal those of upscale_masks's logits."""
+    from samkit.utils.transforms import upscale_masks
+
+    frame = low * 4 if low == 64 else 1024
+    g = torch.Generator().manual_seed(low + crop_size[1])
+    coarse = torch.randn(6, 1, low // 8, low // 8, generator=g)
+    logits = torch.nn.functional.interpolate(coarse, (low, low), mode="bicubic")[:, 0] * sharpness
+    logits[0] = -5.0  # empty everywhere
+    logits[1] = 5.0  # full everywhere
+    logits[2, :, : low // 2] = 0.0  # exactly at the mask threshold over a region
+    thresholds = (offset, -offset, 0.0)
+    full = upscale_masks(logits, frame, input_size, crop_size)
+    up = amg.UpscaledThresholds(logits, frame, input_size, crop_size, thresholds)
+    expected = torch.stack([(full > t).flatten(1).sum(-1, dtype=torch.int32) for t in thresholds], 1)
+    assert torch.equal(up.counts, expected)
+    assert up.counts.dtype == torch.int32
+    for index in (torch.arange(6), torch.tensor([4, 1, 3]), torch.zeros(0, dtype=torch.long)):
+        for t in range(3):
+            assert torch.equal(up.masks(index, t), full[index] > thresholds[t])

@@ -126,8 +126,11 @@ def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
     if masks.numel() == 0:
         return torch.zeros(*masks.shape[:-2], 4, device=masks.device, dtype=torch.long)
     flat = masks.reshape(-1, h, w)
-    rows = flat.any(dim=-1)  # N x H
-    cols = flat.any(dim=-2)  # N x W
+    if flat.dtype == torch.bool:  # max over bytes: several times faster than any() here
+        as_bytes = flat.view(torch.uint8)
+        rows, cols = as_bytes.amax(dim=-1) > 0, as_bytes.amax(dim=-2) > 0  # N x H, N x W
+    else:
+        rows, cols = flat.any(dim=-1), flat.any(dim=-2)
     ys = torch.arange(h, device=masks.device)
     xs = torch.arange(w, device=masks.device)
     top = torch.where(rows, ys, h).amin(-1)
@@ -180,15 +183,36 @@ def box_xyxy_to_xywh(box_xyxy: torch.Tensor) -> torch.Tensor:
 
 
 def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """BxHxW bool -> uncompressed RLEs, computed for the whole batch at once (one host transfer)."""
+    """BxHxW bool -> uncompressed RLEs, computed for the whole batch at once (one host transfer).
+
+    Runs change where a pixel differs from the one before it in column-major order: from the pixel
+    above it, or at the top of a column from the bottom of the previous column. The row-wise
+    differences are found without transposing the masks, 8 pixels per 64-bit word.
+    """
     b, h, w = masks.shape
     if b == 0:
         return []
-    seq = masks.transpose(1, 2).reshape(b, h * w)  # column-major pixel order
-    # Run boundaries: positions where the value changes, plus both ends of each sequence.
-    changes = (seq[:, 1:] != seq[:, :-1]).nonzero()
-    mask_idx, pos = changes[:, 0].cpu().numpy(), changes[:, 1].cpu().numpy() + 1
-    starts_with_one = seq[:, 0].cpu().numpy()
+    masks = masks.contiguous()
+    dev = masks.device
+    none = torch.zeros(0, dtype=torch.long, device=dev)
+    k_parts, pos_parts = [none], [none]
+    if h > 1:
+        padded_w = -(-w // 8) * 8
+        diff = torch.zeros(b, h - 1, padded_w, dtype=torch.bool, device=dev)
+        torch.ne(masks[:, 1:], masks[:, :-1], out=diff[..., :w])
+        words = diff.view(torch.int64)  # b x (h-1) x padded_w/8
+        k, y, word = words.nonzero().unbind(1)
+        k, y, x = _expand_word_bits(diff.view(b, h - 1, -1, 8)[k, y, word], k, y, word)
+        k_parts.append(k)
+        pos_parts.append(x * h + y + 1)
+    if w > 1:
+        k, x = (masks[:, 0, 1:] != masks[:, h - 1, :-1]).nonzero().unbind(1)
+        k_parts.append(k)
+        pos_parts.append((x + 1) * h)
+    k, pos = torch.cat(k_parts), torch.cat(pos_parts)
+    order = torch.argsort(k * (h * w) + pos)
+    mask_idx, pos = k[order].cpu().numpy(), pos[order].cpu().numpy()
+    starts_with_one = masks[:, 0, 0].cpu().numpy()
     splits = np.searchsorted(mask_idx, np.arange(1, b))
     out = []
     for i, bounds in enumerate(np.split(pos, splits)):
@@ -198,6 +222,14 @@ def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
             counts = [0] + counts
         out.append({"size": [h, w], "counts": counts})
     return out
+
+
+def _expand_word_bits(
+    groups: torch.Tensor, k: torch.Tensor, y: torch.Tensor, word: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask, row, column) of each set byte of the Nx8 ``groups`` (byte j of word n: column 8*word+j)."""
+    n, j = groups.nonzero().unbind(1)
+    return k[n], y[n], word[n] * 8 + j
 
 
 def mask_to_rle_pytorch(tensor: torch.Tensor) -> list[dict[str, Any]]:
@@ -233,3 +265,101 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
         if keep_labels.size == 0:
             keep_labels = np.array([int(np.argmax(sizes)) + 1])
     return np.isin(labels, keep_labels), True
+
+
+class UpscaledThresholds:
+    """Low-res mask logits upscaled to a crop and compared with a few thresholds, computing only the
+    full-resolution logits near a mask's edge.
+
+    The upscaling is :func:`samkit.utils.transforms.upscale_masks`: rows resized with a few taps,
+    then columns by a banded matrix, block by block of output columns. Every output logit is a
+    convex combination (non-negative weights summing to 1) of the low-res logits in a small
+    rectangle: its row's taps times the columns its block reads. Where the minimum and maximum of
+    that rectangle lie on one side of every threshold (with a margin for rounding), the whole block
+    of the row is decided; the other blocks are computed with ``upscale_masks``'s arithmetic (same
+    operations in the same order). Memory: the decided flags, KxHx(blocks), and the edge blocks'
+    bits; no KxHxW float tensor.
+
+    ``counts`` (K x len(thresholds), int32): pixels above each threshold per mask, as
+    ``(upscale_masks(...) > t).sum()`` counts them. ``masks(index, t)``: the bool masks
+    ``upscale_masks(...)[index] > thresholds[t]``.
+    """
+
+    def __init__(
+        self,
+        low_res: torch.Tensor,
+        frame_size: int,
+        input_size: tuple[int, int],
+        crop_size: tuple[int, int],
+        thresholds: Sequence[float],
+    ) -> None:
+        from .transforms import _column_blocks, _resize_matrix, _sparse_resize
+
+        x = low_res.float().contiguous()
+        k, h, w = x.shape
+        dev = x.device
+        out_h, out_w = int(crop_size[0]), int(crop_size[1])
+        ih, iw = _sparse_resize(h, frame_size, int(input_size[0]), out_h)
+        cols_t = _resize_matrix(w, frame_size, int(input_size[1]), out_w).t().to(dev)
+        self.blocks = _column_blocks(w, frame_size, int(input_size[1]), out_w)
+        ih, iw = ih.to(dev), iw.to(dev)
+        self.shape = (k, out_h, out_w)
+        self.thresholds = [float(t) for t in thresholds]
+        # Low-res min/max over tiles of 8 columns, then over the tiles that hold each block's columns.
+        tile = 8
+        pad = (-w) % tile
+        padded = F.pad(x, (0, pad), mode="replicate") if pad else x
+        tile_min, tile_max = torch.aminmax(padded.view(k, h, -1, tile), dim=-1)  # K x h x w/8
+        spans = [(lo // tile, -(-hi // tile)) for _, _, lo, hi in self.blocks]
+        n_tiles = max(b - a for a, b in spans)
+        last = tile_min.shape[-1] - 1
+        window = torch.tensor([[min(a + i, b - 1) for i in range(n_tiles)] for a, b in spans], device=dev)
+        window = window.clamp(max=last).flatten()
+        col_min = tile_min[:, :, window].view(k, h, len(spans), n_tiles).amin(-1)
+        col_max = tile_max[:, :, window].view(k, h, len(spans), n_tiles).amax(-1)
+        # Over each output row's taps: K x H x B bounds (taps of weight 0 only widen them).
+        row_min = col_min[:, ih[:, 0]]
+        row_max = col_max[:, ih[:, 0]]
+        for t in range(1, ih.shape[1]):
+            row_min = torch.minimum(row_min, col_min[:, ih[:, t]])
+            row_max = torch.maximum(row_max, col_max[:, ih[:, t]])
+        margin = 1e-4 * (1 + torch.maximum(row_min.abs(), row_max.abs()))
+        row_min, row_max = row_min - margin, row_max + margin
+        above = torch.stack([row_min > t for t in self.thresholds], dim=-1)  # K x H x B x T
+        below = torch.stack([row_max <= t for t in self.thresholds], dim=-1)
+        certain = (above | below).all(dim=-1)
+        self.above = above & certain[..., None]
+        widths = torch.tensor([c1 - c0 for c0, c1, _, _ in self.blocks], device=dev)
+        counts = (self.above * widths[:, None]).sum((1, 2), dtype=torch.int64)  # K x T
+        flat_x = x.view(k * h, w)
+        self.uncertain: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block: (mask*H + row, bits)
+        for b, (c0, c1, lo, hi) in enumerate(self.blocks):
+            idx = (~certain[:, :, b]).flatten().nonzero().flatten()
+            mask_i, row = idx // out_h, idx % out_h
+            base = mask_i * h
+            # upscale_masks's rows (tap 0 times its weight, then each further tap added) ...
+            seg = flat_x[base + ih[row, 0], lo:hi] * iw[row, 0, None]
+            for t in range(1, ih.shape[1]):
+                seg.addcmul_(flat_x[base + ih[row, t], lo:hi], iw[row, t, None])
+            values = seg @ cols_t[lo:hi, c0:c1]  # ... and its columns
+            bits = torch.stack([values > t for t in self.thresholds])  # T x U x (c1 - c0)
+            counts.index_add_(0, mask_i, bits.sum(-1, dtype=torch.int64).t())
+            self.uncertain.append((idx, bits))
+        self.counts = counts.to(torch.int32)
+
+    def masks(self, index: torch.Tensor, threshold: int) -> torch.Tensor:
+        """The bool masks ``upscale_masks(...)[index] > thresholds[threshold]`` (index: K' mask indices)."""
+        k, h, w = self.shape
+        dev = self.above.device
+        index = index.to(dev)
+        out = torch.empty(len(index), h, w, dtype=torch.bool, device=dev)
+        where = torch.full((k,), -1, dtype=torch.long, device=dev)
+        where[index] = torch.arange(len(index), device=dev)
+        decided = self.above[index, :, :, threshold]  # K' x H x B
+        flat = out.view(-1, w)
+        for b, ((c0, c1, _, _), (idx, bits)) in enumerate(zip(self.blocks, self.uncertain)):
+            out[:, :, c0:c1] = decided[:, :, b, None]
+            dest = where[idx // h]
+            sel = dest >= 0
+            flat[dest[sel] * h + idx[sel] % h, c0:c1] = bits[threshold][sel]
+        return out
