@@ -1,7 +1,8 @@
-"""Fine-tuning throughput (images/s), box or point prompts, without and with the embedding cache.
+"""Fine-tuning throughput (images/s), box, point or text prompts, without and with the embedding cache.
 
     python benchmarks/train_step.py --model vit_b [--amp off|bf16] [--images 8] [--batch-size 2] \\
-        [--objects 8] [--epochs 2] [--workers 1] [--prompt-mode box|point] [--rounds 3] [--out results.json]
+        [--objects 8] [--epochs 2] [--workers 1] [--prompt-mode box|point|text] [--rounds 3] \\
+        [--clip tiny|b32] [--out results.json]
 
 A COCO-format set of ``--images`` usable pictures (``tests/datagen.make_coco_dataset``: shapes on a
 textured background, 3-6 objects each, JPEG at ``--size``, default 480x640) and a checkpoint of the
@@ -12,6 +13,14 @@ twice in this process with the same config (frozen image and prompt encoders, ma
 of epoch 1 (the cache is being filled) and of epochs >= 2 (the cache is read) are reported, with their
 ratio, and the two runs' per-step losses must be equal. Meta's ``segment_anything`` has no training
 code, so there is nothing to compare with.
+
+Text prompts (``--prompt-mode text``): crop-feature prompts from a random CLIP saved with
+``save_pretrained`` (``--clip tiny``: the tests' 32 px toy; ``b32``: ``CLIPConfig()``'s ViT-B/32 at
+224 px, 512-d), ``text.fixed_crops: true``, the text branch and the decoder trained, objects of
+at least ``--min-area`` pixels prompted. Three runs: nothing cached (image embeddings and crop
+features computed every step), image embeddings cached but crop features computed (the benchmark
+turns the crop cache off), and both cached (``cache_embeddings: true``); the three runs' per-step
+losses must be equal.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +74,52 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
+def write_random_clip(folder: Path, size: str) -> tuple[Path, int]:
+    """A random CLIP saved with save_pretrained (and the tests' tiny word tokenizer): (folder, feature size)."""
+    import transformers
+
+    from tests.test_text_mode import WORDS, save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    if size == "tiny":
+        config = transformers.CLIPConfig(
+            text_config=dict(
+                vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+            ),
+            vision_config=dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                image_size=32, patch_size=8,
+            ),
+            projection_dim=12,
+        )  # fmt: skip
+    else:  # ViT-B/32 at 224 px, 512-d features (CLIPConfig's defaults), a small text tower
+        config = transformers.CLIPConfig(
+            text_config=dict(
+                vocab_size=len(WORDS), num_hidden_layers=2, bos_token_id=2, eos_token_id=3, pad_token_id=0
+            )
+        )
+    transformers.CLIPModel(config).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder, int(config.projection_dim)
+
+
+@contextmanager
+def crop_cache_off(off: bool):
+    """While ``off``: the text mode ignores the crop-feature cache the training loop gives it (the
+    benchmark's middle run: embeddings cached, crop features computed)."""
+    if not off:
+        yield
+        return
+    from samkit.training.modes.text import TextPrompts
+
+    TextPrompts.feature_cache = property(lambda self: None, lambda self, value: None)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        del TextPrompts.feature_cache
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", default="480x640", help="HxW of the generated photos")
     parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
-    parser.add_argument("--prompt-mode", default="box", choices=["box", "point"])
+    parser.add_argument("--prompt-mode", default="box", choices=["box", "point", "text"])
     parser.add_argument("--rounds", type=int, default=3, help="point mode: rounds per batch (point.num_iter)")
+    parser.add_argument("--clip", default="tiny", choices=["tiny", "b32"], help="text mode: random CLIP size")
+    parser.add_argument("--min-area", type=int, default=1000, help="text mode: text.min_area (original px)")
+    parser.add_argument("--note", default=None, help="recorded with the result (e.g. the machine's load)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -118,12 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.prompt_mode == "point":  # the seed's recipe: first click, then one click per round
             base["point"] = {"num_iter": args.rounds, "mask_only_iter": [], "first_prompt": "point"}
-        for name, cached in (("no cache", False), ("embedding cache", True)):
-            work_dir = root / ("cached" if cached else "plain")
+        plans = [("no cache", False, True), ("embedding cache", True, True)]
+        if args.prompt_mode == "text":
+            clip_dir, dim = write_random_clip(root / "clip", args.clip)
+            base["model"]["freeze"] = ["image_encoder", "prompt_encoder"]
+            base["model"]["unfreeze"] = ["prompt_encoder.text_proj", "prompt_encoder.text_embeddings"]
+            base["text"] = {
+                "encoder": "clip", "model": str(clip_dir), "feature_dim": dim, "min_area": args.min_area,
+                "fixed_crops": True,
+            }  # fmt: skip
+            plans = [
+                ("no cache", False, True),
+                ("embeddings cached, crops computed", True, False),
+                ("embedding cache", True, True),
+            ]
+        for name, cached, crops in plans:
+            work_dir = root / name.replace(" ", "_").replace(",", "")
             cfg = config_from_dict({**base, "work_dir": str(work_dir), "cache_embeddings": cached})
             print(f"--- {name}", flush=True)
             start = time.perf_counter()
-            out = train(cfg)
+            with crop_cache_off(not crops):
+                out = train(cfg)
             runs[name] = {
                 "wall_s": time.perf_counter() - start,
                 "steps": out["step"],
@@ -131,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             if cached:
                 runs[name]["cache"] = out.get("cache")
+                if "crop_cache" in out:
+                    runs[name]["crop_cache"] = out["crop_cache"]
 
     plain, cached = runs["no cache"], runs["embedding cache"]
     ratio_later = cached["later_epochs_median_images_per_s"] / plain["later_epochs_median_images_per_s"]
     ratio_first = cached["epoch1_median_images_per_s"] / plain["epoch1_median_images_per_s"]
-    losses_equal = plain["losses"] == cached["losses"]
+    losses_equal = all(r["losses"] == plain["losses"] for r in runs.values())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -143,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "model": args.model,
         "amp": args.amp,
-        "prompt_mode": args.prompt_mode if args.prompt_mode == "box" else f"point, {args.rounds} rounds",
+        "prompt_mode": {
+            "box": "box",
+            "point": f"point, {args.rounds} rounds",
+            "text": f"text, fixed crops, random CLIP {args.clip}, min_area {args.min_area}",
+        }[args.prompt_mode],
         "data": (
             f"tests/datagen.make_coco_dataset, {len(objects)} usable {h}x{w} JPEG images, "
             f"{min(objects)}-{max(objects)} objects each (max_objects {args.objects})"
@@ -160,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "target_met": ratio_later >= TARGET_RATIO,
         "losses_identical": losses_equal,
     }
+    if args.note:
+        result["note"] = args.note
     print(
         f"{args.model} {result['prompt_mode']} fine-tuning on {device} ({result['machine']}), amp {args.amp}, {result['data']}, "
         f"batch {args.batch_size}, {args.epochs} epochs; median images/s per step:"
@@ -174,6 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         f"  cache speed-up: epochs >= 2 x{ratio_later:.2f} ({verdict} the >= {TARGET_RATIO:g}x target), "
         f"epoch 1 x{ratio_first:.2f}"
     )
+    if args.prompt_mode == "text":
+        middle = runs["embeddings cached, crops computed"]
+        result["crop_cache_speedup"] = (
+            cached["later_epochs_median_images_per_s"] / middle["later_epochs_median_images_per_s"]
+        )
+        result["prompted_objects"] = cached.get("crop_cache")
+        print(
+            f"  crop-feature cache alone (both with the embedding cache): x{result['crop_cache_speedup']:.2f}"
+        )
     print(f"  per-step losses identical with and without the cache: {losses_equal}")
     write_result(args.out, result)
     return 0
