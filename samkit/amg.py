@@ -241,7 +241,10 @@ class SamAutomaticMaskGenerator:
                 c_iou[keep],
                 c_idx[keep],
             )
-            out["rles"] += mask_to_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
+            # Padded to the full image a crop's masks grow with H x W: encode a few at a time.
+            step = max(1, _PIXELS_PER_CHUNK // (orig_h * orig_w))
+            for t in range(0, len(masks), step):
+                out["rles"] += mask_to_rle(uncrop_masks(masks[t : t + step], crop_box, orig_h, orig_w))
             out["boxes"].append(boxes.cpu())
             out["iou_preds"].append(c_iou.cpu())
             out["stability_score"].append(stability.cpu())
@@ -266,21 +269,23 @@ class SamAutomaticMaskGenerator:
         """
         if len(mask_data["rles"]) == 0:
             return mask_data
-        masks, unchanged = [], []
-        for rle in mask_data["rles"]:
+        # One full-resolution mask at a time: what is kept per mask is its box and, if cleaned, its RLE.
+        boxes_list, unchanged, cleaned = [], [], {}
+        for i, rle in enumerate(mask_data["rles"]):
             mask = rle_to_mask(rle)
             mask, changed_holes = remove_small_regions(mask, min_area, "holes")
             mask, changed_islands = remove_small_regions(mask, min_area, "islands")
-            masks.append(torch.from_numpy(mask))
+            tensor = torch.from_numpy(np.ascontiguousarray(mask))[None]
+            boxes_list.append(batched_mask_to_box(tensor)[0])
             unchanged.append(not (changed_holes or changed_islands))
-        stacked = torch.stack(masks)
-        boxes = batched_mask_to_box(stacked)
+            if not unchanged[-1]:
+                cleaned[i] = mask_to_rle(tensor)[0]
+        boxes = torch.stack(boxes_list)
         scores = torch.tensor(unchanged, dtype=torch.float)
         keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), nms_thresh)
-        changed = [int(i) for i in keep if not unchanged[int(i)]]
-        if changed:
-            for i, rle in zip(changed, mask_to_rle(stacked[changed])):
-                mask_data["rles"][i] = rle
+        for i in (int(i) for i in keep):
+            if not unchanged[i]:
+                mask_data["rles"][i] = cleaned[i]
                 mask_data["boxes"][i] = boxes[i]
         mask_data.filter(keep)
         return mask_data
