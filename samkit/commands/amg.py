@@ -23,7 +23,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -277,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
     job = plan_job(args.input, args.output, args.overlay)
     device = check_device(folder_jobs.process_device(args.device))
     dtype = getattr(torch, args.dtype)
-    output_mode = "coco_rle" if args.convert_to_rle and not job.picture else "binary_mask"
+    # Masks stay run-length encoded until written, one at a time: memory does not grow with masks x H x W.
+    output_mode = "coco_rle" if args.convert_to_rle and not job.picture else "uncompressed_rle"
     _check_packages(output_mode, settings)
     checkpoint = checkpoint_or_none(args)
     # A single image file is read now (unreadable: a user mistake); a folder's images one by one later.
@@ -329,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
         if generator is not None and share:
             assert first_image is not None
             records = generator.generate(first_image)
-            picture = overlay_masks(first_image, [r["segmentation"] for r in records])
+            picture = overlay_masks(first_image, _LazyMasks(records), areas=[r["area"] for r in records])
             try:
                 save_image(job.output, picture)
             except OSError as err:
@@ -446,10 +447,41 @@ def write_results(
                 result, sa1b_annotation(records, job.image_id(image_path), os.path.basename(image_path), w, h)
             )
         else:
-            write_mask_folder(result, records)
+            write_mask_folder(result, [_LazyRecord(r) for r in records])
     if picture and (overwrite or not os.path.lexists(picture[0])):
-        masks = [decode_segmentation(r["segmentation"]) for r in records]
-        save_image(picture[0], overlay_masks(image, masks))
+        save_image(picture[0], overlay_masks(image, _LazyMasks(records), areas=[r["area"] for r in records]))
+
+
+def _mask_of(segmentation: Any) -> np.ndarray:
+    """A record's segmentation as an HxW bool mask: binary, uncompressed RLE or COCO RLE."""
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        from ..utils.amg import rle_to_mask
+
+        return rle_to_mask(segmentation)
+    return decode_segmentation(segmentation)
+
+
+class _LazyMasks(Sequence):
+    """The records' masks, each decoded when it is used (one full-resolution mask in memory at a time)."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return _mask_of(self.records[i]["segmentation"])
+
+
+class _LazyRecord(dict):
+    """A record whose ``segmentation`` is decoded to an HxW bool mask each time it is read."""
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        return _mask_of(value) if key == "segmentation" else value
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import warnings
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -145,18 +145,27 @@ def distinct_colors(n: int, seed: int = 0) -> np.ndarray:
 
 
 def overlay_masks(
-    image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = OVERLAY_ALPHA, seed: int = 0
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    alpha: float = OVERLAY_ALPHA,
+    seed: int = 0,
+    areas: Optional[Sequence[int]] = None,
 ) -> np.ndarray:
     """``image`` (HxWx3 uint8 RGB) with each HxW bool mask painted over it, semi-transparent, outlined.
 
     Each mask gets its own colour from :func:`distinct_colors`; larger masks are painted first, so that
-    the smaller ones on top of them stay visible. Returns a new HxWx3 uint8 array.
+    the smaller ones on top of them stay visible. Returns a new HxWx3 uint8 array. With ``areas`` (each
+    mask's pixel count) ``masks`` is only indexed, one mask at a time, so it may decode them lazily.
     """
     out = np.asarray(image, dtype=np.float32).copy()
-    masks = sorted((np.asarray(m, dtype=bool) for m in masks), key=lambda m: -int(m.sum()))
+    if areas is None:
+        masks = [np.asarray(m, dtype=bool) for m in masks]
+        areas = [int(m.sum()) for m in masks]
+    order = sorted(range(len(masks)), key=lambda i: -int(areas[i]))  # stable: ties keep their order
     colors = distinct_colors(len(masks), seed)
     edge_width = max(1, round(max(out.shape[:2]) / 600))
-    for mask, color in zip(masks, colors):
+    for i, color in zip(order, colors):
+        mask = np.asarray(masks[i], dtype=bool)
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if not len(rows):
             continue
