@@ -173,7 +173,7 @@ def main() -> None:
         "image": f"{args.width}x{args.height}",
         "points_per_side": args.points_per_side,
         "crop_n_layers": args.crop_n_layers,
-        "model": f"vit_tiny, {'weights ' + os.path.basename(os.path.dirname(os.path.dirname(args.checkpoint))) if args.checkpoint else 'random weights'}, filters relaxed",
+        "model": f"vit_tiny, {'weights ' + args.checkpoint if args.checkpoint else 'random weights'}, filters relaxed",
         "code": args.code or "",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
