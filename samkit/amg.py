@@ -3,7 +3,8 @@
 Same constructor, defaults and records as Meta's ``SamAutomaticMaskGenerator``. It gives the same
 masks, faster: candidates are filtered by predicted IoU before any upsampling, and the survivors are
 upsampled straight to the crop's size (no 1024x1024 intermediate), in bounded chunks, on the model's
-device; masks are run-length encoded a chunk at a time.
+device; masks are run-length encoded a chunk at a time. Stability scores and masks come from
+``UpscaledThresholds``: full-resolution logits are computed only near the masks' edges.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .modeling import Sam
 from .predictor import SamPredictor
 from .utils.amg import (
     MaskData,
+    UpscaledThresholds,
     area_from_rle,
     batched_mask_to_box,
     box_xyxy_to_xywh,
@@ -33,7 +35,6 @@ from .utils.amg import (
     uncrop_points,
 )
 from .utils.image import to_rgb_uint8
-from .utils.transforms import upscale_masks
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Full-resolution pixels (masks x H x W) handled at once: bounds memory for big images and crops.
@@ -221,17 +222,26 @@ class SamAutomaticMaskGenerator:
             "stability_score": [],
             "point_idx": [],
         }
+        offset = self.stability_score_offset
         for s in range(0, len(iou), chunk):
-            logits = upscale_masks(low_res[s : s + chunk], frame, predictor.input_size, crop_size)
-            strict = (logits > threshold + self.stability_score_offset).flatten(1).sum(-1, dtype=torch.int32)
-            loose = (logits > threshold - self.stability_score_offset).flatten(1).sum(-1, dtype=torch.int32)
-            stability = strict / loose
+            # Pixels above threshold+offset (strict), threshold-offset (loose) and threshold (the
+            # mask), full-resolution logits computed only near the masks' edges.
+            upscaled = UpscaledThresholds(
+                low_res[s : s + chunk],
+                frame,
+                predictor.input_size,
+                crop_size,
+                (threshold + offset, threshold - offset, threshold),
+            )
+            stability = upscaled.counts[:, 0] / upscaled.counts[:, 1]
             c_iou, c_idx = iou[s : s + chunk], point_idx[s : s + chunk]
             if self.stability_score_thresh > 0.0:
-                keep = stability >= self.stability_score_thresh
-                logits, stability, c_iou, c_idx = logits[keep], stability[keep], c_iou[keep], c_idx[keep]
-            masks = logits > threshold
-            del logits
+                keep = (stability >= self.stability_score_thresh).nonzero().flatten()
+                stability, c_iou, c_idx = stability[keep], c_iou[keep], c_idx[keep]
+            else:
+                keep = torch.arange(len(stability), device=stability.device)
+            masks = upscaled.masks(keep, 2)
+            del upscaled
             boxes = batched_mask_to_box(masks)
             keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
             masks, boxes, stability, c_iou, c_idx = (
