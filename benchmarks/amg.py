@@ -7,7 +7,11 @@ process. Printed: median seconds per photo, the ratio, the record counts and the
 identical segmentations, and the share of prompts whose mask pixels samkit computed (it skips
 prompts with no candidate above ``pred_iou_thresh``). Random weights find few masks at the default
 thresholds, so the run is repeated with thresholds relaxed to 0 (``--relaxed``: every prompt's masks
-computed, as in Meta's code) to compare many records.
+computed, as in Meta's code) to compare many records. ``--trained`` runs both on the vit_b whose
+decoder is trained briefly on generated shapes and calibrated (benchmarks/trained_decoder.py) so
+that hundreds of records survive Meta's default thresholds on the photo; ``--threads`` sets torch's
+thread count for both. Per-round ratios (Meta's time over samkit's in the same round) are recorded
+with the medians, and records are matched by prompt point and predicted IoU to count identical ones.
 """
 
 from __future__ import annotations
@@ -58,6 +62,55 @@ def iou_threshold_for_share(model, image: np.ndarray, points_per_side: int, shar
     return float(best[k - 1] + best[k]) / 2 if k < len(best) else float(best[-1]) - 1e-3
 
 
+def generator_at_rev(rev: str):
+    """samkit's SamAutomaticMaskGenerator class as samkit/amg.py and its helpers were at ``rev``."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp())
+    modules = {}
+    for name, rel in (("amg_utils_at_rev", "samkit/utils/amg.py"), ("amg_at_rev", "samkit/amg.py")):
+        source = subprocess.run(
+            ["git", "show", f"{rev}:{rel}"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+        # Its helpers as they were then too (samkit/utils/amg.py of that commit), the rest as now.
+        source = source.replace("from .utils.amg import", "from amg_utils_at_rev import")
+        (folder / f"{name}.py").write_text(source.replace("from .", "from samkit."))
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        modules[name] = module
+    module = modules["amg_at_rev"]
+    return module.SamAutomaticMaskGenerator
+
+
+def match_records(ref: list[dict], got: list[dict]) -> dict[str, int]:
+    """Counts of Meta's records with a samkit record for the same prompt point and predicted IoU
+    (within 1e-4): ``matched``; of those, equal segmentation, ``segmentation``; and equal segmentation,
+    bbox, area and crop box with stability score within 1e-4, ``record``."""
+    by_point: dict[tuple, list[dict]] = {}
+    for g in got:
+        by_point.setdefault(tuple(g["point_coords"][0]), []).append(g)
+    counts = {"matched": 0, "segmentation": 0, "record": 0}
+    for r in ref:
+        candidates = by_point.get(tuple(r["point_coords"][0]), [])
+        close = [g for g in candidates if abs(g["predicted_iou"] - r["predicted_iou"]) < 1e-4]
+        if not close:
+            continue
+        g = min(close, key=lambda g: abs(g["predicted_iou"] - r["predicted_iou"]))
+        candidates.remove(g)
+        counts["matched"] += 1
+        if np.array_equal(g["segmentation"], r["segmentation"]):
+            counts["segmentation"] += 1
+            same = all(g[k] == r[k] for k in ("bbox", "area", "crop_box"))
+            counts["record"] += same and abs(g["stability_score"] - r["stability_score"]) < 1e-4
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_b", choices=list(ENCODER_CONFIGS))
@@ -73,15 +126,38 @@ def main(argv: list[str] | None = None) -> int:
         "candidate above it, from samkit's predictions on the photo: random weights pass none at 0.88, "
         "a trained model passes many, and only those prompts' masks are computed",
     )
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="the vit_b with a briefly trained, calibrated decoder (benchmarks/trained_decoder.py, cached)",
+    )
+    parser.add_argument(
+        "--compare-rev",
+        default=None,
+        help="also run samkit's generator as it was at this git revision (samkit/amg.py and "
+        "samkit/utils/amg.py of that commit, the rest of the package as now), a third generator in "
+        "the same rounds",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both")
     parser.add_argument("--out", default=None)
     add_common_flags(parser)
     args = parser.parse_args(argv)
     apply_common_flags(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from segment_anything import SamAutomaticMaskGenerator as MetaGenerator
     from skimage import data
 
     meta, state = shared_random_weights(args.model)
+    trained_info = None
+    if args.trained:
+        from trained_decoder import trained_state
+
+        if args.model != "vit_b":
+            raise SystemExit("--trained: only vit_b")
+        state, trained_info = trained_state()
+        meta.load_state_dict(state)
     ours = samkit_sam(args.model, state, getattr(torch, args.dtype))
     kwargs = dict(points_per_side=args.points_per_side)
     if args.relaxed:
@@ -92,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             ours, image, args.points_per_side, args.prompts_passing
         )
     generators = {"meta": MetaGenerator(meta, **kwargs), "samkit": SamAutomaticMaskGenerator(ours, **kwargs)}
+    if args.compare_rev:
+        generators[f"samkit@{args.compare_rev}"] = generator_at_rev(args.compare_rev)(ours, **kwargs)
     # samkit computes mask pixels only for prompts with a candidate above pred_iou_thresh: count them,
     # since the saving depends on how many pass (random weights are not a trained model).
     counts = {"prompts": 0, "upscaled": 0}
@@ -114,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     ref, got = records["meta"], records["samkit"]
     identical = sum(np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(ref, got))
+    matched = match_records(ref, got)
+    ratios = [m / s for m, s in zip(times["meta"], times["samkit"])]
+    previous = {}
+    for name in generators:
+        if name.startswith("samkit@"):
+            previous[name] = {
+                "median_s": med[name],
+                "round_ratios": [m / s for m, s in zip(times["meta"], times[name])],
+                "records": len(records[name]),
+                "identical_records": match_records(ref, records[name]),
+            }
     result = {
         "command": "python benchmarks/amg.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
@@ -126,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": med["meta"] / med["samkit"],
         "records": {"meta": len(ref), "samkit": len(got)},
         "identical_segmentations": identical,
+        "identical_records": matched,
+        "round_s": times,
+        "round_ratios": ratios,
+        "median_round_ratio": statistics.median(ratios),
         "prompts_upscaled": counts["upscaled"] / max(counts["prompts"], 1) if counts["prompts"] else 1.0,
     }
     print(f"AMG {args.model} {kwargs} on {result['image']}, {result['machine']}, {args.rounds} round(s):")
@@ -135,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  prompts whose masks samkit computed (a candidate above pred_iou_thresh): {result['prompts_upscaled']:.1%}"
     )
+    print(f"  records identical (matched by point and IoU): {matched}; per-round ratios {ratios}")
+    if trained_info is not None:
+        result["trained_model"] = trained_info
+    if previous:
+        result["previous_samkit"] = previous
+        for name, p in previous.items():
+            print(
+                f"  {name}: {p['median_s']:.1f} s, {p['records']} masks, per-round ratios {p['round_ratios']}"
+            )
     write_result(args.out, result)
     return 0
 
