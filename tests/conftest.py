@@ -104,15 +104,3 @@ def text_clip_model(request):
     """The save_pretrained folder of a tiny CLIP trained on the names and colours of generated shapes
     ("a red circle", ...; tests/text_models.py). Built before the first test runs and cached."""
     return trained_models.model_dir(request.config, "text_clip_model")
-
-
-@pytest.fixture(scope="session")
-def text_sam_model(request, shapes_model):
-    """The folder of a text-prompt vit_tiny fine-tuned in text mode (samkit's training loop) from
-    shapes_model's weights with text_clip_model's crop features: ``model.pt`` (its state dict),
-    ``start.pt`` (the plain SAM it started from) and ``clip/`` (the tiny CLIP it was trained with).
-    Built before the first test runs and cached.
-
-    Requests shapes_model so that shapes_model is built (and reported) first; this build starts from it.
-    """
-    return trained_models.model_dir(request.config, "text_sam_model")

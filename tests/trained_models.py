@@ -98,15 +98,7 @@ def _build_text_clip(folder: Path, **settings: Any) -> None:
     build_text_clip(folder, **settings)
 
 
-def _build_text_sam(folder: Path, **settings: Any) -> None:
-    from .text_models import build_text_sam
-
-    build_text_sam(folder, **settings)
-
-
-# Issue 12's text-prompt demonstrations (tests/text_models.py). text_sam_model starts from
-# shapes_model's weights and prompts with text_clip_model's features: its build finds both in the
-# cache (building them if absent), so its key also covers their sources and settings.
+# Issue 12's text-prompt groundwork (tests/text_models.py): a tiny CLIP trained on named shapes.
 _TEXT_CLIP_SOURCES = ("tests/text_models.py", "tests/shapes.py", "samkit/text")
 _TEXT_CLIP_SETTINGS = {"seed": 0, "steps": 300, "crops_per_name": 40}
 TRAINED_MODELS["text_clip_model"] = TrainedModel(
@@ -114,33 +106,6 @@ TRAINED_MODELS["text_clip_model"] = TrainedModel(
     sources=_TEXT_CLIP_SOURCES,
     settings=_TEXT_CLIP_SETTINGS,
     packages=("torch", "numpy", "scikit-image", "transformers", "tokenizers", "torchvision"),
-)
-TRAINED_MODELS["text_sam_model"] = TrainedModel(
-    build=_build_text_sam,
-    sources=tuple(
-        dict.fromkeys(
-            TRAINED_MODELS["shapes_model"].sources
-            + _TEXT_CLIP_SOURCES
-            + (
-                "samkit/training",  # the loop, the text mode, losses, schedule, parameter freezing
-                "samkit/data",  # COCO reading, resizing, object choice
-                "samkit/utils/image.py",
-                "samkit/errors.py",
-            )
-        )
-    ),
-    settings={
-        "seed": 0,
-        "num_images": 32,
-        "epochs": 2,
-        "batch_size": 1,
-        "lr": 3e-3,
-        "focal_weight": 2.0,
-        # The models it starts from (their keys' settings; their sources are listed above).
-        "shapes_model": dict(TRAINED_MODELS["shapes_model"].settings),
-        "text_clip_model": _TEXT_CLIP_SETTINGS,
-    },
-    packages=("torch", "numpy", "scikit-image", "transformers", "tokenizers", "torchvision", "pycocotools"),
 )
 
 
