@@ -104,7 +104,7 @@ def gpu_encoder() -> list[str]:
 
 def amg() -> list[str]:
     lines = ["## Automatic mask generation", ""]
-    runs = load("amg_*.json")
+    runs = [(name, r) for name, r in load("amg_*.json") if "median_s" in r]  # not amg_memory*.json
     if not runs:
         return lines + [
             "Not measured yet: `python benchmarks/amg.py --model vit_b --out benchmarks/results/amg_vit_b.json`.",
@@ -126,7 +126,7 @@ def amg() -> list[str]:
     machine = runs[0][1]["machine"]
     lines += [
         "",
-        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--prompts-passing 0.5] [--dtype bfloat16] [--tuned-allocator]`; machine: {machine}; image: {runs[0][1]['image']}.",
+        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--prompts-passing 0.5] [--dtype bfloat16] [--tuned-allocator] [--trained --threads 1 --compare-rev REV]`; machine: {machine}; image: {runs[0][1]['image']}.",
         "Allocator 'tuned': `--tuned-allocator`, the glibc settings samkit's commands use (samkit/utils/allocator.py),",
         "applied to the whole process, so Meta's code runs under them too.",
         "Prompts with masks computed: samkit decodes the IoU first and computes mask pixels only for prompts",
@@ -135,8 +135,23 @@ def amg() -> list[str]:
         "`pred_iou_thresh` (for both generators) so that half the prompts pass; `--relaxed` (thresholds 0)",
         "computes every prompt's masks, as Meta's code does. Target (the issue's): >= 5x with identical records;",
         "read it on the rows where samkit computes masks for half or all of the prompts.",
-        "",
     ]
+    for name, r in runs:
+        if "trained_model" in r:
+            before = "; ".join(
+                f"samkit at {rev.split('@')[1]} in the same rounds: "
+                + ", ".join(f"{x:.1f}x" for x in p["round_ratios"])
+                for rev, p in r.get("previous_samkit", {}).items()
+            )
+            lines.append(
+                f"{name}: the vit_b of benchmarks/trained_decoder.py (decoder trained on generated shapes, "
+                f"calibrated on the photo) keeps {r['records']['meta']} records (Meta) / {r['records']['samkit']} "
+                f"(samkit) at Meta's default thresholds; per-round ratios "
+                f"{', '.join(f'{x:.1f}x' for x in r['round_ratios'])} ({r['machine'].split(', ')[1]}, shared machine)"
+                + (f"; {before}" if before else "")
+                + "."
+            )
+    lines.append("")
     return lines
 
 
