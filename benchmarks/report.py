@@ -334,6 +334,40 @@ def serve_latency() -> list[str]:
     return lines
 
 
+def memory() -> list[str]:
+    """Peak CPU memory: the encoder per image (encoder_memory_*.json) and AMG on a large image
+    (amg_memory*.json)."""
+    lines = ["## Memory on the CPU", ""]
+    for name, r in load("encoder_memory_*.json"):
+        lines += [
+            f"`{r['command']}` ({name}); machine: {r['machine']}; image: {r['image']}. Growth of the peak",
+            "resident set during one `set_image`, over the process after building the model (each in a fresh",
+            "subprocess):",
+            "",
+            "| implementation | weights MiB | peak growth during set_image MiB |",
+            "|---|---|---|",
+        ]
+        for impl, row in r["results"].items():
+            lines.append(f"| {impl} | {row['weights_mib']:.0f} | {row['encoder_peak_mib']:.0f} |")
+        lines.append("")
+    for name, r in load("amg_memory*.json"):
+        if "rows" not in r:
+            continue
+        lines += [
+            f"AMG on a {r['image']} image, crop_n_layers {r['crop_n_layers']}, {r['points_per_side']}x"
+            f"{r['points_per_side']} points, {r['model']} ({name}; code {r['code']}; {r.get('machine_note', '')}):",
+            "",
+            "| case | records | peak RSS growth MiB | one full-resolution mask MiB |",
+            "|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            lines.append(
+                f"| {row['case']} | {row['records']} | {row['amg_mib']:.0f} | {row['full_res_mask_mib']:.1f} |"
+            )
+        lines.append("")
+    return lines
+
+
 def main() -> int:
     lines = [
         "# Benchmarks",
@@ -344,7 +378,16 @@ def main() -> int:
         "the project's shared 2-core machine: compare ratios, not absolute times.",
         "",
     ]
-    lines += cpu_encoder() + gpu_encoder() + amg() + prompts() + train_step() + onnx_cpu() + serve_latency()
+    lines += (
+        cpu_encoder()
+        + gpu_encoder()
+        + amg()
+        + prompts()
+        + train_step()
+        + onnx_cpu()
+        + serve_latency()
+        + memory()
+    )
     (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
     return 0
