@@ -28,6 +28,7 @@ import torch
 from skimage import draw
 
 from .shapes import _background
+from .text_helpers import save_tiny_tokenizer
 
 COLOURS = {"red": 0.0, "yellow": 1 / 6, "green": 1 / 3, "blue": 2 / 3}  # name -> hue
 KINDS = ("circle", "square", "triangle")
@@ -147,22 +148,6 @@ CLIP_DIM = 16  # its projection size: the text-prompt SAM's text_feature_dim
 ALIGN_WEIGHT = 1.0  # weight of 1 - cos(crop feature, its caption's feature) beside CLIP's loss
 
 
-def save_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer over VOCAB ("[CLS] a red circle [SEP]"), saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-    fast.save_pretrained(folder)
-
-
 def crop_pool(rng: np.random.Generator, per_name: int) -> dict[str, list[torch.Tensor]]:
     """At least ``per_name`` crops (3xSxS) of each name, from generated images."""
     pool: dict[str, list[torch.Tensor]] = {n: [] for n in NAMES}
@@ -196,7 +181,7 @@ def train_tiny_clip(
         projection_dim=CLIP_DIM,
     )  # fmt: skip
     model = transformers.CLIPModel(config)
-    save_tokenizer(folder)
+    save_tiny_tokenizer(folder, VOCAB)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     tokens = tokenizer([caption(n) for n in NAMES], padding=True, return_tensors="pt")
     pool = crop_pool(rng, crops_per_name)

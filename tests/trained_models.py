@@ -99,7 +99,7 @@ def _build_text_clip(folder: Path, **settings: Any) -> None:
 
 
 # Issue 12's text-prompt groundwork (tests/text_models.py): a tiny CLIP trained on named shapes.
-_TEXT_CLIP_SOURCES = ("tests/text_models.py", "tests/shapes.py", "samkit/text")
+_TEXT_CLIP_SOURCES = ("tests/text_models.py", "tests/text_helpers.py", "tests/shapes.py", "samkit/text")
 _TEXT_CLIP_SETTINGS = {"seed": 0, "steps": 300, "crops_per_name": 40}
 TRAINED_MODELS["text_clip_model"] = TrainedModel(
     build=_build_text_clip,

@@ -119,7 +119,20 @@ def _op():
         grid_w: int,
         scale: float,
     ) -> torch.Tensor:
-        return _launch(q, k, v, rel_h, rel_w, (grid_h, grid_w), scale)
+        triton, kernel = _kernel()
+        n, length, d = q.shape
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
+        out = torch.empty_like(q)
+        block_d = max(16, triton.next_power_of_2(d))
+        block_m, block_n = (64, 64) if block_d <= 64 else (64, 32)
+        launch = (triton.cdiv(length, block_m), n)
+        kernel[launch](
+            q, k, v, rel_h, rel_w, out,
+            scale, length, d, grid_w, grid_h,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        )  # fmt: skip
+        return out
 
     @op.register_fake
     def _(q, k, v, rel_h, rel_w, grid_h, grid_w, scale):  # noqa: ANN001, ANN202
@@ -151,29 +164,3 @@ def rel_pos_attention(
             f"do not fit a {gh}x{gw} grid"
         )
     return _op()(q, k, v, rel_h, rel_w, gh, gw, float(scale))
-
-
-def _launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    grid: tuple[int, int],
-    scale: float,
-) -> torch.Tensor:
-    gh, gw = grid
-    n, length, d = q.shape
-    triton, kernel = _kernel()
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
-    out = torch.empty_like(q)
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m, block_n = (64, 64) if block_d <= 64 else (64, 32)
-    launch = (triton.cdiv(length, block_m), n)
-    kernel[launch](
-        q, k, v, rel_h, rel_w, out,
-        scale, length, d, gw, gh,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
-    return out
