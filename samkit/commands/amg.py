@@ -295,15 +295,10 @@ def run(args: argparse.Namespace) -> int:
                 paths = result_paths(job, path, args.convert_to_rle, args.overlay)
                 return not args.overwrite and all(os.path.lexists(r) for r in paths)
 
-            pending, share = folder_jobs.split_pending(job.inputs, finished, workers)
-            skipped = len(job.inputs) - len(pending)
-            if skipped and workers.is_main:
-                print(
-                    f"skipping {skipped} of {len(job.inputs)} images: their results are in {job.output} "
-                    "(--overwrite redoes them)"
-                )
-            if not pending:
-                workers.close()
+            share = folder_jobs.take_share(
+                job.inputs, finished, workers, f"their results are in {job.output}"
+            )
+            if share is None:
                 return 0
     except BaseException:
         workers.close()

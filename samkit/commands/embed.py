@@ -91,17 +91,13 @@ def run(args: argparse.Namespace) -> int:
 
     workers = folder_jobs.join()
     try:
-        pending, share = folder_jobs.split_pending(
-            inputs, lambda p: not args.overwrite and os.path.lexists(embedding_path(args.output, p)), workers
+        share = folder_jobs.take_share(
+            inputs,
+            lambda p: not args.overwrite and os.path.lexists(embedding_path(args.output, p)),
+            workers,
+            f"their embeddings are in {args.output}",
         )
-        skipped = len(inputs) - len(pending)
-        if skipped and workers.is_main:
-            print(
-                f"skipping {skipped} of {len(inputs)} images: their embeddings are in {args.output} "
-                "(--overwrite redoes them)"
-            )
-        if not pending:
-            workers.close()
+        if share is None:
             return 0
     except BaseException:
         workers.close()

@@ -131,6 +131,22 @@ def split_pending(
     return pending, pending[workers.rank :: workers.world_size]
 
 
+def take_share(
+    items: Sequence[str], is_done: Callable[[str], bool], workers: Workers, where: str
+) -> Optional[list[str]]:
+    """This process's share of the pending items (:func:`split_pending`), after rank 0 says how many
+    are skipped ("skipping N of M images: <where> (--overwrite redoes them)"). None when nothing is
+    pending: the workers are closed then and the command has nothing to do."""
+    pending, share = split_pending(items, is_done, workers)
+    skipped = len(items) - len(pending)
+    if skipped and workers.is_main:
+        print(f"skipping {skipped} of {len(items)} images: {where} (--overwrite redoes them)")
+    if not pending:
+        workers.close()
+        return None
+    return share
+
+
 @dataclass
 class Outcome:
     """What one process did: images finished, unreadable ones, and the error that stopped it."""
