@@ -226,39 +226,50 @@ def plan_job(input_path: str, output: Optional[str], overlay: bool = False) -> J
     if os.path.exists(output) and not os.path.isdir(output):
         raise SamkitError(f"--output {output}: exists and is not a directory")
     if is_folder:
-        inputs = list_images(input_path)
-        if not inputs:
-            raise SamkitError(
-                f"--input {input_path}: no images in this folder ({' '.join(IMAGE_EXTENSIONS)})"
-            )
+        inputs = folder_images(input_path)
         if overlay and os.path.isdir(output) and os.path.samefile(output, input_path):
             raise SamkitError(
                 f"--output {output} is the input folder: --overlay pictures would become inputs of the next run"
             )
     else:
         inputs = [input_path]
+    check_unique_stems(inputs, lambda path: f"the results named {image_stem(path)!r}")
+    return Job(inputs, output, picture=False)
+
+
+def folder_images(input_path: str) -> list[str]:
+    """The images of folder ``input_path``, sorted; none is a :class:`SamkitError` naming --input."""
+    inputs = list_images(input_path)
+    if not inputs:
+        raise SamkitError(f"--input {input_path}: no images in this folder ({' '.join(IMAGE_EXTENSIONS)})")
+    return inputs
+
+
+def check_unique_stems(inputs: Sequence[str], written: Callable[[str], str]) -> None:
+    """Results are named by the image's file stem: two inputs with one stem are refused, naming both
+    and ``written(path)``, what both would write."""
     by_stem: dict[str, str] = {}
     for path in inputs:
-        stem = _stem(path)
+        stem = image_stem(path)
         if stem in by_stem:
             raise SamkitError(
-                f"{os.path.basename(by_stem[stem])} and {os.path.basename(path)} would both write the results "
-                f"named {stem!r}: rename one of them"
+                f"{os.path.basename(by_stem[stem])} and {os.path.basename(path)} would both write "
+                f"{written(path)}: rename one of them"
             )
         by_stem[stem] = path
-    return Job(inputs, output, picture=False)
 
 
 def result_paths(job: Job, image_path: str, convert_to_rle: bool, overlay: bool) -> list[str]:
     """Where one image's results go: its mask folder or JSON, then its overlay picture if asked for."""
-    stem = _stem(image_path)
+    stem = image_stem(image_path)
     paths = [os.path.join(job.output, stem + ".json" if convert_to_rle else stem)]
     if overlay:
         paths.append(os.path.join(job.output, f"{stem}_overlay.png"))
     return paths
 
 
-def _stem(path: str) -> str:
+def image_stem(path: str) -> str:
+    """The file name without folder and extension: what an image's results are named by."""
     return os.path.splitext(os.path.basename(path))[0]
 
 
@@ -286,23 +297,17 @@ def run(args: argparse.Namespace) -> int:
 
     # Under torchrun each process takes its share of the pending images (folder_jobs); alone, all.
     workers = folder_jobs.join()
-    try:
-        if job.picture:
-            share = job.inputs if workers.is_main else []
-        else:
+    if job.picture:
+        share = job.inputs if workers.is_main else []
+    else:
 
-            def finished(path: str) -> bool:
-                paths = result_paths(job, path, args.convert_to_rle, args.overlay)
-                return not args.overwrite and all(os.path.lexists(r) for r in paths)
+        def finished(path: str) -> bool:
+            paths = result_paths(job, path, args.convert_to_rle, args.overlay)
+            return not args.overwrite and all(os.path.lexists(r) for r in paths)
 
-            share = folder_jobs.take_share(
-                job.inputs, finished, workers, f"their results are in {job.output}"
-            )
-            if share is None:
-                return 0
-    except BaseException:
-        workers.close()
-        raise
+        share = folder_jobs.take_share(job.inputs, finished, workers, f"their results are in {job.output}")
+        if share is None:
+            return 0
 
     outcome = folder_jobs.Outcome()
     generator = None

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import SamkitError
 from . import folder_jobs
-from .amg import IMAGE_EXTENSIONS, list_images
+from .amg import IMAGE_EXTENSIONS, check_unique_stems, folder_images, image_stem
 from .base import add_model_arguments, check_device, checkpoint_or_none, one_line
 
 
@@ -50,34 +50,15 @@ def plan(input_path: str, output: str) -> list[str]:
         raise SamkitError(f"--input {input_path}: not found")
     if os.path.exists(output) and not os.path.isdir(output):
         raise SamkitError(f"--output {output}: exists and is not a directory")
-    if os.path.isdir(input_path):
-        inputs = list_images(input_path)
-        if not inputs:
-            raise SamkitError(
-                f"--input {input_path}: no images in this folder ({' '.join(IMAGE_EXTENSIONS)})"
-            )
-    else:
-        inputs = [input_path]
-    seen: dict[str, str] = {}
-    for path in inputs:
-        stem = _stem(path)
-        if stem in seen:
-            raise SamkitError(
-                f"{os.path.basename(seen[stem])} and {os.path.basename(path)} would both write {stem}.pt: "
-                "rename one of them"
-            )
-        seen[stem] = path
+    inputs = folder_images(input_path) if os.path.isdir(input_path) else [input_path]
+    check_unique_stems(inputs, lambda path: os.path.basename(embedding_path(output, path)))
     return inputs
 
 
 def embedding_path(output: str, image_path: str) -> str:
     from ..utils.embeddings import SUFFIX
 
-    return os.path.join(output, _stem(image_path) + SUFFIX)
-
-
-def _stem(path: str) -> str:
-    return os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(output, image_stem(image_path) + SUFFIX)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,18 +71,14 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_or_none(args)
 
     workers = folder_jobs.join()
-    try:
-        share = folder_jobs.take_share(
-            inputs,
-            lambda p: not args.overwrite and os.path.lexists(embedding_path(args.output, p)),
-            workers,
-            f"their embeddings are in {args.output}",
-        )
-        if share is None:
-            return 0
-    except BaseException:
-        workers.close()
-        raise
+    share = folder_jobs.take_share(
+        inputs,
+        lambda p: not args.overwrite and os.path.lexists(embedding_path(args.output, p)),
+        workers,
+        f"their embeddings are in {args.output}",
+    )
+    if share is None:
+        return 0
 
     outcome = folder_jobs.Outcome()
     embedder = None

@@ -136,8 +136,12 @@ def take_share(
 ) -> Optional[list[str]]:
     """This process's share of the pending items (:func:`split_pending`), after rank 0 says how many
     are skipped ("skipping N of M images: <where> (--overwrite redoes them)"). None when nothing is
-    pending: the workers are closed then and the command has nothing to do."""
-    pending, share = split_pending(items, is_done, workers)
+    pending: the workers are closed then and the command has nothing to do (and on any error)."""
+    try:
+        pending, share = split_pending(items, is_done, workers)
+    except BaseException:
+        workers.close()
+        raise
     skipped = len(items) - len(pending)
     if skipped and workers.is_main:
         print(f"skipping {skipped} of {len(items)} images: {where} (--overwrite redoes them)")
