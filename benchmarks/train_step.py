@@ -78,21 +78,11 @@ def write_random_clip(folder: Path, size: str) -> tuple[Path, int]:
     """A random CLIP saved with save_pretrained (and the tests' tiny word tokenizer): (folder, feature size)."""
     import transformers
 
-    from tests.test_text_mode import WORDS, save_tiny_tokenizer
+    from tests.text_helpers import WORDS, save_tiny_tokenizer, tiny_clip_config
 
     torch.manual_seed(0)
     if size == "tiny":
-        config = transformers.CLIPConfig(
-            text_config=dict(
-                vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-            ),
-            vision_config=dict(
-                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                image_size=32, patch_size=8,
-            ),
-            projection_dim=12,
-        )  # fmt: skip
+        config = tiny_clip_config(len(WORDS))
     else:  # ViT-B/32 at 224 px, 512-d features (CLIPConfig's defaults), a small text tower
         config = transformers.CLIPConfig(
             text_config=dict(

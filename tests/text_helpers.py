@@ -28,23 +28,32 @@ def save_tiny_tokenizer(folder, words: Sequence[str] = WORDS) -> None:
     fast.save_pretrained(folder)
 
 
+def tiny_clip_config(
+    vocab_size: int, width: int = 16, vision_layers: int = 1, image_size: int = 32, projection_dim: int = 12
+):
+    """A ``transformers.CLIPConfig`` of a tiny CLIP: 2 heads, 1 text block, 8-pixel patches, MLPs of
+    twice the width, the tokenizer's [PAD]=0/[CLS]=2/[SEP]=3 ids (tests and benchmarks)."""
+    import transformers
+
+    return transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=vision_layers,
+            num_attention_heads=2, image_size=image_size, patch_size=8,
+        ),
+        projection_dim=projection_dim,
+    )  # fmt: skip
+
+
 def save_tiny_clip(folder):
     """A random CLIP (12-d projections, 32x32 images) and its tokenizer in ``folder``; returns it."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        ),
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
-        projection_dim=12,
-    )  # fmt: skip
-    transformers.CLIPModel(config).save_pretrained(folder)
+    transformers.CLIPModel(tiny_clip_config(len(WORDS))).save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder
 

@@ -28,7 +28,7 @@ import torch
 from skimage import draw
 
 from .shapes import _background
-from .text_helpers import save_tiny_tokenizer
+from .text_helpers import save_tiny_tokenizer, tiny_clip_config
 
 COLOURS = {"red": 0.0, "yellow": 1 / 6, "green": 1 / 3, "blue": 2 / 3}  # name -> hue
 KINDS = ("circle", "square", "triangle")
@@ -169,17 +169,9 @@ def train_tiny_clip(
     start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=CLIP_CROP, patch_size=8,
-        ),
-        projection_dim=CLIP_DIM,
-    )  # fmt: skip
+    config = tiny_clip_config(
+        len(VOCAB), width=32, vision_layers=2, image_size=CLIP_CROP, projection_dim=CLIP_DIM
+    )
     model = transformers.CLIPModel(config)
     save_tiny_tokenizer(folder, VOCAB)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
