@@ -114,6 +114,17 @@ def make_coco_dataset(
     return image_dir, ann_path
 
 
+def make_coco_splits(root: Path, train_images: int, val_images: int) -> dict[str, tuple[str, str]]:
+    """A train split (seed 1) and a val split (seed 2) under ``root``, as the training configs take
+    them: ``{"train": (image folder, annotation file), "val": (...)}``."""
+    root = Path(root)
+    splits = {}
+    for split, count, seed in (("train", train_images, 1), ("val", val_images, 2)):
+        image_dir, ann = make_coco_dataset(root / split, num_images=count, seed=seed, split=split)
+        splits[split] = (str(image_dir), str(ann))
+    return splits
+
+
 def _uncompressed_counts(mask: np.ndarray) -> list[int]:
     """COCO's uncompressed RLE counts of a mask: run lengths over the column-major pixels, zeros first."""
     flat = mask.ravel(order="F").astype(np.uint8)

@@ -28,7 +28,7 @@ from samkit.training.modes.base import TrainBatch
 from samkit.training.modes.text import TextPrompts, category_pairs, score_categories
 from samkit.training.train import train
 
-from .datagen import make_coco_dataset
+from .datagen import make_coco_splits
 from .test_text_mode import text_config, tiny_clip_dir  # noqa: F401  (a fixture)
 from .test_train import assert_same_weights, final_state, losses_of, run_cli, torchrun
 
@@ -42,10 +42,7 @@ CATEGORY_KEYS = [
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text_training_coco")
-    train_dir, train_json = make_coco_dataset(root / "train", num_images=6, seed=1, split="train")
-    val_dir, val_json = make_coco_dataset(root / "val", num_images=5, seed=2, split="val")
-    return {"train": (str(train_dir), str(train_json)), "val": (str(val_dir), str(val_json))}
+    return make_coco_splits(tmp_path_factory.mktemp("text_training_coco"), train_images=6, val_images=5)
 
 
 def eval_section(coco) -> dict:

@@ -26,17 +26,14 @@ from samkit.training.config import config_from_dict
 from samkit.training.evaluate import run as run_eval
 from samkit.training.train import train
 
-from .datagen import make_coco_dataset
+from .datagen import make_coco_dataset, make_coco_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    train_dir, train_json = make_coco_dataset(root / "train", num_images=8, seed=1, split="train")
-    val_dir, val_json = make_coco_dataset(root / "val", num_images=4, seed=2, split="val")
-    return {"train": (str(train_dir), str(train_json)), "val": (str(val_dir), str(val_json))}
+    return make_coco_splits(tmp_path_factory.mktemp("coco"), train_images=8, val_images=4)
 
 
 def make_config(coco, work_dir, checkpoint, **overrides) -> dict:

@@ -6,15 +6,10 @@ Submodules load on first use (``samkit.utils.amg`` after ``import samkit`` works
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from .._lazy import submodule as _submodule
 
 
 def __getattr__(name: str) -> Any:
-    if not name.startswith("__"):
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _submodule(__name__, name)
