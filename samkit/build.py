@@ -35,11 +35,13 @@ def _build_sam(
     encoder_global_attn_indexes: tuple[int, ...],
     checkpoint: str | os.PathLike | None = None,
     text_feature_dim: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Sam:
-    grid = IMAGE_SIZE // PATCH_SIZE
+    check_image_size(image_size)
+    grid = image_size // PATCH_SIZE
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            img_size=IMAGE_SIZE,
+            img_size=image_size,
             patch_size=PATCH_SIZE,
             embed_dim=encoder_embed_dim,
             depth=encoder_depth,
@@ -55,7 +57,7 @@ def _build_sam(
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
             text_feature_dim=text_feature_dim,
         ),
@@ -73,8 +75,24 @@ def _build_sam(
     return sam
 
 
+def check_image_size(image_size: int) -> None:
+    """The encoder's input side must be a positive multiple of the 16-pixel patch."""
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or image_size < PATCH_SIZE
+        or image_size % PATCH_SIZE
+    ):
+        raise ValueError(
+            f"image_size must be a positive multiple of {PATCH_SIZE} (SAM's is 1024), got {image_size!r}"
+        )
+
+
 def _build_named(
-    name: str, checkpoint: str | os.PathLike | None = None, text_feature_dim: int | None = None
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    text_feature_dim: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Sam:
     dim, depth, heads, global_idx = ENCODER_CONFIGS[name]
     return _build_sam(
@@ -84,38 +102,51 @@ def _build_named(
         encoder_global_attn_indexes=global_idx,
         checkpoint=checkpoint,
         text_feature_dim=text_feature_dim,
+        image_size=image_size,
     )
 
 
 def build_sam_vit_h(
-    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    text_feature_dim: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Sam:
     """ViT-H SAM (636M parameters); Meta's file: sam_vit_h_4b8939.pth."""
-    return _build_named("vit_h", checkpoint, text_feature_dim)
+    return _build_named("vit_h", checkpoint, text_feature_dim, image_size)
 
 
 def build_sam_vit_l(
-    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    text_feature_dim: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Sam:
     """ViT-L SAM (308M parameters); Meta's file: sam_vit_l_0b3195.pth."""
-    return _build_named("vit_l", checkpoint, text_feature_dim)
+    return _build_named("vit_l", checkpoint, text_feature_dim, image_size)
 
 
 def build_sam_vit_b(
-    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    text_feature_dim: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Sam:
     """ViT-B SAM (94M parameters); Meta's file: sam_vit_b_01ec64.pth."""
-    return _build_named("vit_b", checkpoint, text_feature_dim)
+    return _build_named("vit_b", checkpoint, text_feature_dim, image_size)
 
 
 def build_sam_vit_tiny(
-    checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    text_feature_dim: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Sam:
     """A tiny, untrained SAM (2-block 64-wide encoder, full decoder) for tests and examples.
 
     It has no released weights: its masks are meaningless until it is trained.
     """
-    return _build_named("vit_tiny", checkpoint, text_feature_dim)
+    return _build_named("vit_tiny", checkpoint, text_feature_dim, image_size)
 
 
 build_sam = build_sam_vit_h
@@ -130,16 +161,35 @@ sam_model_registry: dict[str, Callable[..., Sam]] = {
 
 
 def build_model(
-    model_type: str, checkpoint: str | os.PathLike | None = None, *, text_feature_dim: int | None = None
+    model_type: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    text_feature_dim: int | None = None,
+    image_size: int | None = None,
 ) -> Sam:
     """Build by name, with a clear error for an unknown name.
 
     ``text_feature_dim`` (e.g. 768 for CLIP ViT-L/14, 256 for BLIP-2) adds the text-prompt branch
-    (``prompt_encoder.text_proj`` and ``prompt_encoder.text_embeddings``).
+    (``prompt_encoder.text_proj`` and ``prompt_encoder.text_embeddings``). ``image_size`` is the side
+    of the encoder's square input, a multiple of 16: 1024 for every released SAM; a smaller frame
+    suits a model trained from scratch at that size (the tests' tiny models), which costs far less
+    per image and per prompt. By default it is the checkpoint's (:func:`checkpoint_image_size`), or
+    1024 without one; a checkpoint loads only into a model of its own size.
     """
     if model_type not in sam_model_registry:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(sam_model_registry)}")
-    return sam_model_registry[model_type](checkpoint=checkpoint, text_feature_dim=text_feature_dim)
+    builder = sam_model_registry[model_type]
+    if checkpoint is None or image_size is not None:
+        return builder(
+            checkpoint=checkpoint,
+            text_feature_dim=text_feature_dim,
+            image_size=IMAGE_SIZE if image_size is None else image_size,
+        )
+    state = read_checkpoint(checkpoint)  # read once: for its size, then to load
+    size = checkpoint_image_size(state) or IMAGE_SIZE
+    sam = builder(text_feature_dim=text_feature_dim, image_size=size)
+    load_checkpoint(sam, state, source=os.fspath(checkpoint))
+    return sam
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +224,14 @@ def identify_model_size(state: Mapping[str, torch.Tensor]) -> str | None:
         if d == dim and n == depth:
             return name
     return f"an unknown size (width {dim}, depth {depth})"
+
+
+def checkpoint_image_size(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The encoder input side a SAM state dict was built for (its position-embedding grid x 16), or None."""
+    pos = state.get("image_encoder.pos_embed")
+    if pos is None or pos.ndim != 4 or pos.shape[1] != pos.shape[2]:
+        return None
+    return int(pos.shape[1]) * PATCH_SIZE
 
 
 def model_size_name(model: nn.Module) -> str | None:
@@ -231,6 +289,7 @@ def load_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
     *,
     keep_new_text_branch: bool = False,
+    source: str | None = None,
 ) -> None:
     """Load weights strictly into ``model``; errors name the file, the sizes and the mismatched keys.
 
@@ -248,6 +307,12 @@ def load_checkpoint(
     ckpt_size, model_size = identify_model_size(state), model_size_name(model)
     if ckpt_size != model_size and ckpt_size is not None:
         raise CheckpointError(f"checkpoint is {ckpt_size}, model is {model_size}: {source}")
+    ckpt_image, model_image = checkpoint_image_size(state), checkpoint_image_size(expected)
+    if ckpt_image is not None and model_image is not None and ckpt_image != model_image:
+        raise CheckpointError(
+            f"{source} is a SAM for {ckpt_image}x{ckpt_image} inputs, the model was built for "
+            f"{model_image}x{model_image}; build it with image_size={ckpt_image}"
+        )
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -292,6 +357,8 @@ __all__ = [
     "build_sam_vit_h",
     "build_sam_vit_l",
     "build_sam_vit_tiny",
+    "check_image_size",
+    "checkpoint_image_size",
     "load_checkpoint",
     "read_checkpoint",
     "sam_model_registry",

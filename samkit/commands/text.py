@@ -155,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict one mask per text prompt on one image; save a picture and the masks."""
-    from ..build import build_model, load_checkpoint, read_checkpoint
+    from ..build import build_model, checkpoint_image_size, load_checkpoint, read_checkpoint
     from ..predictor import SamPredictor
     from ..text import build_feature_encoder
     from ..text.features import DEFAULT_MODELS
@@ -188,12 +188,10 @@ def run(args: argparse.Namespace) -> int:
             )
 
     def build(_: Any) -> Any:
-        model = build_model(args.model_type, text_feature_dim=dim)
+        size = None if state is None else checkpoint_image_size(state)  # the checkpoint's input frame
+        model = build_model(args.model_type, text_feature_dim=dim, image_size=size)
         if state is not None:
-            try:
-                load_checkpoint(model, state)
-            except CheckpointError as err:  # name the file, not "state dict"
-                raise CheckpointError(str(err).replace("state dict", str(checkpoint))) from None
+            load_checkpoint(model, state, source=str(checkpoint))
         return model
 
     model = si.build_sam(args, checkpoint, device, dtype_name, build=build)

@@ -89,6 +89,13 @@ class PromptEncoder(nn.Module):
         if text_feature_dim is not None:
             self.text_proj = nn.Linear(text_feature_dim, embed_dim)
             self.text_embeddings = nn.Embedding(1, embed_dim)
+            # Features arrive L2-normalised: with N(0, 1) weights a feature's projection starts with a
+            # norm ~sqrt(embed_dim), the scale of the learned embeddings and of a point's positional
+            # encoding. nn.Linear's default (uniform +-1/sqrt(D)) gives ~0.3 beside text_embeddings'
+            # ~16: every prompt would start as nearly the same token, and the decoder would first learn
+            # one average mask for all of them (measured on the tests' named shapes).
+            nn.init.normal_(self.text_proj.weight)
+            nn.init.zeros_(self.text_proj.bias)
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property

@@ -27,6 +27,9 @@ class ModelConfig:
     type: str = "vit_b"
     # Meta's .pth, a seed .ckpt or a samkit checkpoint; null trains from random weights (tests only).
     checkpoint: Optional[str] = None
+    # The encoder's square input side (a multiple of 16); null: the checkpoint's, or 1024 without one
+    # (every released SAM is 1024). A smaller frame suits a model trained from scratch at that size.
+    image_size: Optional[int] = None
     # Parameters whose names start with one of these prefixes are frozen ...
     freeze: list[str] = field(default_factory=lambda: ["image_encoder", "prompt_encoder"])
     # ... except those starting with one of these (e.g. "prompt_encoder.text_proj").
@@ -311,6 +314,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"config key {key} {message} in {source}")
 
+    if cfg.model.image_size is not None and (cfg.model.image_size < 16 or cfg.model.image_size % 16):
+        fail(
+            "model.image_size",
+            f"must be a positive multiple of 16 (SAM's is 1024), got {cfg.model.image_size}",
+        )
     if cfg.amp not in AMP_CHOICES + ("auto",):
         fail("amp", f"must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
     if cfg.loss.multimask_choice not in ("min_loss", "best_iou"):
