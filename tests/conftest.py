@@ -104,3 +104,11 @@ def text_clip_model(request):
     """The save_pretrained folder of a tiny CLIP trained on the names and colours of generated shapes
     ("a red circle", ...; tests/text_models.py). Built before the first test runs and cached."""
     return trained_models.model_dir(request.config, "text_clip_model")
+
+
+@pytest.fixture(scope="session")
+def text_sam_model(request):
+    """A folder with ``model.pt``, a vit_tiny text-prompt SAM (256 frame) trained by samkit's loop in
+    text mode on generated named-shape images, and ``clip``, the tiny CLIP it was trained with
+    (tests/text_models.py). Built before the first test runs and cached."""
+    return trained_models.model_dir(request.config, "text_sam_model")

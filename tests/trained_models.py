@@ -109,6 +109,42 @@ TRAINED_MODELS["text_clip_model"] = TrainedModel(
 )
 
 
+def _build_text_sam(folder: Path, **settings: Any) -> None:
+    from .text_models import build_text_sam
+
+    build_text_sam(folder, **settings)
+
+
+# A tiny text-prompt SAM trained by samkit's loop with text_clip_model's features (its build finds the
+# CLIP in the cache, building it if absent, so its key also covers the CLIP's sources and settings).
+TRAINED_MODELS["text_sam_model"] = TrainedModel(
+    build=_build_text_sam,
+    sources=tuple(
+        dict.fromkeys(
+            _TEXT_CLIP_SOURCES
+            + (
+                "samkit/training",  # the loop, the text mode, losses, schedule, parameter freezing
+                "samkit/data",  # COCO reading, resizing, object choice
+                "samkit/modeling",
+                "samkit/build.py",
+                "samkit/utils/transforms.py",
+                "samkit/utils/image.py",
+                "samkit/errors.py",
+            )
+        )
+    ),
+    settings={
+        "seed": 0,
+        "num_images": 256,
+        "epochs": 4,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "text_clip_model": _TEXT_CLIP_SETTINGS,  # the CLIP it prompts with (key only)
+    },
+    packages=("torch", "numpy", "scikit-image", "transformers", "tokenizers", "torchvision", "pycocotools"),
+)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The cache
 
