@@ -183,3 +183,31 @@ def test_text_prompts_segment_the_named_shape(text_sam_model):
     )
     assert named_miou >= other_miou + 40
     assert hit_rate >= 0.85
+
+
+def test_text_command_segments_the_named_shapes(text_sam_model, tmp_path, capsys):
+    """``samkit text`` (text_inference.py) with the trained checkpoint: the frame comes from the
+    checkpoint, and each prompt's mask in the .npz is its named shape."""
+    from PIL import Image
+
+    from samkit.commands.main import main
+
+    image, masks, names = make_named_shapes_image(np.random.default_rng(HELD_OUT_SEED + 2))
+    path = tmp_path / "shapes.png"
+    Image.fromarray(image).save(path)
+    prompts = [caption(n) for n in reversed(names)]  # another order than the shapes were drawn in
+    argv = ["text", "--image-path", str(path), "--checkpoint", str(text_sam_model / "model.pt"), "--model-type",
+            "vit_tiny", "--text-model-type", "clip", "--text-model", str(text_sam_model / "clip"),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    for p in prompts:
+        argv += ["--text-prompt", p]
+    assert main(argv) == 0
+    assert "random" not in capsys.readouterr().err
+    with np.load(tmp_path / "out" / "shapes_masks.npz") as saved:
+        got, saved_prompts = saved["masks"], list(saved["prompts"])
+    assert saved_prompts == prompts and got.shape == (len(names), *image.shape[:2])
+    assert (tmp_path / "out" / "shapes_infer.png").is_file()
+    for mask, prompt in zip(got, prompts):
+        scores = [iou(mask, m) for m in masks]
+        assert caption(names[int(np.argmax(scores))]) == prompt, (prompt, scores)
+        assert max(scores) >= 0.5, (prompt, scores)
