@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -87,6 +87,48 @@ def set_epoch(dataset: Dataset, epoch: int) -> None:
             inner.set_epoch(epoch)
             return
         inner = getattr(inner, "dataset", None)
+
+
+class EpochBatches:
+    """The batch sampler of the training DataLoader, which lives for the whole run so that its worker
+    processes persist across epochs (``persistent_workers``: no restart and no re-reading of the
+    annotations each epoch). ``set(epoch, batches)`` gives the batches of the next pass; each index
+    goes out as ``(epoch, index)``, which :class:`EpochIndexed` reads, so per-epoch randomness reaches
+    workers that were started in an earlier epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches: list[list[int]] = []
+
+    def set(self, epoch: int, batches: list[list[int]]) -> None:
+        self.epoch, self.batches = int(epoch), list(batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        for batch in self.batches:
+            yield [(epoch, int(i)) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class EpochIndexed(Dataset):
+    """``dataset[(epoch, index)]`` is ``dataset[index]`` as :func:`set_epoch` (epoch) makes it, in
+    whichever process reads it (see :class:`EpochBatches`)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        if epoch != self._epoch:
+            set_epoch(self.dataset, epoch)
+            self._epoch = epoch
+        return self.dataset[index]
 
 
 def describe_dataset(dataset: Dataset) -> str:

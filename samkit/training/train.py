@@ -41,7 +41,16 @@ from .losses import prompt_loss
 from .modes import batch_on_device
 from .params import freeze_parameters, parameter_groups
 from .schedule import lr_at
-from .setup import autocast, build_data, build_prompt_mode, build_sam, describe_dataset, set_epoch
+from .setup import (
+    EpochBatches,
+    EpochIndexed,
+    autocast,
+    build_data,
+    build_prompt_mode,
+    build_sam,
+    describe_dataset,
+    set_epoch,
+)
 
 LOSS_TERMS = ("loss", "focal", "dice", "iou")
 
@@ -174,6 +183,18 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
     )
     result: dict[str, Any] = {"step": step}
     interrupted = False
+    # One loader for the run: its workers persist across epochs; each epoch's batches are set on the
+    # sampler, and every index travels with its epoch (EpochIndexed), so workers started in an earlier
+    # epoch draw this epoch's object subsets and jitter.
+    sampler = EpochBatches()
+    loader = DataLoader(
+        EpochIndexed(train_set),
+        batch_sampler=sampler,
+        num_workers=cfg.train_data.num_workers,
+        collate_fn=_collate(),
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.train_data.num_workers > 0,
+    )
     while epoch < cfg.epochs and not (cfg.max_steps is not None and step >= cfg.max_steps):
         set_epoch(train_set, epoch)
         batches = distributed.epoch_batches(
@@ -184,13 +205,7 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
             rank=env.rank,
             world_size=env.world_size,
         )
-        loader = DataLoader(
-            train_set,
-            batch_sampler=batches[step_in_epoch:],
-            num_workers=cfg.train_data.num_workers,
-            collate_fn=_collate(),
-            pin_memory=device.type == "cuda",
-        )
+        sampler.set(epoch, batches[step_in_epoch:])
         mode.train()
         log.start_epoch(epoch, step_in_epoch, steps_per_epoch)
         for raw in loader:
