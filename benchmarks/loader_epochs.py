@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -31,8 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(tree: str, data: str, work: str, workers: int, epochs: int) -> None:
-    """One training run with the samkit of ``tree`` (this process imports it first)."""
-    sys.path.insert(0, tree)
+    """One training run with the samkit of ``tree`` (first on this process's PYTHONPATH)."""
     import torch
 
     import samkit
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = subprocess.run(
                     [sys.executable, __file__, "--workers", str(args.workers), "--epochs", str(args.epochs),
                      "--rev", args.rev, "--child", tree, data, str(work)],
-                    capture_output=True, text=True, cwd=tmp,
+                    capture_output=True, text=True, cwd=tmp, env={**os.environ, "PYTHONPATH": tree},
                 )  # fmt: skip
                 if done.returncode != 0:
                     raise SystemExit(f"{name} run failed:\n{done.stderr[-3000:]}")

@@ -271,6 +271,32 @@ def train_step() -> list[str]:
     return lines
 
 
+def loader_epochs() -> list[str]:
+    lines = ["## Short epochs with data-loader workers (workers persisting across epochs)", ""]
+    runs = load("loader_epochs*.json")
+    if not runs:
+        return lines + [
+            "Not measured yet: `python benchmarks/loader_epochs.py --rev <older commit> --out "
+            "benchmarks/results/loader_epochs.json`.",
+            "",
+        ]
+    for name, r in runs:
+        lines += [f"`{r['command']}` ({name}); machine: {r['machine']}; {r['setup']}; {r['rounds']} rounds, each "
+                  "run in a fresh process, alternating.", "",
+                  "| code | median s per run | runs s |", "|---|---|---|"]  # fmt: skip
+        for code, sec in r["median_s"].items():
+            runs_s = ", ".join(f"{v:.1f}" for v in r["round_s"][code])
+            lines.append(f"| {code} | {sec:.1f} | {runs_s} |")
+        ratios = ", ".join(f"{v:.2f}x" for v in r["round_ratios"])
+        lines += [
+            "",
+            f"Median per-round ratio (old / new): {r['median_round_ratio']:.2f}x (rounds: {ratios}); "
+            f"losses of the {r['steps']} steps equal: {'yes' if r['losses_equal'] else 'no'}.",
+            "",
+        ]
+    return lines
+
+
 def onnx_cpu() -> list[str]:
     lines = ["## ONNX Runtime against samkit's PyTorch on the CPU", ""]
     runs = load("onnx_cpu_*.json")
@@ -384,6 +410,7 @@ def main() -> int:
         + amg()
         + prompts()
         + train_step()
+        + loader_epochs()
         + onnx_cpu()
         + serve_latency()
         + memory()
