@@ -101,3 +101,21 @@ def test_config_checks_model_image_size():
     assert config_from_dict({"model": {"type": "vit_tiny", "image_size": 256}}).model.image_size == 256
     with pytest.raises(ConfigError, match="model.image_size"):
         config_from_dict({"model": {"type": "vit_tiny", "image_size": 250}})
+
+
+def test_onnx_export_of_a_small_frame_model_verifies(tmp_path):
+    """The exported pair carries the frame; the torch-free predictor sizes its inputs (mask_input is
+    4x the embedding grid) from it, and verification against samkit passes on every case."""
+    pytest.importorskip("onnxruntime")
+    from samkit.onnx import OnnxPredictor
+    from samkit.utils.onnx_export import export_onnx
+    from samkit.utils.onnx_verify import verify_onnx
+
+    torch.manual_seed(1)
+    model = build_model("vit_tiny", image_size=256)
+    model.load_state_dict(perturbed_state(model.state_dict(), seed=1))
+    export_onnx(model, tmp_path / "onnx", model_type="vit_tiny")
+    predictor = OnnxPredictor(tmp_path / "onnx")
+    assert predictor.image_size == 256 and predictor.mask_size == (64, 64)
+    rows = verify_onnx(model, tmp_path / "onnx")
+    assert rows and all(row.ok for row in rows), [row for row in rows if not row.ok]

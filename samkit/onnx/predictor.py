@@ -18,7 +18,6 @@ from ..utils.prompt_checks import check_prompts, prompt_sets
 
 DEFAULT_PIXEL_MEAN = (123.675, 116.28, 103.53)
 DEFAULT_PIXEL_STD = (58.395, 57.12, 57.375)
-MASK_SIZE = (256, 256)  # the decoder's low-res mask input and output, per prompt
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -103,6 +102,12 @@ class OnnxPredictor:
         self.reset_image()
 
     # ------------------------------------------------------------------ images
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        """(H, W) of the decoder's low-res mask input and output per prompt: 4x the embedding grid
+        (256x256 for SAM's 1024 frame)."""
+        return (self.image_size // 4, self.image_size // 4)
+
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embed one image: HxWx3 uint8 RGB (or BGR with ``image_format="BGR"``)."""
         self.set_image_batch([image], image_format)
@@ -164,7 +169,7 @@ class OnnxPredictor:
         self._require_image()
         results = []
         for i, prompt in enumerate(prompt_sets(prompts, len(self.original_sizes))):
-            coords, labels, boxes, masks = check_prompts(*prompt, batched=True, mask_size=MASK_SIZE)
+            coords, labels, boxes, masks = check_prompts(*prompt, batched=True, mask_size=self.mask_size)
             count = next((len(a) for a in (coords, boxes, masks) if a is not None), 1)
             outs = []
             for b in range(count):
@@ -185,7 +190,7 @@ class OnnxPredictor:
         or a padding point (label -1) when there is no box; coordinates in the resized frame."""
         size = self.original_sizes[image_index]
         pc, pl, boxes, masks = check_prompts(
-            point_coords, point_labels, box, mask_input, batched=False, mask_size=MASK_SIZE
+            point_coords, point_labels, box, mask_input, batched=False, mask_size=self.mask_size
         )
         coords = np.zeros((0, 2), dtype=np.float32)
         labels = np.zeros((0,), dtype=np.float32)
@@ -199,7 +204,10 @@ class OnnxPredictor:
             coords = np.concatenate([coords, np.zeros((1, 2), dtype=np.float32)])
             labels = np.concatenate([labels, np.array([-1], dtype=np.float32)])
         if masks is None:
-            mask, has_mask = np.zeros((1, 1, *MASK_SIZE), dtype=np.float32), np.zeros(1, dtype=np.float32)
+            mask, has_mask = (
+                np.zeros((1, 1, *self.mask_size), dtype=np.float32),
+                np.zeros(1, dtype=np.float32),
+            )
         else:
             mask, has_mask = masks[:1], np.ones(1, dtype=np.float32)
         return {
