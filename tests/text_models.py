@@ -14,10 +14,10 @@
 - :func:`build_text_sam` (``text_sam_model``): a vit_tiny SAM at a 256x256 input frame (16x16 embedding
   grid: the decoder and the loss cost ~1/16 of the 1024 frame's), trained from random weights by
   samkit's own loop (``prompt_mode: text``, the recipes' loss and freezing) on 256 generated named-shape
-  images for 4 epochs of batch 4 at lr 3e-3 with the tiny CLIP's crop features: ~36 s on a quiet 2-core
-  machine. Held out (24 images, 65 objects): crop-prompt mIoU 83.9 vs 5.2 untrained and 36.9 for
-  always the largest object; words through eval.py's category protocol 76.3; words through
-  ``SamPredictor.predict(text=...)`` 83.0 IoU with the named shape vs 0.1 with the best other one.
+  images for 6 epochs of batch 4 at lr 3e-3 with the tiny CLIP's crop features: ~52 s on a quiet 2-core
+  machine. Held out (24 images, 65 objects): crop-prompt mIoU 80.4 vs 5.2 untrained and 36.9 for
+  always the largest object; words through eval.py's category protocol 73.5; words through
+  ``SamPredictor.predict(text=...)`` 83.1 IoU with the named shape vs 0.7 with the best other one.
   (At the 1024 frame, 64 steps from shapes_model's weights, commit 26d7bd6, reached 34.0: too few
   steps, and nn.Linear's default init of ``text_proj`` made every prompt nearly the same token; samkit
   now initialises it at the other prompt tokens' scale.)

@@ -136,7 +136,7 @@ TRAINED_MODELS["text_sam_model"] = TrainedModel(
     settings={
         "seed": 0,
         "num_images": 256,
-        "epochs": 4,
+        "epochs": 6,  # 4 sufficed for seeds 0, 1 and 3 but not for 2 (a phase change near 150-250 steps)
         "batch_size": 4,
         "lr": 3e-3,
         "text_clip_model": _TEXT_CLIP_SETTINGS,  # the CLIP it prompts with (key only)
