@@ -19,14 +19,20 @@ def load(pattern: str) -> list[tuple[str, dict]]:
     return [(p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
 
 
+def not_measured(title: str, message: str) -> list[str]:
+    """The section of a benchmark without results: its title and how to measure it."""
+    return [title, "", message, ""]
+
+
 def cpu_encoder() -> list[str]:
-    lines = ["## Image encoder (`set_image`) on the CPU", ""]
+    title = "## Image encoder (`set_image`) on the CPU"
     runs = load("cpu_encoder_*.json")
     if not runs:
-        return lines + [
+        return not_measured(
+            title,
             "Not measured yet: `python benchmarks/cpu_encoder.py --model vit_b --rounds 3 --out benchmarks/results/cpu_encoder_vit_b.json`.",
-            "",
-        ]
+        )
+    lines = [title, ""]
     for name, r in runs:
         command = (
             r.get("command")
@@ -58,10 +64,11 @@ GPU_TRAIN_TARGET = 60.0  # images/s, vit_b box fine-tuning on an H100
 
 
 def gpu_encoder() -> list[str]:
-    lines = ["## Image encoder on a GPU", ""]
+    title = "## Image encoder on a GPU"
     runs = load("gpu_encoder_*.json")
     if not runs:
-        return lines + ["Not measured yet.", ""]
+        return not_measured(title, "Not measured yet.")
+    lines = [title, ""]
     for name, r in runs:
         command = r.get("command", "python benchmarks/gpu_encoder.py")
         lines += [
@@ -103,13 +110,14 @@ def gpu_encoder() -> list[str]:
 
 
 def amg() -> list[str]:
-    lines = ["## Automatic mask generation", ""]
+    title = "## Automatic mask generation"
     runs = [(name, r) for name, r in load("amg_*.json") if "median_s" in r]  # not amg_memory*.json
     if not runs:
-        return lines + [
+        return not_measured(
+            title,
             "Not measured yet: `python benchmarks/amg.py --model vit_b --out benchmarks/results/amg_vit_b.json`.",
-            "",
-        ]
+        )
+    lines = [title, ""]
     lines += [
         "| file | model | samkit dtype | allocator | generator arguments | Meta s | samkit s | speed-up | records (Meta / samkit) | identical | prompts with masks computed |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -156,13 +164,14 @@ def amg() -> list[str]:
 
 
 def prompts() -> list[str]:
-    lines = ["## Prompt latency after `set_image` (one point; 64 boxes in one call)", ""]
+    title = "## Prompt latency after `set_image` (one point; 64 boxes in one call)"
     runs = load("prompts_*.json")
     if not runs:
-        return lines + [
+        return not_measured(
+            title,
             "Not measured yet: `python benchmarks/prompts.py --model vit_b --out benchmarks/results/prompts_vit_b.json`.",
-            "",
-        ]
+        )
+    lines = [title, ""]
     labels = {"one_point": "one point, 3 masks", "boxes_64": "64 boxes, one call"}
     for name, r in runs:
         tasks = list(r["median_ms"])
@@ -197,16 +206,14 @@ def prompts() -> list[str]:
 
 
 def train_step() -> list[str]:
-    lines = [
-        "## Fine-tuning throughput (box, point and text prompts), with and without the embedding cache",
-        "",
-    ]
+    title = "## Fine-tuning throughput (box, point and text prompts), with and without the embedding cache"
     runs = load("train_step_*.json")
     if not runs:
-        return lines + [
+        return not_measured(
+            title,
             "Not measured yet: `python benchmarks/train_step.py --model vit_b --out benchmarks/results/train_step_vit_b.json`.",
-            "",
-        ]
+        )
+    lines = [title, ""]
     for name, r in runs:
         lines += [
             f"`{r['command']}` ({name}); machine: {r['machine']}, device {r['device']}; amp {r['amp']}; "
@@ -272,14 +279,15 @@ def train_step() -> list[str]:
 
 
 def loader_epochs() -> list[str]:
-    lines = ["## Short epochs with data-loader workers (workers persisting across epochs)", ""]
+    title = "## Short epochs with data-loader workers (workers persisting across epochs)"
     runs = load("loader_epochs*.json")
     if not runs:
-        return lines + [
+        return not_measured(
+            title,
             "Not measured yet: `python benchmarks/loader_epochs.py --rev <older commit> --out "
             "benchmarks/results/loader_epochs.json`.",
-            "",
-        ]
+        )
+    lines = [title, ""]
     for name, r in runs:
         lines += [f"`{r['command']}` ({name}); machine: {r['machine']}; {r['setup']}; {r['rounds']} rounds, each "
                   "run in a fresh process, alternating.", "",
@@ -298,10 +306,11 @@ def loader_epochs() -> list[str]:
 
 
 def onnx_cpu() -> list[str]:
-    lines = ["## ONNX Runtime against samkit's PyTorch on the CPU", ""]
+    title = "## ONNX Runtime against samkit's PyTorch on the CPU"
     runs = load("onnx_cpu_*.json")
     if not runs:
-        return lines + ["Not measured yet: `python benchmarks/onnx_cpu.py --model vit_b`.", ""]
+        return not_measured(title, "Not measured yet: `python benchmarks/onnx_cpu.py --model vit_b`.")
+    lines = [title, ""]
     for name, r in runs:
         lines += [
             f"`{r['command']}` ({name}); machine: {r['machine']}; image: {r['image']}; medians of {r['rounds']} rounds.",
@@ -331,10 +340,11 @@ def onnx_cpu() -> list[str]:
 
 
 def serve_latency() -> list[str]:
-    lines = ["## Decoder round trip through `samkit serve`", ""]
+    title = "## Decoder round trip through `samkit serve`"
     runs = load("serve_latency_*.json") + load("serve_latency.json")
     if not runs:
-        return lines + ["Not measured yet: `python benchmarks/serve_latency.py --model vit_b`.", ""]
+        return not_measured(title, "Not measured yet: `python benchmarks/serve_latency.py --model vit_b`.")
+    lines = [title, ""]
     for name, r in runs:
         load_ = r["http_load"]
         lines += [

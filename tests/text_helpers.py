@@ -79,3 +79,11 @@ def save_tiny_blip2(folder):
     transformers.Blip2ForImageTextRetrieval(config).save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder
+
+
+def optimizer_step(optimizer, schedule, loss) -> None:
+    """One step of a test model's training loop: gradients of ``loss``, the update, the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()

@@ -34,7 +34,7 @@ import torch
 from skimage import draw
 
 from .shapes import _background
-from .text_helpers import save_tiny_tokenizer, tiny_clip_config
+from .text_helpers import optimizer_step, save_tiny_tokenizer, tiny_clip_config
 
 COLOURS = {"red": 0.0, "yellow": 1 / 6, "green": 1 / 3, "blue": 2 / 3}  # name -> hue
 KINDS = ("circle", "square", "triangle")
@@ -239,11 +239,7 @@ def train_tiny_clip(
         # Closing the modality gap: contrastive features of matching pairs keep a cosine of ~0.8; text
         # prompts replace crop features at inference, so pull each crop's feature onto its caption's.
         align = (1 - (out.image_embeds * out.text_embeds).sum(-1)).mean()
-        loss = out.loss + ALIGN_WEIGHT * align
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        optimizer_step(optimizer, schedule, out.loss + ALIGN_WEIGHT * align)
         if verbose and (step + 1) % 50 == 0:
             print(
                 f"step {step + 1}: loss {out.loss.item():.3f} align {align.item():.3f} {time.perf_counter() - start:.1f} s"
