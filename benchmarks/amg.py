@@ -8,7 +8,7 @@ identical segmentations, and the share of prompts whose mask pixels samkit compu
 prompts with no candidate above ``pred_iou_thresh``). Random weights find few masks at the default
 thresholds, so the run is repeated with thresholds relaxed to 0 (``--relaxed``: every prompt's masks
 computed, as in Meta's code) to compare many records. ``--trained`` runs both on the vit_b whose
-decoder is trained briefly on generated shapes and calibrated (benchmarks/trained_decoder.py) so
+decoder is trained briefly to segment superpixels and calibrated (benchmarks/trained_decoder.py) so
 that hundreds of records survive Meta's default thresholds on the photo; ``--threads`` sets torch's
 thread count for both. Per-round ratios (Meta's time over samkit's in the same round) are recorded
 with the medians, and records are matched by prompt point and predicted IoU to count identical ones.
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trained",
         action="store_true",
-        help="the vit_b with a briefly trained, calibrated decoder (benchmarks/trained_decoder.py, cached)",
+        help="the vit_b with a briefly trained (superpixels), calibrated decoder (benchmarks/trained_decoder.py, cached)",
     )
     parser.add_argument(
         "--compare-rev",

@@ -15,6 +15,28 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
 
+def _identical(result: dict) -> str:
+    """ ", N identical" from an AMG result's record matching (same point, IoU, mask, box, area, stability)."""
+    matched = result.get("identical_records")
+    return f", {matched['record']} of Meta's identical in samkit's output" if matched else ""
+
+
+def _trained_recipe(info: dict) -> str:
+    """How the benchmark decoder was trained, from its recorded settings."""
+    settings = info["settings"]
+    if "segments" in settings:
+        return (
+            f"decoder trained {settings['steps']} steps on SLIC superpixels of {len(settings['photos'])} "
+            f"scikit-image photos, training IoU {' / '.join(f'{v:.2f}' for v in info['train_iou_last_100'])}"
+        )
+    return "decoder trained on generated shapes"
+
+
+def _prompt_target(targets: float | dict[str, float], implementation: str) -> float:
+    """A prompt target in ms: one figure (older results) or one per samkit dtype ("bf16", "fp32")."""
+    return targets if isinstance(targets, (int, float)) else targets[implementation.split()[-1]]
+
+
 def load(pattern: str) -> list[tuple[str, dict]]:
     return [(p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
 
@@ -152,10 +174,10 @@ def amg() -> list[str]:
                 for rev, p in r.get("previous_samkit", {}).items()
             )
             lines.append(
-                f"{name}: the vit_b of benchmarks/trained_decoder.py (decoder trained on generated shapes, "
+                f"{name}: the vit_b of benchmarks/trained_decoder.py ({_trained_recipe(r['trained_model'])}, "
                 f"calibrated on the photo) keeps {r['records']['meta']} records (Meta) / {r['records']['samkit']} "
-                f"(samkit) at Meta's default thresholds; per-round ratios "
-                f"{', '.join(f'{x:.1f}x' for x in r['round_ratios'])} ({r['machine'].split(', ')[1]}, shared machine)"
+                f"(samkit) at Meta's default thresholds{_identical(r)}; per-round ratios "
+                f"{', '.join(f'{x:.1f}x' for x in r['round_ratios'])} ({r['machine'].split(', ')[1]})"
                 + (f"; {before}" if before else "")
                 + "."
             )
@@ -186,8 +208,11 @@ def prompts() -> list[str]:
             cells = [f"{r['median_ms'][t][impl]:.1f} | {r['speedup_vs_meta'][t][impl]:.2f}x" for t in tasks]
             lines.append(f"| {impl} | " + " | ".join(cells) + " |")
         targets = "; ".join(
-            f"{labels[t]} <= {r['targets_ms'][t]:g} ms: "
-            + ", ".join(f"{impl} {'met' if ok else 'missed'}" for impl, ok in r["targets_met"][t].items())
+            f"{labels[t]}: "
+            + ", ".join(
+                f"{impl} <= {_prompt_target(r['targets_ms'][t], impl):g} ms {'met' if ok else 'missed'}"
+                for impl, ok in r["targets_met"][t].items()
+            )
             for t in tasks
         )
         agree = "; ".join(
