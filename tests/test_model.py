@@ -174,24 +174,38 @@ def test_bfloat16_predictor(tiny_model, photo):
     assert np.abs(s16 - s32).max() < 0.1 * max(1.0, np.abs(s32).max())
 
 
-def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model, monkeypatch):
-    """CPU inference splits a big prompt batch into chunks (memory reuse): same masks and IoU as one batch."""
+@pytest.mark.parametrize("mask_inputs", [False, True])
+def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model, monkeypatch, mask_inputs):
+    """CPU inference splits a big prompt batch into chunks (memory reuse; the shared image's work done
+    once for all chunks): same masks and IoU as one batch and as one prompt at a time, and the
+    caller's tensors untouched (the decoder overwrites only its own intermediates)."""
     import samkit.modeling.mask_decoder as md
 
     torch.manual_seed(0)
     embedding = torch.randn(1, 256, 64, 64)
     boxes = torch.rand(11, 2) * 800
     boxes = torch.cat([boxes, boxes + 150], dim=1)
+    masks = torch.randn(11, 1, 256, 256) if mask_inputs else None
     pe = tiny_model.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
-        sparse, dense = tiny_model.prompt_encoder(None, boxes, None)
+        sparse, dense = tiny_model.prompt_encoder(None, boxes, masks)
+        inputs = [t.clone() for t in (embedding, pe, sparse, dense)]
         monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 4)  # 4 + 4 + 3
         chunked = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
         monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 1000)
         whole = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
-    for a, b in zip(chunked, whole):
+        single = [
+            tiny_model.mask_decoder(
+                embedding, pe, sparse[i : i + 1], dense[i : i + 1] if mask_inputs else dense, True
+            )
+            for i in range(len(boxes))
+        ]
+        for before, after in zip(inputs, (embedding, pe, sparse, dense)):
+            assert torch.equal(before, after)
+    for a, b, c in zip(chunked, whole, zip(*single)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, torch.cat(c), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("multimask", [True, False])

@@ -153,6 +153,7 @@ class MaskDecoder(nn.Module):
         if b <= chunk or image_pe.device.type != "cpu" or torch.is_grad_enabled():
             yield self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
             return
+        cache: dict = {}  # the shared image's work, done in the first chunk
         for s in range(0, b, chunk):
             yield self._decode(
                 image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[s : s + chunk],
@@ -161,6 +162,7 @@ class MaskDecoder(nn.Module):
                 dense_prompt_embeddings
                 if dense_prompt_embeddings.shape[0] == 1
                 else dense_prompt_embeddings[s : s + chunk],
+                cache=cache,
             )
 
     def predict_masks(
@@ -180,6 +182,7 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        cache: dict | None = None,
     ) -> _Decoded:
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -193,9 +196,17 @@ class MaskDecoder(nn.Module):
         # would copy the image B times and make every prompt pay for the shared work.
         if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
-        src = image_embeddings + dense_prompt_embeddings
+        shared = cache is not None and image_embeddings.shape[0] == dense_prompt_embeddings.shape[0] == 1
+        if shared and "src" in cache:  # one image for every chunk of prompts: its work is done once
+            src = cache["src"]
+        else:
+            src = image_embeddings + dense_prompt_embeddings
+            if shared:
+                cache["src"] = src
         _, _, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens)
+        hs, src = self.transformer(
+            src, image_pe, tokens, cache=cache.setdefault("transformer", {}) if shared else None
+        )
         return _Decoded(hs, src.expand(b, -1, -1), h, w, self.iou_prediction_head(hs[:, 0, :]))
 
     def _masks(
@@ -204,7 +215,7 @@ class MaskDecoder(nn.Module):
         """Mask logits Bx(M)x4Hx4W of the decoded prompts (only ``rows`` if given) for the mask tokens
         ``tokens`` selects (all by default): the others' hypernetworks and pixels are never computed."""
         hs, src = decoded.tokens, decoded.image_tokens
-        if rows is not None:
+        if rows is not None and len(rows) < len(hs):  # rows are distinct: all of them need no copy
             hs, src = hs[rows], src[rows]
         b, _, c = src.shape
         h, w = decoded.h, decoded.w

@@ -31,10 +31,20 @@ class Attention(nn.Module):
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        reuse_residual: bool = False,
+        kv_cache: dict | None = None,
     ) -> torch.Tensor:
         """q: BxNqxC, k and v: BxNkxC -> BxNqxC, plus ``residual`` (BxNqxC or 1xNqxC) when given.
-        A batch of 1 broadcasts against B.
+        A batch of 1 broadcasts against B. ``reuse_residual``: the caller no longer needs
+        ``residual``, so in inference its memory may hold the result (one B x Nq x C pass less).
+        ``kv_cache``: a dict that holds this k and v's projections across calls with the same k and v
+        (the decoder's chunks of prompts on one image); empty at first.
 
         Between a few prompt tokens and thousands of image tokens the image side is never projected
         per prompt: the projections are folded into the few tokens instead (same function, about half
@@ -46,8 +56,13 @@ class Attention(nn.Module):
         if folds and k.shape[1] > q.shape[1] and bk == bq:
             return self._few_queries(q, k, v, residual)
         if folds and q.shape[1] > k.shape[1] and bq in (1, bk):
-            return self._many_queries(q, k, v, residual)
-        qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+            return self._many_queries(q, k, v, residual, reuse_residual)
+        if kv_cache is None or "kv" not in kv_cache:
+            kv = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+            if kv_cache is not None:
+                kv_cache["kv"] = kv
+        kh, vh = kv if kv_cache is None else kv_cache["kv"]
+        qh = self._heads(self.q_proj(q))
         bv = vh.shape[0]
         if bq > 1 and bk == 1 and bv == 1:
             # Many prompts' tokens attend to the same image: one attention over all their queries.
@@ -91,14 +106,21 @@ class Attention(nn.Module):
         return out if residual is None else residual + out
 
     def _many_queries(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        reuse_residual: bool = False,
     ) -> torch.Tensor:
         """Many image tokens (shared, batch 1, or per prompt) attend to each prompt's few tokens.
 
         (W_q x + b_q)·k = x·(W_q^T k) + b_q·k, and out_proj(concat_h attn_h @ v_h) is
         sum_h attn_h @ (v_h W_o,h^T) + b_o: the image side only meets the few folded tokens.
-        The residual and b_o enter the final GEMM as its accumulator, so the B x Nq x C result is
-        written once.
+        The residual enters the final GEMM as its accumulator, so the B x Nq x C result is written
+        once (and in place of a per-prompt residual the caller gives up), and b_o rides in the folded
+        values: each head's attention row sums to one, so adding b_o / heads to every folded value
+        adds b_o to every output.
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
@@ -116,8 +138,13 @@ class Attention(nn.Module):
         scores = (scores + k_bias) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
         attn = _softmax_short(scores.view(b, nq, heads, nk)).to(v.dtype)
-        start = self.out_proj.bias.view(1, 1, c) if residual is None else residual + self.out_proj.bias
-        return torch.baddbmm(start, attn.view(b, nq, heads * nk), v_folded)
+        attn = attn.view(b, nq, heads * nk)
+        if residual is None:
+            return torch.baddbmm(self.out_proj.bias.view(1, 1, c), attn, v_folded)
+        v_folded = v_folded + self.out_proj.bias / heads
+        if reuse_residual and residual.shape[0] == b and not torch.is_grad_enabled():
+            return residual.baddbmm_(attn, v_folded)
+        return torch.baddbmm(residual, attn, v_folded)
 
 
 def _softmax_short(x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +179,18 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        *,
+        own_keys: bool = False,
+        cache: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``own_keys``: ``keys`` is the previous block's output, free to be overwritten in inference.
+        ``cache``: a dict kept across calls on the same image (chunks of prompts): with one image
+        for all prompts (keys of batch 1) the image side's sums and projections are computed once."""
         if self.skip_first_layer_pe:
             # The first layer's tokens already are the prompt embeddings: no residual, no PE.
             queries = self.self_attn(queries, queries, queries)
@@ -162,10 +199,20 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        keys_pe = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys))
+        if cache is None or keys.shape[0] != 1:
+            cache = None
+            keys_pe = keys + key_pe
+        elif "keys_pe" in cache:
+            keys_pe = cache["keys_pe"]
+        else:
+            keys_pe = cache["keys_pe"] = keys + key_pe
+        attn = self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys, kv_cache=cache)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(self.cross_attn_image_to_token(keys_pe, queries + query_pe, queries, residual=keys))
+        attn = self.cross_attn_image_to_token(
+            keys_pe, queries + query_pe, queries, residual=keys, reuse_residual=own_keys
+        )
+        keys = self.norm4(attn)
         return queries, keys
 
 
@@ -199,18 +246,31 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        *,
+        cache: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: BxCxHxW; point_embedding: BxNxC.
 
-        Returns the processed tokens BxNxC and image tokens Bx(HW)xC.
+        Returns the processed tokens BxNxC and image tokens Bx(HW)xC. ``cache``: a dict to pass
+        again with the same image and PE (chunks of prompts on one image) so that the work on the
+        shared image is done once; empty at first.
         """
         # Token-major and contiguous: every element-wise pass over the image tokens (residuals,
         # layer norms) then reads and writes them in order.
-        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        if cache is not None and "keys" in cache:
+            keys, key_pe = cache["keys"], cache["key_pe"]
+        else:
+            keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+            key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+            if cache is not None:
+                cache["keys"], cache["key_pe"] = keys, key_pe
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.setdefault(i, {})
+            queries, keys = layer(queries, keys, point_embedding, key_pe, own_keys=i > 0, cache=layer_cache)
         attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn), keys
