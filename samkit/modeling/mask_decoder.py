@@ -247,6 +247,11 @@ class MaskDecoder(nn.Module):
         linear layer C -> 4C' on the tokens, so the two of them run as GEMMs (the second with its
         GELU fused on the CPU), the LayerNorm runs over contiguous channels, and the only layout
         change is the final B x M x 4h x 4w permutation of the (small) masks.
+
+        CPU inference runs the chain on blocks of at most ``_UPSCALE_TOKENS`` image tokens (one
+        prompt of a 64x64 grid at a time): each block's 16x larger intermediates then stay in the
+        cache between the GEMMs, the LayerNorm and the GELUs instead of streaming through memory
+        (vit_b, 4 prompts x 3 masks, fp32: 28-33 -> 14-15 ms).
         """
         conv1, norm, _, conv2, _ = self.output_upscaling
         b = src.shape[0]
@@ -254,11 +259,31 @@ class MaskDecoder(nn.Module):
         # ConvTranspose2d weight: in x out x kh x kw -> (kh, kw, out) x in.
         w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, -1)
         w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, -1)
-        y = linear_fn(src, w1, conv1.bias.repeat(4)).view(b, h * w * 4, c1)  # B x (y x i j) x c1
-        y = F.gelu(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        y = linear_fn(y, w2, conv2.bias.repeat(4), "gelu").view(b, h * w * 16, c2)  # B x (y x i j i' j') x c2
-        masks = torch.bmm(y, hyper_in.transpose(1, 2).to(y.dtype))  # B x (y x i j i' j') x M
-        m = masks.shape[-1]
-        # Output row 4y + 2i + i', column 4x + 2j + j'.
-        masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, m, 4 * h, 4 * w)
+        b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
+        hyper_t = hyper_in.transpose(1, 2).to(src.dtype)
+        m = hyper_t.shape[-1]
+
+        def block(x: torch.Tensor, hyper: torch.Tensor, rows: int) -> torch.Tensor:
+            n = x.shape[0]
+            y = linear_fn(x, w1, b1).view(n, rows * w * 4, c1)  # n x (y x i j) x c1
+            y = F.gelu(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+            y = linear_fn(y, w2, b2, "gelu").view(n, rows * w * 16, c2)  # n x (y x i j i' j') x c2
+            masks = torch.bmm(y, hyper)  # n x (y x i j i' j') x M
+            # Output row 4y + 2i + i', column 4x + 2j + j'.
+            return masks.view(n, rows, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+
+        if torch.is_grad_enabled() or src.device.type != "cpu":
+            return block(src, hyper_t, h).reshape(b, m, 4 * h, 4 * w)
+        out = src.new_empty(b, m, 4 * h, 4 * w)
+        prompts = max(1, _UPSCALE_TOKENS // (h * w))  # small grids: several prompts per block
+        rows = min(h, max(1, _UPSCALE_TOKENS // w))  # large grids: some rows of one prompt
+        for p0 in range(0, b, prompts):
+            p1 = min(b, p0 + prompts)
+            for y0 in range(0, h, rows):
+                y1 = min(h, y0 + rows)
+                part = block(src[p0:p1, y0 * w : y1 * w], hyper_t[p0:p1], y1 - y0)
+                out[p0:p1, :, 4 * y0 : 4 * y1].view(p1 - p0, m, y1 - y0, 2, 2, w, 2, 2).copy_(part)
+        return out
+
+
+_UPSCALE_TOKENS = 4096  # image tokens per block of the CPU mask upscaling (see _masks_from_tokens)
