@@ -174,6 +174,19 @@ def test_bfloat16_predictor(tiny_model, photo):
     assert np.abs(s16 - s32).max() < 0.1 * max(1.0, np.abs(s32).max())
 
 
+def test_cpu_prompt_chunk_keeps_a_chunk_of_image_tokens_within_16_mib(monkeypatch):
+    """Under the default allocator: vit_b's 64x64x256 tokens are 4 prompts in fp32, 8 in bf16, more
+    for small grids, at least 1; with the tuned allocator 16 whatever the size."""
+    import samkit.modeling.mask_decoder as md
+
+    monkeypatch.setattr(md, "allocator_tuned", lambda: False)
+    tokens = 64 * 64 * 256
+    assert [md.cpu_prompt_chunk(tokens * size) for size in (4, 2)] == [4, 8]
+    assert md.cpu_prompt_chunk(16 * 16 * 256 * 4) == 64 and md.cpu_prompt_chunk(128 * 128 * 256 * 4) == 1
+    monkeypatch.setattr(md, "allocator_tuned", lambda: True)
+    assert md.cpu_prompt_chunk(tokens * 4) == md.cpu_prompt_chunk(tokens * 2) == 16
+
+
 @pytest.mark.parametrize("mask_inputs", [False, True])
 def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model, monkeypatch, mask_inputs):
     """CPU inference splits a big prompt batch into chunks (memory reuse; the shared image's work done
@@ -190,9 +203,9 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
     with torch.inference_mode():
         sparse, dense = tiny_model.prompt_encoder(None, boxes, masks)
         inputs = [t.clone() for t in (embedding, pe, sparse, dense)]
-        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 4)  # 4 + 4 + 3
+        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 4)  # 4 + 4 + 3
         chunked = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
-        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 1000)
+        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 1000)
         whole = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
         single = [
             tiny_model.mask_decoder(
@@ -220,7 +233,7 @@ def test_decoding_only_masks_above_an_iou_keeps_exactly_those_masks(tiny_model, 
     points = torch.rand(11, 1, 2) * 1000
     labels = torch.ones(11, 1, dtype=torch.int)
     pe = tiny_model.prompt_encoder.get_dense_pe()
-    monkeypatch.setattr(md, "cpu_prompt_chunk", lambda: 4)
+    monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 4)
     with torch.inference_mode():
         sparse, dense = tiny_model.prompt_encoder((points, labels), None, None)
         masks, iou = tiny_model.mask_decoder(embedding, pe, sparse, dense, multimask)

@@ -12,16 +12,20 @@ from ..utils.allocator import allocator_tuned
 from .common import MLP, LayerNorm2d, linear_fn
 
 
-def cpu_prompt_chunk() -> int:
-    """How many prompts CPU inference decodes at a time.
+def cpu_prompt_chunk(bytes_per_prompt: int = 4 << 20) -> int:
+    """How many prompts CPU inference decodes at a time, given the size of one prompt's image tokens
+    (H x W x C elements; vit_b at 1024: 4 MiB in fp32, 2 MiB in bf16).
 
-    Each per-prompt intermediate (the largest, the 32x256x256 upscaled features, is 8 MB in fp32)
-    must stay small enough for glibc to reuse its memory instead of mapping fresh pages on every
-    call (blocks over 32 MB), unless the allocator is tuned (utils/allocator.py); larger chunks then
-    keep the GEMMs efficient. vit_b, 64 boxes in one call, fp32: 3.6 s in one batch, 2.8 s in chunks
-    of 4; with the tuned allocator 2.5 s in one batch, 2.0 s in chunks of 8-16.
+    Under glibc's default allocator a block over its mmap threshold (at most 32 MiB) gets fresh
+    pages on every call, so a chunk's per-prompt tensors are kept to 16 MiB: 4 prompts in fp32,
+    8 in bf16 (vit_b, 64 boxes in one call, 2 threads, median of 5: fp32 chunks of 2/4/8/16 ->
+    836/803/925/1056 ms; bf16 527/485/463/508 ms). With the allocator tuned
+    (utils/allocator.py) freed memory is reused whatever its size: 16 prompts keep the GEMMs
+    efficient (fp32: 2.5 s in one batch, 2.0 s in chunks of 8-16).
     """
-    return 16 if allocator_tuned() else 4
+    if allocator_tuned():
+        return 16
+    return max(1, (16 << 20) // max(1, bytes_per_prompt))
 
 
 class _Decoded(NamedTuple):
@@ -149,7 +153,8 @@ class MaskDecoder(nn.Module):
     ) -> Iterator[_Decoded]:
         """The transformer's outputs for all prompts, in chunks of prompts on the CPU (inference)."""
         b = sparse_prompt_embeddings.shape[0]
-        chunk = cpu_prompt_chunk()
+        _, c, h, w = image_embeddings.shape
+        chunk = cpu_prompt_chunk(c * h * w * self.mask_tokens.weight.element_size())
         if b <= chunk or image_pe.device.type != "cpu" or torch.is_grad_enabled():
             yield self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
             return
