@@ -27,7 +27,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests --durations=30
 
-# CPU benchmarks against Meta's implementation (slow: about 35 minutes), then BENCHMARKS.md from the results.
+# CPU benchmarks against Meta's implementation (slow: about 50 minutes, plus ~7 minutes once to train the
+# benchmark decoder of amg.py --trained, cached in benchmarks/.cache), then BENCHMARKS.md from the results.
 # Each runs under glibc's default allocator and under the tuned one (both libraries alike in one process).
 bench: install
 	$(PY) benchmarks/cpu_encoder.py --model vit_b --rounds 5 --out benchmarks/results/cpu_encoder_vit_b.json
@@ -40,6 +41,7 @@ bench: install
 	$(PY) benchmarks/amg.py --model vit_b --prompts-passing 0.5 --out benchmarks/results/amg_vit_b_half.json
 	$(PY) benchmarks/amg.py --model vit_b --prompts-passing 0.5 --tuned-allocator --out benchmarks/results/amg_vit_b_half_tuned.json
 	$(PY) benchmarks/amg.py --model vit_b --relaxed --tuned-allocator --out benchmarks/results/amg_vit_b_relaxed_tuned.json
+	$(PY) benchmarks/amg.py --model vit_b --trained --rounds 3 --out benchmarks/results/amg_vit_b_trained.json
 	$(PY) benchmarks/encoder_memory.py --model vit_b --out benchmarks/results/encoder_memory_vit_b.json
 	$(PY) benchmarks/loader_epochs.py --rev 4cd648d --out benchmarks/results/loader_epochs.json
 	$(PY) benchmarks/report.py

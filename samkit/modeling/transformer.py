@@ -92,12 +92,12 @@ class Attention(nn.Module):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1)  # B x h x Nq x d
+        qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1) * d**-0.5  # B x h x Nq x d, scaled
         wk, bk = self._per_head(self.k_proj)
         wv, bv = self._per_head(self.v_proj)
         q_folded = torch.einsum("bhqd,hdc->bhqc", qh, wk).reshape(b, -1, c)  # B x (h Nq) x C
         q_bias = torch.einsum("bhqd,hd->bhq", qh, bk).reshape(b, -1, 1)
-        scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5  # B x (h Nq) x Nk
+        scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
         attn = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
@@ -124,7 +124,9 @@ class Attention(nn.Module):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        kh, vh = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x d
+        # The 1/sqrt(d) scale goes into the few tokens, the bias into the GEMM's accumulator: the
+        # B x Nq x (h Nk) scores are written once.
+        kh, vh = self._heads(self.k_proj(k)) * d**-0.5, self._heads(self.v_proj(v))  # B x h x Nk x d
         wq, bq = self._per_head(self.q_proj)
         k_folded = torch.einsum("bhkd,hdc->bhkc", kh, wq).reshape(b, heads * nk, c)
         k_bias = torch.einsum("bhkd,hd->bhk", kh, bq).reshape(b, 1, heads * nk)
@@ -132,10 +134,10 @@ class Attention(nn.Module):
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
         if q.shape[0] == 1 and b > 1:
             # One image for all prompts: a single GEMM against every prompt's folded tokens.
-            scores = (q[0] @ k_folded.reshape(-1, c).t()).view(-1, b, heads * nk).transpose(0, 1)
+            flat = torch.addmm(k_bias.reshape(1, -1), q[0], k_folded.reshape(-1, c).t())
+            scores = flat.view(-1, b, heads * nk).transpose(0, 1)  # B x Nq x (h Nk)
         else:
-            scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
-        scores = (scores + k_bias) * d**-0.5  # B x Nq x (h Nk)
+            scores = torch.baddbmm(k_bias, q.expand(b, -1, -1), k_folded.transpose(1, 2))
         nq = scores.shape[1]
         attn = _softmax_short(scores.view(b, nq, heads, nk)).to(v.dtype)
         attn = attn.view(b, nq, heads * nk)
