@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/amg.py --model vit_b --prompts-passing 0.5 --tuned-allocator --out benchmarks/results/amg_vit_b_half_tuned.json
 	$(PY) benchmarks/amg.py --model vit_b --relaxed --tuned-allocator --out benchmarks/results/amg_vit_b_relaxed_tuned.json
 	$(PY) benchmarks/amg.py --model vit_b --trained --rounds 3 --out benchmarks/results/amg_vit_b_trained.json
+	$(PY) benchmarks/amg.py --model vit_b --trained --rounds 2 --tuned-allocator --out benchmarks/results/amg_vit_b_trained_tuned.json
 	$(PY) benchmarks/encoder_memory.py --model vit_b --out benchmarks/results/encoder_memory_vit_b.json
 	$(PY) benchmarks/loader_epochs.py --rev 4cd648d --out benchmarks/results/loader_epochs.json
 	$(PY) benchmarks/report.py

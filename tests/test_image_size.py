@@ -41,8 +41,10 @@ def meta_sam(name: str, image_size: int):
     ).eval()  # fmt: skip
 
 
-@pytest.mark.parametrize("image_size", [256, 400])
-def test_small_frame_matches_meta(photo, image_size):
+@pytest.mark.parametrize("image_size", [256, 400, 1280])
+def test_other_frame_matches_meta(photo, image_size):
+    """256/400: several prompts' tokens per block of the CPU mask upscaling; 1280 (80x80 tokens): rows
+    of one prompt per block."""
     from segment_anything import SamPredictor as MetaPredictor
 
     torch.manual_seed(5)
