@@ -21,6 +21,7 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def iou_threshold_for_share(model, image: np.ndarray, points_per_side: int, shar
     h, w = image.shape[:2]
     grid = SamAutomaticMaskGenerator(model, points_per_side=points_per_side).point_grids[0] * [w, h]
     coords = predictor.transform.apply_coords_torch(torch.as_tensor(grid[:, None, :]), (h, w))
-    labels = torch.ones(len(grid), 1, dtype=torch.int)
+    labels = torch.ones(len(grid), 1, dtype=torch.int, device=model.device)
     ious = []
     with torch.inference_mode():
         sparse, dense = model.prompt_encoder((coords.to(model.device), labels), None, None)
@@ -132,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the vit_b with a briefly trained (superpixels), calibrated decoder (benchmarks/trained_decoder.py, cached)",
     )
     parser.add_argument(
+        "--trained-file",
+        default=None,
+        help="with --trained: load this saved benchmark decoder (a file of benchmarks/.cache/trained_decoder "
+        "carried to another machine) instead of looking it up or training it",
+    )
+    parser.add_argument("--device", default="cpu", help="run both generators on this device (e.g. cuda)")
+    parser.add_argument(
         "--compare-rev",
         default=None,
         help="also run samkit's generator as it was at this git revision (samkit/amg.py and "
@@ -151,14 +159,18 @@ def main(argv: list[str] | None = None) -> int:
 
     meta, state = shared_random_weights(args.model)
     trained_info = None
+    if args.trained_file and not args.trained:
+        raise SystemExit("--trained-file goes with --trained")
     if args.trained:
-        from trained_decoder import trained_state
+        from trained_decoder import load_saved, trained_state
 
         if args.model != "vit_b":
             raise SystemExit("--trained: only vit_b")
-        state, trained_info = trained_state()
+        state, trained_info = load_saved(Path(args.trained_file)) if args.trained_file else trained_state()
         meta.load_state_dict(state)
-    ours = samkit_sam(args.model, state, getattr(torch, args.dtype))
+    device = torch.device(args.device)
+    meta.to(device)
+    ours = samkit_sam(args.model, state, getattr(torch, args.dtype)).to(device)
     kwargs = dict(points_per_side=args.points_per_side)
     if args.relaxed:
         kwargs.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -206,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python benchmarks/amg.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "date": time.strftime("%Y-%m-%d"),
         "model": args.model,
         "samkit_dtype": args.dtype,
         "image": f"skimage.data.coffee() {image.shape[0]}x{image.shape[1]}",

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 15, as one prepared run for a session that is lent a GPU (H100/H200):
-#   run: bash benchmarks/gpu_checks.sh   (about 8-9 minutes; results under $OUT, else benchmarks/results)
+#   run: bash benchmarks/gpu_checks.sh   (about 10-11 minutes; results under $OUT, else benchmarks/results)
 # then copy the JSON files into benchmarks/results/ and run `python benchmarks/report.py`.
+# Carry the benchmark decoder: `carry: ["benchmarks/.cache"]` (the AMG step loads the newest file there;
+# without it that step is skipped, since training it there would take ~7 of the 15 device minutes).
 # Each step is independent: one that fails is reported and the next one still runs.
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -21,3 +23,14 @@ step $PY benchmarks/gpu_encoder.py --models vit_h --batches 1,8 --meta-batches 1
 # Box fine-tuning in the steady state (30 steps per epoch).
 step $PY benchmarks/train_step.py --model vit_b --amp bf16 --images 480 --batch-size 16 --objects 16 --epochs 2 \
   --workers 12 --out "$OUT/train_step_vit_b_gpu.json"
+# Point-prompt fine-tuning next to the box run (3 rounds per batch).
+step $PY benchmarks/train_step.py --model vit_b --amp bf16 --images 160 --batch-size 16 --objects 16 --epochs 2 \
+  --workers 12 --prompt-mode point --rounds 3 --out "$OUT/train_step_vit_b_point_gpu.json"
+# AMG on the GPU with the trained benchmark decoder (hundreds of records), Meta's generator on the same GPU.
+TRAINED=$(ls -t benchmarks/.cache/trained_decoder/*.pt 2>/dev/null | head -1)
+if [ -n "$TRAINED" ]; then
+  step $PY benchmarks/amg.py --model vit_b --trained --trained-file "$TRAINED" --device cuda --rounds 3 \
+    --out "$OUT/amg_vit_b_trained_gpu.json"
+else
+  echo "!! skipped: AMG on the GPU needs benchmarks/.cache/trained_decoder (carry it)"
+fi

@@ -147,6 +147,8 @@ def amg() -> list[str]:
     for name, r in runs:
         allocator = "tuned" if "tuned allocator" in r["machine"] else "default"
         upscaled = "not recorded" if "prompts_upscaled" not in r else f"{r['prompts_upscaled']:.0%}"
+        if r.get("device", "cpu") != "cpu":  # a GPU run: say which, and when it was measured
+            name = f"{name} ({r['device']}{', ' + r['date'] if r.get('date') else ''})"
         lines.append(
             f"| {name} | {r['model']} | {r['samkit_dtype']} | {allocator} | `{r['generator_kwargs']}` | {r['median_s']['meta']:.1f} | "
             f"{r['median_s']['samkit']:.1f} | {r['speedup']:.2f}x | {r['records']['meta']} / {r['records']['samkit']} | "
@@ -156,7 +158,7 @@ def amg() -> list[str]:
     machine = runs[0][1]["machine"]
     lines += [
         "",
-        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--prompts-passing 0.5] [--dtype bfloat16] [--tuned-allocator] [--trained --threads 1 --compare-rev REV]`; machine: {machine}; image: {runs[0][1]['image']}.",
+        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--prompts-passing 0.5] [--dtype bfloat16] [--tuned-allocator] [--trained [--trained-file F]] [--device cuda]`; machine: {machine}; image: {runs[0][1]['image']}.",
         "Allocator 'tuned': `--tuned-allocator`, the glibc settings samkit's commands use (samkit/utils/allocator.py),",
         "applied to the whole process, so Meta's code runs under them too.",
         "Prompts with masks computed: samkit decodes the IoU first and computes mask pixels only for prompts",

@@ -112,10 +112,7 @@ def trained_state(verbose: bool = True, **overrides) -> tuple[dict[str, torch.Te
     settings = {**SETTINGS, **overrides}
     path = CACHE / f"{settings['model']}_{_key(settings)}.pt"
     if path.exists():
-        saved = torch.load(path, weights_only=True)
-        _, state = shared_random_weights(settings["model"])
-        state.update(saved["trained"])  # the prompt encoder and mask decoder
-        return state, json.loads(saved["info"])
+        return load_saved(path)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings["threads"])
     try:
@@ -127,6 +124,16 @@ def trained_state(verbose: bool = True, **overrides) -> tuple[dict[str, torch.Te
     trained = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     torch.save({"trained": trained, "info": json.dumps(info)}, tmp)
     os.replace(tmp, path)
+    return state, info
+
+
+def load_saved(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, info) from a file this module saved: the cache entry, or a copy carried to another
+    machine (e.g. a GPU host whose torch version gives another cache key)."""
+    saved = torch.load(path, weights_only=True)
+    info = json.loads(saved["info"])
+    _, state = shared_random_weights(info["settings"]["model"])
+    state.update(saved["trained"])  # the prompt encoder and mask decoder
     return state, info
 
 

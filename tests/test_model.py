@@ -221,6 +221,27 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
         torch.testing.assert_close(a, torch.cat(c), atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_inference_in_chunks_runs_under_bf16_autocast(tiny_model, monkeypatch):
+    """fp32 weights under CPU bf16 autocast (evaluation with amp): chunked decoding (shared image work,
+    residuals reused only where dtypes match, blocked upscaling) gives one batch's result and dtype."""
+    import samkit.modeling.mask_decoder as md
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = torch.rand(11, 2) * 800
+    boxes = torch.cat([boxes, boxes + 150], dim=1)
+    pe = tiny_model.prompt_encoder.get_dense_pe()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse, dense = tiny_model.prompt_encoder(None, boxes, None)
+        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 4)
+        chunked = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
+        monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 1000)
+        whole = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
+    for a, b in zip(chunked, whole):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("multimask", [True, False])
 def test_decoding_only_masks_above_an_iou_keeps_exactly_those_masks(tiny_model, monkeypatch, multimask):
     """forward_above_iou (automatic mask generation) returns exactly the masks of forward whose IoU is

@@ -264,30 +264,33 @@ class MaskDecoder(nn.Module):
         # ConvTranspose2d weight: in x out x kh x kw -> (kh, kw, out) x in.
         w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, -1)
         w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, -1)
-        b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
-        hyper_t = hyper_in.transpose(1, 2).to(src.dtype)
-        m = hyper_t.shape[-1]
 
         def block(x: torch.Tensor, hyper: torch.Tensor, rows: int) -> torch.Tensor:
             n = x.shape[0]
-            y = linear_fn(x, w1, b1).view(n, rows * w * 4, c1)  # n x (y x i j) x c1
+            y = linear_fn(x, w1, conv1.bias.repeat(4)).view(n, rows * w * 4, c1)  # n x (y x i j) x c1
             y = F.gelu(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-            y = linear_fn(y, w2, b2, "gelu").view(n, rows * w * 16, c2)  # n x (y x i j i' j') x c2
-            masks = torch.bmm(y, hyper)  # n x (y x i j i' j') x M
+            y = linear_fn(y, w2, conv2.bias.repeat(4), "gelu").view(
+                n, rows * w * 16, c2
+            )  # n x (y x i j i' j') x c2
+            masks = torch.bmm(y, hyper.transpose(1, 2).to(y.dtype))  # n x (y x i j i' j') x M
             # Output row 4y + 2i + i', column 4x + 2j + j'.
-            return masks.view(n, rows, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+            return masks.view(n, rows, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
 
-        if torch.is_grad_enabled() or src.device.type != "cpu":
-            return block(src, hyper_t, h).reshape(b, m, 4 * h, 4 * w)
-        out = src.new_empty(b, m, 4 * h, 4 * w)
+        m = hyper_in.shape[1]
+        if torch.is_grad_enabled() or src.device.type != "cpu" or b == 0:
+            return block(src, hyper_in, h).reshape(b, m, 4 * h, 4 * w)
+        out = None
         prompts = max(1, _UPSCALE_TOKENS // (h * w))  # small grids: several prompts per block
         rows = min(h, max(1, _UPSCALE_TOKENS // w))  # large grids: some rows of one prompt
         for p0 in range(0, b, prompts):
             p1 = min(b, p0 + prompts)
             for y0 in range(0, h, rows):
                 y1 = min(h, y0 + rows)
-                part = block(src[p0:p1, y0 * w : y1 * w], hyper_t[p0:p1], y1 - y0)
+                part = block(src[p0:p1, y0 * w : y1 * w], hyper_in[p0:p1], y1 - y0)
+                if out is None:  # the blocks' dtype (under autocast not the tokens')
+                    out = part.new_empty(b, m, 4 * h, 4 * w)
                 out[p0:p1, :, 4 * y0 : 4 * y1].view(p1 - p0, m, y1 - y0, 2, 2, w, 2, 2).copy_(part)
+        assert out is not None
         return out
 
 

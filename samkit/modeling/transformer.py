@@ -57,12 +57,16 @@ class Attention(nn.Module):
             return self._few_queries(q, k, v, residual)
         if folds and q.shape[1] > k.shape[1] and bq in (1, bk):
             return self._many_queries(q, k, v, residual, reuse_residual)
-        if kv_cache is None or "kv" not in kv_cache:
-            kv = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-            if kv_cache is not None:
-                kv_cache["kv"] = kv
-        kh, vh = kv if kv_cache is None else kv_cache["kv"]
+        # q before k and v, as always: the order the graph is built in fixes the order in which
+        # autograd sums the gradients of a tensor used twice (self-attention's q and k), so it is
+        # part of what makes training reproducible.
         qh = self._heads(self.q_proj(q))
+        if kv_cache is not None and "kv" in kv_cache:
+            kh, vh = kv_cache["kv"]
+        else:
+            kh, vh = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+            if kv_cache is not None:
+                kv_cache["kv"] = kh, vh
         bv = vh.shape[0]
         if bq > 1 and bk == 1 and bv == 1:
             # Many prompts' tokens attend to the same image: one attention over all their queries.
@@ -92,12 +96,12 @@ class Attention(nn.Module):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1) * d**-0.5  # B x h x Nq x d, scaled
+        qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1)  # B x h x Nq x d
         wk, bk = self._per_head(self.k_proj)
         wv, bv = self._per_head(self.v_proj)
         q_folded = torch.einsum("bhqd,hdc->bhqc", qh, wk).reshape(b, -1, c)  # B x (h Nq) x C
         q_bias = torch.einsum("bhqd,hd->bhq", qh, bk).reshape(b, -1, 1)
-        scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
+        scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5  # B x (h Nq) x Nk
         attn = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
@@ -118,15 +122,13 @@ class Attention(nn.Module):
         (W_q x + b_q)·k = x·(W_q^T k) + b_q·k, and out_proj(concat_h attn_h @ v_h) is
         sum_h attn_h @ (v_h W_o,h^T) + b_o: the image side only meets the few folded tokens.
         The residual enters the final GEMM as its accumulator, so the B x Nq x C result is written
-        once (and in place of a per-prompt residual the caller gives up), and b_o rides in the folded
-        values: each head's attention row sums to one, so adding b_o / heads to every folded value
-        adds b_o to every output.
+        once; in inference also in place of a per-prompt residual the caller gives up, with b_o riding
+        in the folded values (each head's attention row sums to one, so adding b_o / heads to every
+        folded value adds b_o to every output).
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        # The 1/sqrt(d) scale goes into the few tokens, the bias into the GEMM's accumulator: the
-        # B x Nq x (h Nk) scores are written once.
-        kh, vh = self._heads(self.k_proj(k)) * d**-0.5, self._heads(self.v_proj(v))  # B x h x Nk x d
+        kh, vh = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x d
         wq, bq = self._per_head(self.q_proj)
         k_folded = torch.einsum("bhkd,hdc->bhkc", kh, wq).reshape(b, heads * nk, c)
         k_bias = torch.einsum("bhkd,hd->bhk", kh, bq).reshape(b, 1, heads * nk)
@@ -134,19 +136,36 @@ class Attention(nn.Module):
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
         if q.shape[0] == 1 and b > 1:
             # One image for all prompts: a single GEMM against every prompt's folded tokens.
-            flat = torch.addmm(k_bias.reshape(1, -1), q[0], k_folded.reshape(-1, c).t())
-            scores = flat.view(-1, b, heads * nk).transpose(0, 1)  # B x Nq x (h Nk)
+            scores = (q[0] @ k_folded.reshape(-1, c).t()).view(-1, b, heads * nk).transpose(0, 1)
         else:
-            scores = torch.baddbmm(k_bias, q.expand(b, -1, -1), k_folded.transpose(1, 2))
+            scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
+        scores = (scores + k_bias) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
         attn = _softmax_short(scores.view(b, nq, heads, nk)).to(v.dtype)
         attn = attn.view(b, nq, heads * nk)
         if residual is None:
             return torch.baddbmm(self.out_proj.bias.view(1, 1, c), attn, v_folded)
+        if torch.is_grad_enabled():  # training: the plain sum (no in-place ops on the graph's tensors)
+            return torch.baddbmm(residual + self.out_proj.bias, attn, v_folded)
         v_folded = v_folded + self.out_proj.bias / heads
-        if reuse_residual and residual.shape[0] == b and not torch.is_grad_enabled():
+        # In place only where out-of-place would give the same result: equal dtypes, no autocast
+        # (which would run the out-of-place product in low precision).
+        same_dtype = residual.dtype == attn.dtype == v_folded.dtype
+        if (
+            reuse_residual
+            and same_dtype
+            and residual.shape[0] == b
+            and not _autocast_on(residual.device.type)
+        ):
             return residual.baddbmm_(attn, v_folded)
         return torch.baddbmm(residual, attn, v_folded)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _softmax_short(x: torch.Tensor) -> torch.Tensor:
