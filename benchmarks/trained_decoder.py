@@ -179,18 +179,7 @@ def _train_step(
             torch.tensor(transform.apply_coords(np.array([[x + 0.5, y + 0.5]]), (h, w)), dtype=torch.float)
         )
         embeddings.append(record[pool])
-    grid = embeddings[0].shape[-1]
-    sparse, dense = model.prompt_encoder(
-        (torch.stack(coords), torch.ones(prompts, 1, dtype=torch.int)), None, None
-    )
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pool == 1):
-        logits, iou_pred = model.mask_decoder(
-            torch.cat(embeddings),
-            model.prompt_encoder.pe_layer((grid, grid))[None],
-            sparse,
-            dense[..., :grid, :grid],
-            multimask_output=True,
-        )
+    logits, iou_pred = shapes.decode_one_point(model, embeddings, coords, bf16=pool == 1)
     logits, iou_pred = logits.float(), iou_pred.float()
     target = F.avg_pool2d(torch.stack(targets), 256 // logits.shape[-1])
     mask_loss = shapes._balanced_bce(logits, target) + shapes._dice_loss(logits, target)

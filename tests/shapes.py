@@ -245,6 +245,26 @@ def _embed_training_images(model: Sam, rng: np.random.Generator, n: int) -> list
     return data
 
 
+def decode_one_point(
+    model: Sam, embeddings: list[torch.Tensor], coords: list[torch.Tensor], bf16: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimask logits Bx3xhxw and IoU Bx3 for one positive point per prompt: ``coords`` 1x2 each in
+    the model frame, ``embeddings`` 1xCxgxg each (pooled or not, one grid size). ``bf16``: the
+    decoder (only) under CPU bf16 autocast."""
+    grid = embeddings[0].shape[-1]
+    coords_t = torch.stack(coords)  # Bx1x2
+    labels = torch.ones(len(coords_t), 1, dtype=torch.int)
+    sparse, dense = model.prompt_encoder((coords_t, labels), None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model.mask_decoder(
+            torch.cat(embeddings),
+            model.prompt_encoder.pe_layer((grid, grid))[None],
+            sparse,
+            dense[..., :grid, :grid],
+            multimask_output=True,
+        )
+
+
 def _train_step(
     model: Sam, rng: np.random.Generator, data: list[dict], pool: int
 ) -> tuple[torch.Tensor, float]:
@@ -257,17 +277,7 @@ def _train_step(
         coords.append(torch.as_tensor(transform.apply_coords(points, record["size"]), dtype=torch.float))
         embeddings.append(embedding)
         targets.append(target[int(idx[0])])
-    grid = embeddings[0].shape[-1]
-    coords_t = torch.stack(coords)  # Bx1x2
-    labels = torch.ones(len(coords_t), 1, dtype=torch.int)
-    sparse, dense = model.prompt_encoder((coords_t, labels), None, None)
-    logits, iou_pred = model.mask_decoder(
-        torch.cat(embeddings),
-        model.prompt_encoder.pe_layer((grid, grid))[None],
-        sparse,
-        dense[..., :grid, :grid],
-        multimask_output=True,
-    )
+    logits, iou_pred = decode_one_point(model, embeddings, coords)
     target = torch.stack(targets)[:, None].expand_as(logits)
     mask_loss = _balanced_bce(logits, target) + _dice_loss(logits, target)  # Bx3
     best = mask_loss.argmin(1)
