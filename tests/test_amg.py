@@ -83,10 +83,10 @@ def test_bfloat16_model_runs(tiny_model):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(points_per_side=12, pred_iou_thresh=0.5, stability_score_thresh=0.8),
+        dict(points_per_side=12, pred_iou_thresh=0.2, stability_score_thresh=0.8),
         dict(
             points_per_side=8,
-            pred_iou_thresh=0.5,
+            pred_iou_thresh=0.2,
             stability_score_thresh=0.8,
             crop_n_layers=1,
             min_mask_region_area=100,

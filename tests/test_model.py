@@ -217,8 +217,9 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
             assert torch.equal(before, after)
     for a, b, c in zip(chunked, whole, zip(*single)):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a, torch.cat(c), atol=1e-4, rtol=1e-4)
+        # Other batch shapes may take other GEMM kernels (another summation order): ~1e-4 on logits.
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
+        torch.testing.assert_close(a, torch.cat(c), atol=5e-4, rtol=1e-4)
 
 
 def test_cpu_inference_in_chunks_runs_under_bf16_autocast(tiny_model, monkeypatch):

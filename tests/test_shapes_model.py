@@ -1,11 +1,13 @@
 """The shapes-trained tiny SAM (tests/shapes.py) is an honest test model: its masks follow the prompt.
 
 Measured on the held-out ``shapes_image`` (seed 12345, 6 shapes) with the default 1000 training
-steps: a point at the most interior pixel of each shape gives a best-of-3 mask with mean IoU 0.74
-against that shape (the mask the IoU head picks: also 0.74); the untrained model gets 0.03. The
-IoU head and the logits are not confident enough for the automatic mask generator's default
-thresholds (0.88 predicted IoU and 0.95 stability keep no mask), so the generator tests relax them
-to 0.5 and 0.8.
+steps: a point at the most interior pixel of each shape gives a best-of-3 mask with mean IoU
+0.62-0.74 against that shape over training seeds 0-2 and 1 or 2 threads (the untrained model: 0.03).
+The IoU head is the least stable part: the mask it picks has mean IoU 0.44-0.73 over the same runs
+(on 2 threads of an Intel Xeon with AMX, seed 0 picks a 0-IoU mask for 2 of the 6 shapes and predicts
+~0.3 for every mask; on 1 thread the same seed picks the best mask for all 6). So the assertions
+leave that room, and the generator tests relax the thresholds to predicted IoU 0.2 and stability 0.8
+(the defaults 0.88 and 0.95 keep no mask): 14-15 distinct records, 4-5 of the 6 shapes found.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from samkit.amg import SamAutomaticMaskGenerator
 
 from .shapes import make_shapes_image
 
-RELAXED = dict(pred_iou_thresh=0.5, stability_score_thresh=0.8)
+RELAXED = dict(pred_iou_thresh=0.2, stability_score_thresh=0.8)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,9 +85,9 @@ def test_point_prompts_segment_the_prompted_shape(shapes_model, shapes_image):
     print(
         f"trained: best-of-3 {np.round(best, 2)}, picked {np.round(picked, 2)}; untrained {np.round(untrained_best, 2)}"
     )
-    assert best.mean() > 0.6
-    assert (best > 0.6).sum() >= len(masks) // 2
-    assert picked.mean() > 0.45
+    assert best.mean() > 0.5
+    assert (best > 0.5).sum() >= len(masks) // 2
+    assert picked.mean() > 0.3
     assert untrained_best.mean() < 0.25
     assert best.mean() - untrained_best.mean() > 0.4
 

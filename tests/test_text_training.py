@@ -30,7 +30,7 @@ from samkit.training.train import train
 
 from .datagen import make_coco_splits
 from .test_text_mode import text_config, tiny_clip_dir  # noqa: F401  (a fixture)
-from .test_train import assert_same_weights, final_state, losses_of, run_cli, torchrun
+from .test_train import SUMMATION_ATOL, assert_same_weights, final_state, losses_of, run_cli, torchrun
 
 CATEGORY_KEYS = [
     f"{m}_{frame}_category_{kind}"
@@ -342,7 +342,7 @@ def test_two_processes_equal_one_in_text_mode(coco, tiny_clip_dir, tiny_checkpoi
     )
     two = torchrun("train.py", "-c", two_cfg)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "two"), atol=1e-6)
+    assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "two"), atol=SUMMATION_ATOL)
     assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), rel=1e-5)
 
     def eval_record(work_dir):
