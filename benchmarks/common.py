@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+from pathlib import Path
 import tempfile
 from typing import Any
 
@@ -30,9 +31,28 @@ def apply_common_flags(args: argparse.Namespace) -> None:
         raise SystemExit("--tuned-allocator: mallopt is not available here (needs Linux with glibc)")
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its matrix/bf16 units (from /proc/cpuinfo where there is one): CPU
+    benchmark rows from different machines differ most by these."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()) if v
+    )
+    flags = set(fields.get("flags", "").split())
+    units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 bf16")) if flag in flags]
+    name = fields.get("model name", platform.machine())
+    return f"{name} ({', '.join(units)})" if units else name
+
+
 def machine() -> str:
     allocator = "tuned allocator" if allocator_tuned() else "default allocator"
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}"
+    return (
+        f"{platform.machine()}, {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{allocator}"
+    )
 
 
 def meta_sam(name: str):

@@ -155,7 +155,16 @@ def amg() -> list[str]:
             f"{r['identical_segmentations']} | {upscaled} |"
         )
     lines += [f"- {name}: {r['note']}" for name, r in runs if r.get("note")]
-    machine = runs[0][1]["machine"]
+    # Rows may come from different machines (re-run on another CPU): name each machine with its files.
+    by_machine: dict[str, list[str]] = {}
+    for name, r in runs:
+        key = r["machine"].replace("tuned allocator", "").replace("default allocator", "").rstrip(", ")
+        by_machine.setdefault(key, []).append(name)
+    machine = (
+        next(iter(by_machine))
+        if len(by_machine) == 1
+        else "; ".join(f"{m} ({', '.join(files)})" for m, files in by_machine.items())
+    )
     lines += [
         "",
         f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--prompts-passing 0.5] [--dtype bfloat16] [--tuned-allocator] [--trained [--trained-file F]] [--device cuda]`; machine: {machine}; image: {runs[0][1]['image']}.",
