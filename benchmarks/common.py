@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 import platform
-from pathlib import Path
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
