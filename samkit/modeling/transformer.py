@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock
+from .common import MLPBlock, flush_subnormal_probs
 
 
 class Attention(nn.Module):
@@ -102,7 +102,7 @@ class Attention(nn.Module):
         q_folded = torch.einsum("bhqd,hdc->bhqc", qh, wk).reshape(b, -1, c)  # B x (h Nq) x C
         q_bias = torch.einsum("bhqd,hd->bhq", qh, bk).reshape(b, -1, 1)
         scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5  # B x (h Nq) x Nk
-        attn = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        attn = flush_subnormal_probs(scores.softmax(dim=-1, dtype=torch.float32)).to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
         nq = out.shape[2]
@@ -134,15 +134,19 @@ class Attention(nn.Module):
         k_bias = torch.einsum("bhkd,hd->bhk", kh, bq).reshape(b, 1, heads * nk)
         wo = self.out_proj.weight.view(c, heads, d)
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
-        if q.shape[0] == 1 and b > 1:
-            # One image for all prompts: a single GEMM against every prompt's folded tokens.
-            scores = (q[0] @ k_folded.reshape(-1, c).t()).view(-1, b, heads * nk).transpose(0, 1)
+        nq = q.shape[1]
+        if _autocast_on(q.device.type):
+            attn = self._image_major_attention(q, k_folded, k_bias)
         else:
-            scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
-        scores = (scores + k_bias) * d**-0.5  # B x Nq x (h Nk)
-        nq = scores.shape[1]
-        attn = _softmax_short(scores.view(b, nq, heads, nk)).to(v.dtype)
-        attn = attn.view(b, nq, heads * nk)
+            # Scores key-major, B x (h Nk) x Nq: each head's softmax over its Nk keys then runs over
+            # rows of Nq contiguous image tokens (vectorized), not over runs of Nk (~7) floats.
+            if q.shape[0] == 1 and b > 1:
+                # One image for all prompts: a single GEMM against every prompt's folded tokens.
+                scores = torch.addmm(k_bias.view(-1, 1), k_folded.reshape(-1, c), q[0].t())
+            else:
+                scores = torch.baddbmm(k_bias.view(b, -1, 1), k_folded, q.expand(b, -1, -1).transpose(1, 2))
+            attn = _softmax_keys(scores.view(b, heads, nk, nq), d**-0.5).to(v.dtype)
+            attn = attn.view(b, heads * nk, nq).transpose(1, 2)  # B x Nq x (h Nk)
         if residual is None:
             return torch.baddbmm(self.out_proj.bias.view(1, 1, c), attn, v_folded)
         if torch.is_grad_enabled():  # training: the plain sum (no in-place ops on the graph's tensors)
@@ -160,6 +164,22 @@ class Attention(nn.Module):
             return residual.baddbmm_(attn, v_folded)
         return torch.baddbmm(residual, attn, v_folded)
 
+    def _image_major_attention(
+        self, q: torch.Tensor, k_folded: torch.Tensor, k_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """``_many_queries``' attention B x Nq x (h Nk) with image-major scores, under autocast: there the
+        GEMMs run in bf16, and oneDNN rounds a bf16 product by the shape of its operands; in this
+        layout chunks of prompts give one batch's result."""
+        b, hk, c = k_folded.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        if q.shape[0] == 1 and b > 1:
+            scores = (q[0] @ k_folded.reshape(-1, c).t()).view(-1, b, hk).transpose(0, 1)
+        else:
+            scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
+        scores = (scores + k_bias.view(b, 1, hk)) * d**-0.5  # B x Nq x (h Nk)
+        nq = scores.shape[1]
+        return scores.view(b, nq, heads, hk // heads).float().softmax(dim=-1).view(b, nq, hk)
+
 
 def _autocast_on(device_type: str) -> bool:
     try:
@@ -168,12 +188,13 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def _softmax_short(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over a short last axis, in fp32 (about twice as fast there as the generic kernel on CPU)."""
+def _softmax_keys(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(x * scale) over dim 2 (a few keys) of B x h x Nk x Nq scores, in fp32."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return x.float().softmax(dim=-1)  # the in-place version below is not differentiable
-    e = (x.float() - x.amax(dim=-1, keepdim=True).float()).exp_()
-    return e.div_(e.sum(dim=-1, keepdim=True))
+        return (x.float() * scale).softmax(dim=2)  # the in-place version below is not differentiable
+    x = x.float().mul_(scale) if x.dtype == torch.float32 else x.float() * scale
+    e = x.sub_(x.amax(dim=2, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=2, keepdim=True))
 
 
 class TwoWayAttentionBlock(nn.Module):
