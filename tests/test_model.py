@@ -340,3 +340,88 @@ def test_predictor_outputs_are_ordinary_tensors(tiny_model, photo):
         assert not tensor.any()
     predictor.set_image_batch([photo, photo[:100]])
     predictor.get_image_embedding().mul_(2)
+
+
+def test_subnormal_attention_weights_are_flushed_without_changing_the_result():
+    """The decoder zeroes subnormal softmax weights (x86 multiplies them tens of times slower): normal
+    weights keep their bits, and the attention output is the same."""
+    from samkit.modeling.common import flush_subnormal_probs
+
+    torch.manual_seed(0)
+    probs = (torch.randn(2, 56, 4096) * 30).softmax(dim=-1)  # sharp rows: many subnormal weights
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = (probs > 0) & (probs < tiny)
+    assert subnormal.float().mean() > 0.05
+    values = torch.randn(2, 4096, 256)
+    expected = probs @ values
+    flushed = flush_subnormal_probs(probs.clone())
+    assert torch.equal(flushed[~subnormal], probs[~subnormal])
+    assert not flushed[subnormal].any()
+    torch.testing.assert_close(flushed @ values, expected, atol=0, rtol=0)
+    # Under autograd: out of place (softmax's backward needs its output) and differentiable.
+    scores = (torch.randn(1, 8, 512) * 30).requires_grad_()
+    p = scores.softmax(dim=-1)
+    out = flush_subnormal_probs(p)
+    assert out is not p
+    out.sum().backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
+    # Other dtypes and 16-bit GEMMs (which treat subnormal inputs as zero themselves): unchanged.
+    half = probs.bfloat16()
+    assert flush_subnormal_probs(half) is half
+
+
+def test_decoder_reuses_the_image_work_of_the_previous_call_only_while_it_is_valid(tiny_model):
+    """Prompting one image again reuses the image-only sums of the previous call (same results as a
+    fresh decoder); a changed embedding, another image or a changed "no mask" embedding are seen."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    predictor = SamPredictor(tiny_model)
+    image = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    points, labels = np.array([[40, 30]]), np.array([1])
+
+    def fresh_logits(model: torch.nn.Module) -> np.ndarray:
+        other = SamPredictor(copy.deepcopy(model))
+        other.set_image(image)
+        return other.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+
+    predictor.set_image(image)
+    first = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+    assert tiny_model.mask_decoder.__dict__.get("_kept_image_work") is not None
+    again = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(first, fresh_logits(tiny_model))
+    # The embedding changed in place: recomputed.
+    with torch.no_grad():
+        predictor.features.mul_(1.5)
+    changed = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+    assert not np.array_equal(changed, first)
+    other = SamPredictor(copy.deepcopy(tiny_model))
+    other.set_image(image)
+    with torch.no_grad():
+        other.features.mul_(1.5)
+    np.testing.assert_array_equal(
+        changed, other.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+    )
+    # The "no mask" embedding changed (as an optimizer step would): recomputed.
+    predictor.set_image(image)
+    predictor.predict(point_coords=points, point_labels=labels, return_logits=True)
+    no_mask = tiny_model.prompt_encoder.no_mask_embed.weight
+    saved = no_mask.detach().clone()
+    try:
+        with torch.no_grad():
+            no_mask.add_(0.5)
+        moved = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+        np.testing.assert_array_equal(moved, fresh_logits(tiny_model))
+        assert not np.array_equal(moved, first)
+    finally:
+        with torch.no_grad():
+            no_mask.copy_(saved)  # the model is shared by the session's tests
+    # Another image: its own result.
+    predictor.set_image(image[::-1].copy())
+    flipped = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[0]
+    assert not np.array_equal(flipped, first)
+    # The kept work is a cache: a model that holds it still pickles and copies.
+    pickle.loads(pickle.dumps(tiny_model.mask_decoder))
+    copy.deepcopy(tiny_model)

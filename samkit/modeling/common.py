@@ -32,10 +32,10 @@ def flush_subnormal_probs(p: torch.Tensor) -> torch.Tensor:
     too and vanish in the fp32 sums beside the normal weights' terms (row sums are 1), so the
     result is unchanged. The test reads the bits as integers (a float comparison of a subnormal is
     itself slow): in place in inference, out of place where autograd needs the input. CPU only;
-    other dtypes and devices are returned as they are.
+    other dtypes and devices, and traced graphs, get ``p`` as it is.
     """
-    if p.device.type != "cpu" or p.dtype != torch.float32:
-        return p
+    if p.device.type != "cpu" or p.dtype != torch.float32 or torch.jit.is_tracing():
+        return p  # (an exported graph runs elsewhere: ONNX Runtime flushes subnormals itself)
     small = p.view(torch.int32) < _FP32_MIN_NORMAL_BITS
     if torch.is_grad_enabled() and p.requires_grad:
         return p.masked_fill(small, 0.0)

@@ -91,18 +91,30 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Few tokens attend to many per-prompt image tokens, without projecting the image tokens.
 
-        q·(W_k x + b_k) = (W_k^T q)·x + q·b_k, and since attention rows sum to one,
-        attn @ (W_v x + b_v) = W_v (attn @ x) + b_v.
+        q·(W_k x + b_k) = (W_k^T q)·x + q·b_k, where q·b_k is the same for every key of a query: the
+        softmax does not see it. Since attention rows sum to one, attn @ (W_v x + b_v) = W_v (attn @ x) + b_v.
+        In inference the scale rides in the few folded queries: no pass over the B x (h Nq) x Nk scores
+        but the softmax.
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
         qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1)  # B x h x Nq x d
         wk, bk = self._per_head(self.k_proj)
         wv, bv = self._per_head(self.v_proj)
-        q_folded = torch.einsum("bhqd,hdc->bhqc", qh, wk).reshape(b, -1, c)  # B x (h Nq) x C
-        q_bias = torch.einsum("bhqd,hd->bhq", qh, bk).reshape(b, -1, 1)
-        scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5  # B x (h Nq) x Nk
-        attn = flush_subnormal_probs(scores.softmax(dim=-1, dtype=torch.float32)).to(v.dtype)
+        if torch.is_grad_enabled() or _autocast_on(q.device.type):
+            # Training keeps q·b_k: its gradient is zero, but DDP waits for one for every parameter.
+            # Autocast too: its bf16 bmm rounds by batch size, the baddbmm does not (chunks equal
+            # one batch).
+            q_folded = torch.einsum("bhqd,hdc->bhqc", qh, wk).reshape(b, -1, c)
+            q_bias = torch.einsum("bhqd,hd->bhq", qh, bk).reshape(b, -1, 1)
+            scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5
+        else:
+            q_folded = torch.einsum("bhqd,hdc->bhqc", qh * d**-0.5, wk).reshape(b, -1, c)  # B x (h Nq) x C
+            scores = torch.bmm(q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
+        attn = scores.softmax(dim=-1, dtype=torch.float32)
+        if v.dtype == torch.float32:  # 16-bit GEMMs treat subnormal inputs as zero themselves
+            attn = flush_subnormal_probs(attn)
+        attn = attn.to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
         nq = out.shape[2]
