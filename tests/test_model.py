@@ -425,3 +425,32 @@ def test_decoder_reuses_the_image_work_of_the_previous_call_only_while_it_is_val
     # The kept work is a cache: a model that holds it still pickles and copies.
     pickle.loads(pickle.dumps(tiny_model.mask_decoder))
     copy.deepcopy(tiny_model)
+
+
+def test_bf16_decoder_takes_the_pe_apart_with_the_same_masks(tiny_model, monkeypatch):
+    """16-bit CPU inference on per-prompt image tokens attends to keys + PE without forming the sum
+    (the PE's part as GEMMs): the masks are those of the summed keys, up to bf16 rounding."""
+    import copy
+
+    import samkit.modeling.transformer as tr
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64, dtype=torch.bfloat16)
+    boxes = torch.rand(6, 2) * 800
+    boxes = torch.cat([boxes, boxes + 150], dim=1)
+    pe = model.prompt_encoder.get_dense_pe()
+    calls = []
+    real = tr.pe_apart
+    monkeypatch.setattr(tr, "pe_apart", lambda *a: calls.append(real(*a)) or calls[-1])
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(None, boxes.bfloat16(), None)
+        apart, apart_iou = model.mask_decoder(embedding, pe, sparse, dense, True)
+        assert any(calls)
+        monkeypatch.setattr(tr, "pe_apart", lambda *a: False)
+        summed, summed_iou = model.mask_decoder(embedding, pe, sparse, dense, True)
+    torch.testing.assert_close(apart_iou.float(), summed_iou.float(), atol=0.05, rtol=0.05)
+    a, s = apart.float() > 0, summed.float() > 0
+    iou = (a & s).flatten(1).sum(1) / (a | s).flatten(1).sum(1).clamp(min=1)
+    assert iou.min() > 0.95, iou
+    assert not tr.pe_apart(torch.zeros(2, 4, 8), torch.zeros(1, 4, 8))  # fp32: the sum pays there

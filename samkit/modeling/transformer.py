@@ -39,8 +39,13 @@ class Attention(nn.Module):
         *,
         reuse_residual: bool = False,
         kv_cache: dict | None = None,
+        q_pe: torch.Tensor | None = None,
+        k_pe: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: BxNqxC, k and v: BxNkxC -> BxNqxC, plus ``residual`` (BxNqxC or 1xNqxC) when given.
+        ``q_pe`` / ``k_pe`` (1xNxC): the queries / keys are ``q + q_pe`` / ``k + k_pe`` (see
+        ``pe_apart``); the sum is then never formed where the folded path can take the PE's part
+        as one GEMM for all prompts.
         A batch of 1 broadcasts against B. ``reuse_residual``: the caller no longer needs
         ``residual``, so in inference its memory may hold the result (one B x Nq x C pass less).
         ``kv_cache``: a dict that holds this k and v's projections across calls with the same k and v
@@ -53,10 +58,12 @@ class Attention(nn.Module):
         bq, bk = q.shape[0], k.shape[0]
         # Folding pays when heads x (the short side) is below the projection width.
         folds = self.num_heads * min(q.shape[1], k.shape[1]) < self.internal_dim and v.shape[0] == bk
-        if folds and k.shape[1] > q.shape[1] and bk == bq:
-            return self._few_queries(q, k, v, residual)
-        if folds and q.shape[1] > k.shape[1] and bq in (1, bk):
-            return self._many_queries(q, k, v, residual, reuse_residual)
+        if folds and k.shape[1] > q.shape[1] and bk == bq and q_pe is None:
+            return self._few_queries(q, k, v, residual, k_pe)
+        if folds and q.shape[1] > k.shape[1] and bq in (1, bk) and k_pe is None:
+            return self._many_queries(q, k, v, residual, reuse_residual, q_pe)
+        q = q if q_pe is None else q + q_pe
+        k = k if k_pe is None else k + k_pe
         # q before k and v, as always: the order the graph is built in fixes the order in which
         # autograd sums the gradients of a tensor used twice (self-attention's q and k), so it is
         # part of what makes training reproducible.
@@ -87,7 +94,12 @@ class Attention(nn.Module):
         return linear.weight.view(self.num_heads, d, -1), linear.bias.view(self.num_heads, d)
 
     def _few_queries(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        k_pe: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Few tokens attend to many per-prompt image tokens, without projecting the image tokens.
 
@@ -101,6 +113,8 @@ class Attention(nn.Module):
         qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1)  # B x h x Nq x d
         wk, bk = self._per_head(self.k_proj)
         wv, bv = self._per_head(self.v_proj)
+        if k_pe is not None and (torch.is_grad_enabled() or _autocast_on(q.device.type)):
+            k, k_pe = k + k_pe, None
         if torch.is_grad_enabled() or _autocast_on(q.device.type):
             # Training keeps q·b_k: its gradient is zero, but DDP waits for one for every parameter.
             # Autocast too: its bf16 bmm rounds by batch size, the baddbmm does not (chunks equal
@@ -110,7 +124,11 @@ class Attention(nn.Module):
             scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5
         else:
             q_folded = torch.einsum("bhqd,hdc->bhqc", qh * d**-0.5, wk).reshape(b, -1, c)  # B x (h Nq) x C
-            scores = torch.bmm(q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
+            if k_pe is None:
+                scores = torch.bmm(q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
+            else:  # the PE's part: one GEMM for all prompts
+                pe_scores = (q_folded.reshape(-1, c) @ k_pe[0].t()).view(b, -1, nk)
+                scores = torch.baddbmm(pe_scores, q_folded, k.transpose(1, 2))
         attn = scores.softmax(dim=-1, dtype=torch.float32)
         if v.dtype == torch.float32:  # 16-bit GEMMs treat subnormal inputs as zero themselves
             attn = flush_subnormal_probs(attn)
@@ -128,6 +146,7 @@ class Attention(nn.Module):
         v: torch.Tensor,
         residual: torch.Tensor | None = None,
         reuse_residual: bool = False,
+        q_pe: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Many image tokens (shared, batch 1, or per prompt) attend to each prompt's few tokens.
 
@@ -147,8 +166,15 @@ class Attention(nn.Module):
         wo = self.out_proj.weight.view(c, heads, d)
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
         nq = q.shape[1]
+        if q_pe is not None and (torch.is_grad_enabled() or _autocast_on(q.device.type) or q.shape[0] == 1):
+            q, q_pe = q + q_pe, None
         if _autocast_on(q.device.type):
             attn = self._image_major_attention(q, k_folded, k_bias)
+        elif q_pe is not None:  # per-prompt image tokens plus the shared PE's part, one GEMM for all
+            pe_scores = torch.addmm(k_bias.view(-1, 1), k_folded.reshape(-1, c), q_pe[0].t())
+            scores = torch.baddbmm(pe_scores.view(b, -1, nq), k_folded, q.transpose(1, 2))
+            attn = _softmax_keys(scores.view(b, heads, nk, nq), d**-0.5).to(v.dtype)
+            attn = attn.view(b, heads * nk, nq).transpose(1, 2)
         else:
             # Scores key-major, B x (h Nk) x Nq: each head's softmax over its Nk keys then runs over
             # rows of Nq contiguous image tokens (vectorized), not over runs of Nk (~7) floats.
@@ -191,6 +217,21 @@ class Attention(nn.Module):
         scores = (scores + k_bias.view(b, 1, hk)) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
         return scores.view(b, nq, heads, hk // heads).float().softmax(dim=-1).view(b, nq, hk)
+
+
+def pe_apart(keys: torch.Tensor, key_pe: torch.Tensor) -> bool:
+    """Whether attention on ``keys + key_pe`` takes the PE's part apart (``q_pe`` / ``k_pe``):
+    in 16-bit CPU inference on per-prompt image tokens. There the element-wise sum of B x HW x C
+    tokens (6 ms for 8 prompts of vit_b in bf16 on 2 cores) costs more than one GEMM of every
+    prompt's few folded tokens against the shared PE (~1.3 ms); in fp32 it does not pay."""
+    return (
+        keys.shape[0] > 1
+        and key_pe.shape[0] == 1
+        and keys.dtype in (torch.bfloat16, torch.float16)
+        and keys.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not _autocast_on(keys.device.type)
+    )
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -253,6 +294,15 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
+        if pe_apart(keys, key_pe):
+            # 16-bit per-prompt image tokens: the PE's part of the attention as GEMMs, no sum.
+            attn = self.cross_attn_token_to_image(queries + query_pe, keys, keys, k_pe=key_pe)
+            queries = self.norm2(queries + attn)
+            queries = self.norm3(queries + self.mlp(queries))
+            attn = self.cross_attn_image_to_token(
+                keys, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, q_pe=key_pe
+            )
+            return queries, self.norm4(attn)
         if cache is None or keys.shape[0] != 1:
             cache = None
             keys_pe = keys + key_pe
@@ -326,5 +376,8 @@ class TwoWayTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.setdefault(i, {})
             queries, keys = layer(queries, keys, point_embedding, key_pe, own_keys=i > 0, cache=layer_cache)
-        attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+        if pe_apart(keys, key_pe):
+            attn = self.final_attn_token_to_image(queries + point_embedding, keys, keys, k_pe=key_pe)
+        else:
+            attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn), keys
