@@ -418,6 +418,15 @@ def test_decoder_reuses_the_image_work_of_the_previous_call_only_while_it_is_val
     finally:
         with torch.no_grad():
             no_mask.copy_(saved)  # the model is shared by the session's tests
+    # Mask prompts: each call's fresh dense embedding (maybe at a freed one's address) is its own.
+    low_res = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[2][:1]
+    reference = SamPredictor(copy.deepcopy(tiny_model))
+    reference.set_image(image)
+    for scale in (1.0, -3.0, 0.5):
+        kwargs = dict(
+            point_coords=points, point_labels=labels, mask_input=low_res * scale, return_logits=True
+        )
+        np.testing.assert_array_equal(predictor.predict(**kwargs)[0], reference.predict(**kwargs)[0])
     # Another image: its own result.
     predictor.set_image(image[::-1].copy())
     flipped = predictor.predict(point_coords=points, point_labels=labels, return_logits=True)[0]

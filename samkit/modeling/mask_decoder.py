@@ -32,7 +32,7 @@ def cpu_prompt_chunk(bytes_per_prompt: int = 4 << 20) -> int:
 def _image_work_key(
     image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
 ) -> tuple | None:
-    """What the decoder's image-only work depends on besides the embedding tensor's identity; None
+    """What the decoder's image-only work depends on besides its inputs' owners (``_owners``); None
     for inference-mode tensors, which change in place without a version count."""
     if dense.shape[0] > 1 and dense.stride(0) == 0:
         dense = dense[:1]
@@ -44,10 +44,12 @@ def _image_work_key(
     )
 
 
-def _storage_owner(t: torch.Tensor) -> torch.Tensor:
-    """The tensor ``t`` is a view of (or ``t``): while it lives, its memory holds the same data
-    (up to in-place changes, which bump the version counter it shares with its views)."""
-    return t if t._base is None else t._base
+def _owners(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors these are views of (or themselves): while an owner lives, its memory holds the same
+    data up to in-place changes, which bump the version counter it shares with its views. (A fresh
+    tensor, such as a mask prompt's dense embedding, may reuse a freed one's address: only the
+    owner's identity tells them apart.)"""
+    return tuple(t if t._base is None else t._base for t in tensors)
 
 
 class _Decoded(NamedTuple):
@@ -207,11 +209,12 @@ class MaskDecoder(nn.Module):
         times, and each call would otherwise redo the same sums and copies of its 64x64x256 tokens
         (about a millisecond of a one-point call on a 2-core CPU). These tensors depend on no
         decoder weight: the image embedding (a view of the same live tensor, such as the predictor's
-        ``features[:1]``, same memory, unmodified), the image PE and
-        the "no mask" embedding (same memory, unmodified: an optimizer step or a state-dict load
-        bumps their version)."""
+        ``features[:1]``, same memory, unmodified), the image PE and the dense embedding (views of the
+        same live tensors: the "no mask" embedding's weight; a mask prompt's fresh embedding never
+        matches), each unmodified: an optimizer step or a state-dict load bumps their version."""
         kept = self.__dict__.get("_kept_image_work")
-        if kept is None or kept[0]() is not _storage_owner(image_embeddings):
+        owners = _owners(image_embeddings, image_pe, dense)
+        if kept is None or any(ref() is not owner for ref, owner in zip(kept[0], owners)):
             return {}
         key = _image_work_key(image_embeddings, image_pe, dense)
         if key is None or kept[1] != key:
@@ -237,7 +240,8 @@ class MaskDecoder(nn.Module):
         key = _image_work_key(image_embeddings, image_pe, dense)
         if key is None:
             return
-        self.__dict__["_kept_image_work"] = (weakref.ref(_storage_owner(image_embeddings)), key, work)
+        refs = tuple(weakref.ref(owner) for owner in _owners(image_embeddings, image_pe, dense))
+        self.__dict__["_kept_image_work"] = (refs, key, work)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

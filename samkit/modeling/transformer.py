@@ -130,7 +130,9 @@ class Attention(nn.Module):
                 pe_scores = (q_folded.reshape(-1, c) @ k_pe[0].t()).view(b, -1, nk)
                 scores = torch.baddbmm(pe_scores, q_folded, k.transpose(1, 2))
         attn = scores.softmax(dim=-1, dtype=torch.float32)
-        if v.dtype == torch.float32:  # 16-bit GEMMs treat subnormal inputs as zero themselves
+        # Inference only (training keeps its exact computation); 16-bit GEMMs treat subnormal inputs
+        # as zero themselves.
+        if v.dtype == torch.float32 and not torch.is_grad_enabled():
             attn = flush_subnormal_probs(attn)
         attn = attn.to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
@@ -166,10 +168,11 @@ class Attention(nn.Module):
         wo = self.out_proj.weight.view(c, heads, d)
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
         nq = q.shape[1]
-        if q_pe is not None and (torch.is_grad_enabled() or _autocast_on(q.device.type) or q.shape[0] == 1):
+        image_major = torch.is_grad_enabled() or _autocast_on(q.device.type)
+        if q_pe is not None and (image_major or q.shape[0] == 1):
             q, q_pe = q + q_pe, None
-        if _autocast_on(q.device.type):
-            attn = self._image_major_attention(q, k_folded, k_bias)
+        if image_major:
+            attn = self._image_major_attention(q, k_folded, k_bias).to(v.dtype)
         elif q_pe is not None:  # per-prompt image tokens plus the shared PE's part, one GEMM for all
             pe_scores = torch.addmm(k_bias.view(-1, 1), k_folded.reshape(-1, c), q_pe[0].t())
             scores = torch.baddbmm(pe_scores.view(b, -1, nq), k_folded, q.transpose(1, 2))
@@ -205,9 +208,10 @@ class Attention(nn.Module):
     def _image_major_attention(
         self, q: torch.Tensor, k_folded: torch.Tensor, k_bias: torch.Tensor
     ) -> torch.Tensor:
-        """``_many_queries``' attention B x Nq x (h Nk) with image-major scores, under autocast: there the
-        GEMMs run in bf16, and oneDNN rounds a bf16 product by the shape of its operands; in this
-        layout chunks of prompts give one batch's result."""
+        """``_many_queries``' attention B x Nq x (h Nk) with image-major scores, in training (the
+        computation training always had: same models from the same seeds) and under autocast (there
+        the GEMMs run in bf16, and oneDNN rounds a bf16 product by the shape of its operands; in this
+        layout chunks of prompts give one batch's result)."""
         b, hk, c = k_folded.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
         if q.shape[0] == 1 and b > 1:
@@ -216,7 +220,13 @@ class Attention(nn.Module):
             scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
         scores = (scores + k_bias.view(b, 1, hk)) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
-        return scores.view(b, nq, heads, hk // heads).float().softmax(dim=-1).view(b, nq, hk)
+        x = scores.view(b, nq, heads, hk // heads)
+        if torch.is_grad_enabled() and x.requires_grad:
+            attn = x.float().softmax(dim=-1)
+        else:  # over runs of Nk floats the generic kernel is slow on the CPU
+            e = (x.float() - x.amax(dim=-1, keepdim=True).float()).exp_()
+            attn = e.div_(e.sum(dim=-1, keepdim=True))
+        return attn.view(b, nq, hk)
 
 
 def pe_apart(keys: torch.Tensor, key_pe: torch.Tensor) -> bool:
@@ -242,9 +252,8 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _softmax_keys(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(x * scale) over dim 2 (a few keys) of B x h x Nk x Nq scores, in fp32."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return (x.float() * scale).softmax(dim=2)  # the in-place version below is not differentiable
+    """softmax(x * scale) over dim 2 (a few keys) of B x h x Nk x Nq scores, in fp32 (inference:
+    in place, not differentiable)."""
     x = x.float().mul_(scale) if x.dtype == torch.float32 else x.float() * scale
     e = x.sub_(x.amax(dim=2, keepdim=True)).exp_()
     return e.div_(e.sum(dim=2, keepdim=True))
