@@ -463,3 +463,20 @@ def test_bf16_decoder_takes_the_pe_apart_with_the_same_masks(tiny_model, monkeyp
     iou = (a & s).flatten(1).sum(1) / (a | s).flatten(1).sum(1).clamp(min=1)
     assert iou.min() > 0.95, iou
     assert not tr.pe_apart(torch.zeros(2, 4, 8), torch.zeros(1, 4, 8))  # fp32: the sum pays there
+
+
+@pytest.mark.parametrize("grid", [16, 64, 80])
+def test_cpu_mask_upscaling_in_blocks_equals_the_plain_computation(tiny_model, grid):
+    """The CPU inference path of the mask upscaling (blocks of prompts or of rows, mask-major product,
+    reordered in two copies) gives the plain path's fp32 logits bit for bit: several prompts per
+    block (16x16 tokens), one prompt (64x64), rows of one prompt (80x80)."""
+    decoder = tiny_model.mask_decoder
+    torch.manual_seed(grid)
+    src = torch.randn(5, grid * grid, decoder.transformer_dim)
+    hyper = torch.randn(5, 3, decoder.transformer_dim // 8)
+    with torch.no_grad():
+        blocked = decoder._masks_from_tokens(src, hyper, grid, grid)
+    with torch.enable_grad():  # the path training takes: the whole batch at once, as Meta's layout
+        plain = decoder._masks_from_tokens(src, hyper, grid, grid).detach()
+    assert blocked.shape == plain.shape == (5, 3, 4 * grid, 4 * grid)
+    assert torch.equal(blocked, plain)

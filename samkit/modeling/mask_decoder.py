@@ -343,6 +343,8 @@ class MaskDecoder(nn.Module):
         w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, -1)
         w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, -1)
 
+        in_blocks = not torch.is_grad_enabled() and src.device.type == "cpu" and b > 0
+
         def block(x: torch.Tensor, hyper: torch.Tensor, rows: int) -> torch.Tensor:
             n = x.shape[0]
             y = linear_fn(x, w1, conv1.bias.repeat(4)).view(n, rows * w * 4, c1)  # n x (y x i j) x c1
@@ -350,12 +352,19 @@ class MaskDecoder(nn.Module):
             y = linear_fn(y, w2, conv2.bias.repeat(4), "gelu").view(
                 n, rows * w * 16, c2
             )  # n x (y x i j i' j') x c2
-            masks = torch.bmm(y, hyper.transpose(1, 2).to(y.dtype))  # n x (y x i j i' j') x M
             # Output row 4y + 2i + i', column 4x + 2j + j'.
-            return masks.view(n, rows, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
+            if not in_blocks:
+                masks = torch.bmm(y, hyper.transpose(1, 2).to(y.dtype))  # n x (y x i j i' j') x M
+                return masks.view(n, rows, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
+            # Mask-major, and reordered in two copies: one permutation of this 8-d shape runs over
+            # pairs of floats (0.46 ms for 3 masks of 256x256); moving i ahead of x first copies runs
+            # of 8 and leaves the caller's copy runs of 2 along contiguous rows (0.11 ms).
+            masks = torch.bmm(hyper.to(y.dtype), y.transpose(1, 2))  # n x M x (y x i j i' j')
+            masks = masks.view(n, -1, rows, w, 2, 2, 2, 2).transpose(3, 4).contiguous()  # y i x j i' j'
+            return masks.view(n, -1, rows, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7)
 
         m = hyper_in.shape[1]
-        if torch.is_grad_enabled() or src.device.type != "cpu" or b == 0:
+        if not in_blocks:
             return block(src, hyper_in, h).reshape(b, m, 4 * h, 4 * w)
         out = None
         prompts = max(1, _UPSCALE_TOKENS // (h * w))  # small grids: several prompts per block
