@@ -44,6 +44,8 @@ bench: install
 	$(PY) benchmarks/amg.py --model vit_b --trained --rounds 3 --out benchmarks/results/amg_vit_b_trained.json
 	$(PY) benchmarks/amg.py --model vit_b --trained --rounds 2 --tuned-allocator --out benchmarks/results/amg_vit_b_trained_tuned.json
 	$(PY) benchmarks/encoder_memory.py --model vit_b --out benchmarks/results/encoder_memory_vit_b.json
+	$(PY) benchmarks/amg_memory.py --trained --code $$(git rev-parse --short HEAD)
+	$(PY) benchmarks/onnx_cpu.py --model vit_b --rounds 3 --prompt-calls 10 --out benchmarks/results/onnx_cpu_vit_b.json
 	$(PY) benchmarks/loader_epochs.py --rev 4cd648d --out benchmarks/results/loader_epochs.json
 	$(PY) benchmarks/report.py
 

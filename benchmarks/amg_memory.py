@@ -1,14 +1,16 @@
 """Peak memory (RSS) of automatic mask generation on a large image with crop layers.
 
 Each case runs in a fresh child process, which reports its resident set size after building the model
-and reading the image (``base``) and its peak after the run (``peak``, ``ru_maxrss``): ``peak - base``
+and reading the image (``base``) and its peak after the run (``peak``, VmHWM reset at ``base``): ``peak - base``
 is what AMG itself needed. Cases: the generator returning RLEs (the library), the same with
 ``min_mask_region_area`` (hole/island clean-up, which decodes masks), and ``samkit amg`` writing
-Meta's PNG folder with the overlay picture (the command line). The model is vit_tiny with random
-weights and the filters relaxed (``pred_iou_thresh 0, stability_score_thresh 0, box_nms_thresh 1``),
-so that most candidate masks survive: memory that grows with the number of masks x H x W shows.
+Meta's PNG folder with the overlay picture (the command line). The filters are relaxed
+(``pred_iou_thresh 0, stability_score_thresh 0, box_nms_thresh 1``) so that most candidate masks
+survive: memory that grows with the number of masks x H x W shows. The model: vit_tiny with random
+weights (which keep almost no masks), ``--checkpoint`` vit_tiny weights, or ``--trained``: vit_b with
+the briefly trained benchmark decoder (what ``make bench`` runs; a few hundred records).
 
-    python benchmarks/amg_memory.py                       # 4000x3000, crop_n_layers 1, 8x8 points
+    python benchmarks/amg_memory.py --trained             # 4000x3000, crop_n_layers 1, 8x8 points
     python benchmarks/amg_memory.py --width 2000 --height 1500 --tag small
 
 Writes ``benchmarks/results/amg_memory[_TAG].json``.
@@ -31,16 +33,29 @@ RESULTS = os.path.join(HERE, "results")
 CASES = ("generator_rle", "generator_min_region", "cli_png_overlay")
 
 
-def rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def rss_mib() -> float:
+    """The resident set now; also restarts the peak (VmHWM) from here where Linux allows it, so that
+    loading the model (vit_b: its state dict and its parameters at once) does not hide AMG's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mib("VmRSS")
+
+
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The peak resident set since ``rss_mib`` (or since the start where it could not be reset)."""
+    peak = _status_mib("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_image(width: int, height: int, seed: int = 0):
@@ -79,8 +94,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         crop_n_layers=args.crop_n_layers,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
+        checkpoint, model_type = args.checkpoint, "vit_tiny"
+        if args.trained:
+            from trained_decoder import trained_state
+
+            checkpoint, model_type = os.path.join(tmp, "vit_b_trained.pth"), "vit_b"
+            torch.save(trained_state(verbose=False)[0], checkpoint)
+        elif checkpoint is None:
             checkpoint = os.path.join(tmp, "tiny.pth")
             torch.save(build_model("vit_tiny").state_dict(), checkpoint)
         if args.case == "cli_png_overlay":
@@ -99,14 +119,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             base = rss_mib()
             start = time.perf_counter()
             argv = ["amg", "--input", folder, "--output", os.path.join(tmp, "out"), "--overlay"]
-            rc = main([*argv, "--model-type", "vit_tiny", "--checkpoint", checkpoint, *flags])
+            rc = main([*argv, "--model-type", model_type, "--checkpoint", checkpoint, *flags])
             seconds = time.perf_counter() - start
             out = os.path.join(tmp, "out", "big")
             records = len([n for n in os.listdir(out) if n.endswith(".png")]) if rc == 0 else -1
         else:
             from samkit.amg import SamAutomaticMaskGenerator
 
-            model = build_model("vit_tiny", checkpoint).eval()
+            model = build_model(model_type, checkpoint).eval()
             if args.case == "generator_min_region":
                 settings["min_mask_region_area"] = 400
             generator = SamAutomaticMaskGenerator(model, output_mode="uncompressed_rle", **settings)
@@ -142,6 +162,12 @@ def main() -> None:
         help="vit_tiny weights (default: random). The tests' shapes-trained vit_tiny "
         "(.pytest_cache/d/samkit-trained-models/shapes_model/*/model.pt) keeps many more masks",
     )
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="vit_b with the briefly trained benchmark decoder (benchmarks/trained_decoder.py, cached): "
+        "random weights keep almost no masks, so memory that grows with the masks would not show",
+    )
     parser.add_argument("--code", help="what code was measured (e.g. a commit), recorded in the results")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # the child's case
     args = parser.parse_args()
@@ -156,7 +182,7 @@ def main() -> None:
         command = [
             sys.executable, __file__, "--case", case, "--width", str(args.width), "--height", str(args.height),
             "--points-per-side", str(args.points_per_side), "--crop-n-layers", str(args.crop_n_layers),
-        ] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])  # fmt: skip
+        ] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) + (["--trained"] if args.trained else [])  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{case} failed:\n{done.stderr[-3000:]}")
@@ -173,7 +199,11 @@ def main() -> None:
         "image": f"{args.width}x{args.height}",
         "points_per_side": args.points_per_side,
         "crop_n_layers": args.crop_n_layers,
-        "model": f"vit_tiny, {'weights ' + args.checkpoint if args.checkpoint else 'random weights'}, filters relaxed",
+        "model": (
+            "vit_b, briefly trained decoder (benchmarks/trained_decoder.py), filters relaxed"
+            if args.trained
+            else f"vit_tiny, {'weights ' + args.checkpoint if args.checkpoint else 'random weights'}, filters relaxed"
+        ),
         "code": args.code or "",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
