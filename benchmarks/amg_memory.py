@@ -114,13 +114,24 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             del image
             flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
             import samkit.amg  # noqa: F401  (imports done before the baseline)
-            import samkit.commands.amg  # noqa: F401
+            import samkit.commands.amg as amg_command
 
-            base = rss_mib()
+            build = amg_command._build_generator
+            measured: dict[str, float] = {}
+
+            def built(*a: Any, **k: Any) -> Any:
+                # The command loads the model itself: the baseline is taken once it has (vit_b's
+                # weights would otherwise count as AMG's memory).
+                generator = build(*a, **k)
+                measured["base"] = rss_mib()
+                return generator
+
+            amg_command._build_generator = built
             start = time.perf_counter()
             argv = ["amg", "--input", folder, "--output", os.path.join(tmp, "out"), "--overlay"]
             rc = main([*argv, "--model-type", model_type, "--checkpoint", checkpoint, *flags])
             seconds = time.perf_counter() - start
+            base = measured.get("base", float("nan"))
             out = os.path.join(tmp, "out", "big")
             records = len([n for n in os.listdir(out) if n.endswith(".png")]) if rc == 0 else -1
         else:
