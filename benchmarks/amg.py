@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--note", help="a remark kept with the results (e.g. the state of a shared machine)")
     add_common_flags(parser)
     args = parser.parse_args(argv)
     apply_common_flags(args)
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "image": f"skimage.data.coffee() {image.shape[0]}x{image.shape[1]}",
         "generator_kwargs": kwargs,
         "rounds": args.rounds,
+        **({"note": args.note} if args.note else {}),
         "median_s": med,
         "speedup": med["meta"] / med["samkit"],
         "records": {"meta": len(ref), "samkit": len(got)},

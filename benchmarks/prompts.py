@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="samkit's dtype")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--note", help="a remark kept with the results (e.g. the state of a shared machine)")
     add_common_flags(parser)
     args = parser.parse_args(argv)
     apply_common_flags(args)
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "point": point[0].tolist(),
         "boxes": len(boxes),
         "rounds": args.rounds,
+        **({"note": args.note} if args.note else {}),
         "set_image_s": set_image_s,
         "median_ms": med_ms,
         "speedup_vs_meta": speedup,

@@ -237,6 +237,8 @@ def prompts() -> list[str]:
                 for t, v in r["bf16_mask_iou_vs_fp32"].items()
             )
             lines.append(f"samkit bf16 mask IoU against samkit fp32: {ious}.")
+        if r.get("note"):
+            lines.append(f"Note: {r['note']}")
         lines.append("")
     return lines
 
@@ -427,7 +429,9 @@ def memory() -> list[str]:
             continue
         lines += [
             f"AMG on a {r['image']} image, crop_n_layers {r['crop_n_layers']}, {r['points_per_side']}x"
-            f"{r['points_per_side']} points, {r['model']} ({name}; code {r['code']}; {r.get('machine_note', '')}):",
+            f"{r['points_per_side']} points, {r['model']} ({name}; code {r['code']}"
+            + (f"; {r['machine_note']}" if r.get("machine_note") else "")
+            + "):",
             "",
             "| case | records | peak RSS growth MiB | one full-resolution mask MiB |",
             "|---|---|---|---|",
