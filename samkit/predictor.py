@@ -248,9 +248,8 @@ class SamPredictor:
             features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
         )
         low_res, iou = low_res.float(), iou.float()
-        masks = upscale_masks(low_res, model.image_encoder.img_size, input_size, original_size)
-        if not return_logits:
-            masks = masks > model.mask_threshold
+        threshold = None if return_logits else model.mask_threshold
+        masks = upscale_masks(low_res, model.image_encoder.img_size, input_size, original_size, threshold)
         return masks, iou, low_res
 
     def _prompt_tensors(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import subprocess
@@ -220,6 +221,47 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
         # Other batch shapes may take other GEMM kernels (another summation order): ~1e-4 on logits.
         torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
         torch.testing.assert_close(a, torch.cat(c), atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunks_write_image_tokens_to_two_reused_buffers_with_the_same_values(
+    tiny_model, monkeypatch, dtype
+):
+    """CPU inference in chunks writes the per-prompt image tokens (PE sums, residual sums, layer
+    norms in place) to at most two buffers reused by every chunk: bit for bit the result of fresh
+    tensors everywhere, with the last, smaller chunk in views of the buffers."""
+    import samkit.modeling.mask_decoder as md
+    import samkit.modeling.transformer as tr
+
+    model = copy.deepcopy(tiny_model).to(dtype)
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64, dtype=dtype)
+    points = torch.rand(11, 1, 2) * 1000
+    labels = torch.ones(11, 1, dtype=torch.int)
+    pe = model.prompt_encoder.get_dense_pe()
+    monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 4)  # 4 + 4 + 3
+    made = []
+    real_buffer = tr._Workspace.buffer
+
+    def counted(self, like, batch, *live):
+        out = real_buffer(self, like, batch, *live)
+        made.append(out.untyped_storage().data_ptr())
+        return out
+
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder((points, labels), None, None)
+        monkeypatch.setattr(tr._Workspace, "buffer", counted)
+        reused = model.mask_decoder(embedding, pe, sparse, dense, True)
+        monkeypatch.setattr(
+            tr._Workspace, "buffer", lambda self, like, batch, *live: like.new_empty(batch, *like.shape[1:])
+        )
+        monkeypatch.setattr(tr, "_norm", lambda x, norm, work: norm(x))
+        fresh = model.mask_decoder(embedding, pe, sparse, dense, True)
+    # fp32: the first residual sum and the PE sums (9 results, 2 buffers); bf16 takes the PE apart
+    # (the first residual sum only, 1 buffer).
+    assert (len(made), len(set(made))) == ((9, 2) if dtype == torch.float32 else (3, 1))
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)
 
 
 def test_cpu_inference_in_chunks_runs_under_bf16_autocast(tiny_model, monkeypatch):

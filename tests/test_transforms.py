@@ -47,6 +47,25 @@ def test_upscale_masks_equals_interpolate_crop_interpolate(original):
     assert ((got > 0) == (ref > 0)).float().mean() > 0.9999
 
 
+@pytest.mark.parametrize("count", [1, 3, 13])
+def test_upscale_masks_in_groups_and_thresholded_equal_the_one_pass_logits(count, monkeypatch):
+    """Outside autograd the masks go through in groups (buffers reused): the logits equal the
+    autograd path's (one pass over all masks) bit for bit, and ``threshold`` gives exactly
+    ``logits > threshold``, for counts that do and do not fill the last group."""
+    import samkit.utils.transforms as transforms
+
+    monkeypatch.setattr(transforms, "_UPSCALE_GROUP_BYTES", 5 * 427 * 256 * 4)  # 5 masks a group
+    low = torch.randn(count, 256, 256, generator=torch.Generator().manual_seed(count)) * 5
+    input_size, original = (683, 1024), (427, 640)
+    one_pass = upscale_masks(low.clone().requires_grad_(), 1024, input_size, original).detach()
+    grouped = upscale_masks(low, 1024, input_size, original)
+    assert torch.equal(grouped, one_pass)
+    for t in (0.0, 1.5):
+        masks = upscale_masks(low, 1024, input_size, original, threshold=t)
+        assert masks.dtype == torch.bool and torch.equal(masks, one_pass > t)
+    assert upscale_masks(low[None], 1024, input_size, original, threshold=0.0).shape == (1, count, *original)
+
+
 def test_image_conversion_rules():
     rgb = np.random.default_rng(0).integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
     assert np.array_equal(to_rgb_uint8(rgb), rgb)

@@ -175,7 +175,10 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
     ) -> Iterator[_Decoded]:
-        """The transformer's outputs for all prompts, in chunks of prompts on the CPU (inference)."""
+        """The transformer's outputs for all prompts, in chunks of prompts on the CPU (inference).
+
+        A chunk's image tokens live in buffers that the next chunk overwrites (the transformer's
+        ``_Workspace``): a caller is done with one chunk before it asks for the next."""
         b = sparse_prompt_embeddings.shape[0]
         _, c, h, w = image_embeddings.shape
         chunk = cpu_prompt_chunk(c * h * w * self.mask_tokens.weight.element_size())

@@ -41,6 +41,7 @@ class Attention(nn.Module):
         kv_cache: dict | None = None,
         q_pe: torch.Tensor | None = None,
         k_pe: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: BxNqxC, k and v: BxNkxC -> BxNqxC, plus ``residual`` (BxNqxC or 1xNqxC) when given.
         ``q_pe`` / ``k_pe`` (1xNxC): the queries / keys are ``q + q_pe`` / ``k + k_pe`` (see
@@ -49,7 +50,8 @@ class Attention(nn.Module):
         A batch of 1 broadcasts against B. ``reuse_residual``: the caller no longer needs
         ``residual``, so in inference its memory may hold the result (one B x Nq x C pass less).
         ``kv_cache``: a dict that holds this k and v's projections across calls with the same k and v
-        (the decoder's chunks of prompts on one image); empty at first.
+        (the decoder's chunks of prompts on one image); empty at first. ``out``: a BxNqxC tensor the
+        result may be written to (inference with a shared residual; see ``_Workspace``).
 
         Between a few prompt tokens and thousands of image tokens the image side is never projected
         per prompt: the projections are folded into the few tokens instead (same function, about half
@@ -61,7 +63,7 @@ class Attention(nn.Module):
         if folds and k.shape[1] > q.shape[1] and bk == bq and q_pe is None:
             return self._few_queries(q, k, v, residual, k_pe)
         if folds and q.shape[1] > k.shape[1] and bq in (1, bk) and k_pe is None:
-            return self._many_queries(q, k, v, residual, reuse_residual, q_pe)
+            return self._many_queries(q, k, v, residual, reuse_residual, q_pe, out)
         q = q if q_pe is None else q + q_pe
         k = k if k_pe is None else k + k_pe
         # q before k and v, as always: the order the graph is built in fixes the order in which
@@ -149,6 +151,7 @@ class Attention(nn.Module):
         residual: torch.Tensor | None = None,
         reuse_residual: bool = False,
         q_pe: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Many image tokens (shared, batch 1, or per prompt) attend to each prompt's few tokens.
 
@@ -203,6 +206,8 @@ class Attention(nn.Module):
             and not _autocast_on(residual.device.type)
         ):
             return residual.baddbmm_(attn, v_folded)
+        if out is not None and same_dtype and not _autocast_on(residual.device.type):
+            return torch.baddbmm(residual, attn, v_folded, out=out[:b])
         return torch.baddbmm(residual, attn, v_folded)
 
     def _image_major_attention(
@@ -251,6 +256,62 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+class _Workspace:
+    """The B x HW x C buffers that per-prompt image tokens are written to in one decoder call's CPU
+    inference, reused by every chunk of prompts (the sums with the PE and the first residual sum;
+    the layer norms then run in place, see ``_norm``).
+
+    Each chunk otherwise allocates five such tensors (16 MiB for 4 prompts in fp32) and frees them;
+    glibc's default allocator hands the freed top of its heap back to the system and the next chunk
+    faults every page in again (64 boxes in fp32: 70 000 page faults a call). A result is written
+    to a buffer that holds none of the tensors still in use; the chunk's final image tokens stay in
+    theirs until the next chunk starts, so a caller finishes with one chunk's outputs (the masks are
+    computed from them) before asking for the next.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def buffer(self, like: torch.Tensor, batch: int, *live: torch.Tensor) -> torch.Tensor:
+        """A ``batch`` x like.shape[1:] tensor of ``like``'s dtype and device sharing no memory with ``live``."""
+        taken = {t.untyped_storage().data_ptr() for t in live}
+        for buf in self._buffers:
+            if (
+                buf.shape[0] >= batch
+                and buf.shape[1:] == like.shape[1:]
+                and buf.dtype == like.dtype
+                and buf.device == like.device
+                and buf.untyped_storage().data_ptr() not in taken
+            ):
+                return buf[:batch]
+        buf = like.new_empty((batch, *like.shape[1:]))
+        self._buffers.append(buf)
+        return buf
+
+
+def _add(keys: torch.Tensor, key_pe: torch.Tensor, work: _Workspace | None) -> torch.Tensor:
+    """``keys + key_pe``, into a workspace buffer when there is one."""
+    if work is None or keys.dtype != key_pe.dtype:
+        return keys + key_pe
+    return torch.add(keys, key_pe, out=work.buffer(keys, keys.shape[0], keys))
+
+
+def _norm(x: torch.Tensor, norm: nn.LayerNorm, work: _Workspace | None) -> torch.Tensor:
+    """``norm(x)``; with a workspace in place, over blocks of rows: each block's result is copied
+    back while it is in the cache (no kernel writes a layer norm into a given tensor, and a new
+    B x HW x C result would be a fresh allocation per chunk). Same kernel, same values."""
+    if work is None or not x.is_contiguous():
+        return norm(x)
+    flat = x.view(-1, x.shape[-1])
+    for r0 in range(0, flat.shape[0], _NORM_ROWS):
+        block = flat[r0 : r0 + _NORM_ROWS]
+        block.copy_(F.layer_norm(block, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+    return x
+
+
+_NORM_ROWS = 1024  # rows per block of _norm's in-place layer norm (1 MiB of vit_b's tokens in fp32)
+
+
 def _softmax_keys(x: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(x * scale) over dim 2 (a few keys) of B x h x Nk x Nq scores, in fp32 (inference:
     in place, not differentiable)."""
@@ -291,10 +352,12 @@ class TwoWayAttentionBlock(nn.Module):
         *,
         own_keys: bool = False,
         cache: dict | None = None,
+        work: _Workspace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``own_keys``: ``keys`` is the previous block's output, free to be overwritten in inference.
         ``cache``: a dict kept across calls on the same image (chunks of prompts): with one image
-        for all prompts (keys of batch 1) the image side's sums and projections are computed once."""
+        for all prompts (keys of batch 1) the image side's sums and projections are computed once.
+        ``work``: where per-prompt image tokens are written (CPU inference on chunks of prompts)."""
         if self.skip_first_layer_pe:
             # The first layer's tokens already are the prompt embeddings: no residual, no PE.
             queries = self.self_attn(queries, queries, queries)
@@ -311,10 +374,10 @@ class TwoWayAttentionBlock(nn.Module):
             attn = self.cross_attn_image_to_token(
                 keys, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, q_pe=key_pe
             )
-            return queries, self.norm4(attn)
+            return queries, _norm(attn, self.norm4, work)
         if cache is None or keys.shape[0] != 1:
             cache = None
-            keys_pe = keys + key_pe
+            keys_pe = _add(keys, key_pe, work)
         elif "keys_pe" in cache:
             keys_pe = cache["keys_pe"]
         else:
@@ -322,11 +385,13 @@ class TwoWayAttentionBlock(nn.Module):
         attn = self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys, kv_cache=cache)
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
+        # A shared (batch 1) residual: the per-prompt sum goes to a workspace buffer.
+        b = queries.shape[0]
+        out = work.buffer(keys, b, keys, keys_pe) if work is not None and keys.shape[0] == 1 < b else None
         attn = self.cross_attn_image_to_token(
-            keys_pe, queries + query_pe, queries, residual=keys, reuse_residual=own_keys
+            keys_pe, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, out=out
         )
-        keys = self.norm4(attn)
-        return queries, keys
+        return queries, _norm(attn, self.norm4, work)
 
 
 class TwoWayTransformer(nn.Module):
@@ -382,11 +447,22 @@ class TwoWayTransformer(nn.Module):
             if cache is not None:
                 cache["keys"], cache["key_pe"] = keys, key_pe
         queries = point_embedding
+        work = None
+        if (
+            cache is not None
+            and queries.shape[0] > 1
+            and keys.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not _autocast_on("cpu")
+        ):
+            work = cache.setdefault("workspace", _Workspace())
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.setdefault(i, {})
-            queries, keys = layer(queries, keys, point_embedding, key_pe, own_keys=i > 0, cache=layer_cache)
+            queries, keys = layer(
+                queries, keys, point_embedding, key_pe, own_keys=i > 0, cache=layer_cache, work=work
+            )
         if pe_apart(keys, key_pe):
             attn = self.final_attn_token_to_image(queries + point_embedding, keys, keys, k_pe=key_pe)
         else:
-            attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+            attn = self.final_attn_token_to_image(queries + point_embedding, _add(keys, key_pe, work), keys)
         return self.norm_final_attn(queries + attn), keys
