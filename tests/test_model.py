@@ -240,6 +240,7 @@ def test_cpu_chunks_write_image_tokens_to_two_reused_buffers_with_the_same_value
     labels = torch.ones(11, 1, dtype=torch.int)
     pe = model.prompt_encoder.get_dense_pe()
     monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 4)  # 4 + 4 + 3
+    monkeypatch.setattr(tr, "allocator_tuned", lambda: False)  # (a tuned allocator needs no workspace)
     made = []
     real_buffer = tr._Workspace.buffer
 

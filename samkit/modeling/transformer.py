@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.allocator import allocator_tuned
 from .common import MLPBlock, flush_subnormal_probs
 
 
@@ -263,7 +264,9 @@ class _Workspace:
 
     Each chunk otherwise allocates five such tensors (16 MiB for 4 prompts in fp32) and frees them;
     glibc's default allocator hands the freed top of its heap back to the system and the next chunk
-    faults every page in again (64 boxes in fp32: 70 000 page faults a call). A result is written
+    faults every page in again (64 boxes in fp32: 70 000 page faults a call). With the allocator
+    tuned (utils/allocator.py) freed memory is reused as it is, and the plain ops run (in AMG's
+    chunks of 16 prompts the row-blocked layer norms cost more than they save there). A result is written
     to a buffer that holds none of the tensors still in use; the chunk's final image tokens stay in
     theirs until the next chunk starts, so a caller finishes with one chunk's outputs (the masks are
     computed from them) before asking for the next.
@@ -450,6 +453,7 @@ class TwoWayTransformer(nn.Module):
         work = None
         if (
             cache is not None
+            and not allocator_tuned()  # (a tuned allocator reuses freed memory without faults)
             and queries.shape[0] > 1
             and keys.device.type == "cpu"
             and not torch.is_grad_enabled()
