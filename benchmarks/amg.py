@@ -28,6 +28,7 @@ import torch
 from common import (
     add_common_flags,
     apply_common_flags,
+    host_speed,
     machine,
     samkit_sam,
     shared_random_weights,
@@ -197,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     ours.mask_decoder.forward_above_iou = counting
     times: dict[str, list[float]] = {k: [] for k in generators}
     records: dict[str, list[dict]] = {}
+    gauge_before = host_speed()
     for _ in range(args.rounds):
         for name, gen in generators.items():
             start = time.perf_counter()
             records[name] = gen.generate(image)
             times[name].append(time.perf_counter() - start)
+    gauge_after = host_speed()
     med = {k: statistics.median(v) for k, v in times.items()}
     ref, got = records["meta"], records["samkit"]
     identical = sum(np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(ref, got))
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "generator_kwargs": kwargs,
         "rounds": args.rounds,
         **({"note": args.note} if args.note else {}),
+        "host_speed": {"before": gauge_before, "after": gauge_after},
         "median_s": med,
         "speedup": med["meta"] / med["samkit"],
         "records": {"meta": len(ref), "samkit": len(got)},

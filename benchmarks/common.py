@@ -55,6 +55,36 @@ def machine() -> str:
     )
 
 
+def host_speed() -> dict[str, float]:
+    """A gauge of how fast this shared host runs right now (about half a second): fp32 and bf16
+    GEMM throughput (1024^3, GFLOP/s) and memory copy bandwidth (64 MiB, GB/s read + write), medians
+    of short repeats. Benchmarks record it before and after their rounds: absolute times from runs
+    whose gauges differ are not comparable (the same code ran 15-30% slower on this machine from one
+    hour to the next), ratios within one run are."""
+    import statistics
+    import time
+
+    def median_s(fn, repeats: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    gauge = {}
+    for dtype, key in ((torch.float32, "fp32_gemm_gflops"), (torch.bfloat16, "bf16_gemm_gflops")):
+        a = torch.randn(1024, 1024).to(dtype)
+        b = torch.randn(1024, 1024).to(dtype)
+        gauge[key] = round(2 * 1024**3 / median_s(lambda a=a, b=b: a @ b, 15) / 1e9, 1)
+    src = torch.empty(16 << 20)  # 64 MiB of fp32
+    dst = torch.empty_like(src)
+    src.fill_(1.0)
+    gauge["copy_gb_s"] = round(2 * src.numel() * 4 / median_s(lambda: dst.copy_(src), 10) / 1e9, 1)
+    return gauge
+
+
 def meta_sam(name: str):
     """Meta's ``segment_anything`` Sam of the given size (random init, eval mode)."""
     from segment_anything.build_sam import _build_sam

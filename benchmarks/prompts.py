@@ -29,11 +29,13 @@ import torch
 from common import (
     add_common_flags,
     apply_common_flags,
+    host_speed,
     machine,
     samkit_sam,
     shared_random_weights,
     write_result,
 )
+from report import host_speed_text
 
 from samkit import SamPredictor
 from samkit.build import ENCODER_CONFIGS
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return masks
 
     tasks = {"one_point": one_point, "boxes_64": many_boxes}
+    gauge_before = host_speed()
     times: dict[str, dict[str, list[float]]] = {t: {k: [] for k in predictors} for t in tasks}
     masks: dict[str, dict[str, np.ndarray]] = {t: {} for t in tasks}
     for task, fn in tasks.items():
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[task][name].append(elapsed)
                 masks[task][name] = np.asarray(out.cpu() if torch.is_tensor(out) else out)
 
+    gauge_after = host_speed()
     med_ms = {t: {k: 1000 * statistics.median(v) for k, v in times[t].items()} for t in tasks}
     speedup = {t: {k: med_ms[t]["meta fp32"] / v for k, v in med_ms[t].items()} for t in tasks}
     agreement = {
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "boxes": len(boxes),
         "rounds": args.rounds,
         **({"note": args.note} if args.note else {}),
+        "host_speed": {"before": gauge_before, "after": gauge_after},
         "set_image_s": set_image_s,
         "median_ms": med_ms,
         "speedup_vs_meta": speedup,
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f"; bf16 IoU vs fp32: mean {bf16_iou[t]['mean']:.4f}, min {bf16_iou[t]['min']:.4f}"
         print(line)
     print("  set_image (once each): " + ", ".join(f"{k} {v:.2f} s" for k, v in set_image_s.items()))
+    print("  host gauge before / after the rounds: " + host_speed_text(gauge_before, gauge_after))
     write_result(args.out, result)
     return 0
 

@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
 
+def host_speed_text(before: dict[str, float], after: dict[str, float]) -> str:
+    """The gauges of ``host_speed`` before / after a benchmark's rounds, in words."""
+    parts = [("fp32 GEMM", "fp32_gemm_gflops", "GFLOP/s"), ("bf16 GEMM", "bf16_gemm_gflops", "GFLOP/s"),
+             ("copy", "copy_gb_s", "GB/s")]  # fmt: skip
+    return ", ".join(f"{name} {before[k]:g} / {after[k]:g} {unit}" for name, k, unit in parts)
+
+
 def _identical(result: dict) -> str:
     """ ", N identical" from an AMG result's record matching (same point, IoU, mask, box, area, stability)."""
     matched = result.get("identical_records")
@@ -155,6 +162,12 @@ def amg() -> list[str]:
             f"{r['identical_segmentations']} | {upscaled} |"
         )
     lines += [f"- {name}: {r['note']}" for name, r in runs if r.get("note")]
+    lines += [
+        f"- {name}: host gauge before / after the rounds: "
+        + host_speed_text(r["host_speed"]["before"], r["host_speed"]["after"])
+        for name, r in runs
+        if r.get("host_speed")
+    ]
     # Rows may come from different machines (re-run on another CPU): name each machine with its files.
     by_machine: dict[str, list[str]] = {}
     for name, r in runs:
@@ -237,6 +250,11 @@ def prompts() -> list[str]:
                 for t, v in r["bf16_mask_iou_vs_fp32"].items()
             )
             lines.append(f"samkit bf16 mask IoU against samkit fp32: {ious}.")
+        if r.get("host_speed"):
+            gauge = host_speed_text(r["host_speed"]["before"], r["host_speed"]["after"])
+            lines.append(
+                f"Host gauge before / after the rounds (`benchmarks/common.py` host_speed): {gauge}."
+            )
         if r.get("note"):
             lines.append(f"Note: {r['note']}")
         lines.append("")
