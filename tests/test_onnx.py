@@ -131,6 +131,7 @@ def test_meta_notebook_decoder_call(exported, model):
 @pytest.mark.parametrize("extra_metrics", [False, True])
 def test_meta_export_script_interface(tmp_path, model, extra_metrics):
     """What Meta's scripts/export_onnx_model.py does, with SamOnnxModel imported from samkit."""
+    torch.manual_seed(1)
     onnx_model = SamOnnxModel(model=model, return_single_mask=True, use_stability_score=extra_metrics,
                               return_extra_metrics=extra_metrics)  # fmt: skip
     embed_size = model.prompt_encoder.image_embedding_size
@@ -165,7 +166,11 @@ def test_meta_export_script_interface(tmp_path, model, extra_metrics):
     expected = onnx_model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     assert outputs["masks"].shape == (1, 1, 300, 200) and outputs["low_res_masks"].shape == (1, 1, 256, 256)
     for name, ref in zip(names, expected):
-        np.testing.assert_allclose(outputs[name], ref.numpy(), atol=2e-3, err_msg=name)
+        if name == "areas":  # a pixel count: pixels whose logit lies within rounding of 0 may flip
+            borderline = int((expected[0].abs() < 1e-4).sum())
+            assert abs(int(outputs[name].sum()) - int(ref.sum())) <= borderline, (outputs[name], ref, borderline)
+        else:
+            np.testing.assert_allclose(outputs[name], ref.numpy(), atol=2e-3, err_msg=name)
 
 
 def test_onnx_predictor_batch_and_preprocess_encoder(tmp_path, exported, model):
