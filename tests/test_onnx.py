@@ -168,7 +168,11 @@ def test_meta_export_script_interface(tmp_path, model, extra_metrics):
     for name, ref in zip(names, expected):
         if name == "areas":  # a pixel count: pixels whose logit lies within rounding of 0 may flip
             borderline = int((expected[0].abs() < 1e-4).sum())
-            assert abs(int(outputs[name].sum()) - int(ref.sum())) <= borderline, (outputs[name], ref, borderline)
+            assert abs(int(outputs[name].sum()) - int(ref.sum())) <= borderline, (
+                outputs[name],
+                ref,
+                borderline,
+            )
         else:
             np.testing.assert_allclose(outputs[name], ref.numpy(), atol=2e-3, err_msg=name)
 
