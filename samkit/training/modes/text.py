@@ -39,7 +39,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 from ..metrics import MiouAccumulator
 from .base import Prediction, PromptMode, Session, TrainBatch, score_objects
@@ -236,6 +235,7 @@ class TextPrompts(PromptMode):
         mean = torch.tensor(self.sam._mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.sam._std, device=device).view(1, 3, 1, 1)
         pixels = (images.float() * std + mean) / 255.0  # the model input back to RGB in [0, 1]
+        from torchvision.ops import roi_align  # here: importing torchvision costs every run ~1.5 s
         crops = roi_align(pixels, rois, out, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         mask_rois = rois.clone()
         mask_rois[:, 0] = torch.arange(len(rois), device=device, dtype=torch.float32)
