@@ -75,6 +75,25 @@ def tiny_checkpoint(tmp_path_factory, tiny_model) -> str:
     return str(path)
 
 
+SMALL_FRAME = 256
+
+
+@pytest.fixture(scope="session")
+def small_frame_checkpoint(tmp_path_factory) -> str:
+    """A random vit_tiny built for 256x256 inputs (configs add ``model.image_size: SMALL_FRAME``).
+
+    For tests of training mechanics (resume, several processes), which need no learned behaviour:
+    16x fewer pixels than SAM's 1024 frame per image, per mask and per loss (a 3-step point-mode run
+    15 -> 5 s on 2 cores). The learning tests keep the 1024 frame.
+    """
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", image_size=SMALL_FRAME)
+    model.load_state_dict(perturbed_state(model.state_dict(), seed=0))
+    path = tmp_path_factory.mktemp("ckpt256") / "sam_vit_tiny_256.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def shapes_model(request):
     """(samkit model, Meta model) holding a vit_tiny trained on generated shapes (tests/shapes.py).

@@ -33,6 +33,7 @@ from samkit.training.modes.point import (
 from samkit.training.modes.point_eval import interior_point, next_click
 from samkit.training.train import train
 
+from .conftest import SMALL_FRAME
 from .datagen import make_coco_dataset
 from .test_train import (
     CLI_ENV,
@@ -332,15 +333,15 @@ def test_point_fine_tuning_lifts_click_miou_and_lowers_noc(shapes_model, tmp_pat
 EPOCHS = 6
 
 
-def test_point_resume_is_bit_identical_and_two_processes_equal_one(tiny_checkpoint, tmp_path):
+def test_point_resume_is_bit_identical_and_two_processes_equal_one(small_frame_checkpoint, tmp_path):
     """Point mode (3 rounds, mixed first prompt, a random mask-only round): SIGKILL after the first
     checkpoint + resume=auto gives the same weights and losses as an uninterrupted run; torchrun with
     2 gloo processes (1 image each) gives what one process with both images gives; so does eval."""
     train_dir, train_json = make_coco_dataset(tmp_path / "train", num_images=8, seed=1)
     val_dir, val_json = make_coco_dataset(tmp_path / "val", num_images=3, seed=2, split="val")
     data = {"train": (str(train_dir), str(train_json)), "val": (str(val_dir), str(val_json))}
-    base = point_config(data, tmp_path / "whole", tiny_checkpoint, epochs=1, batch_size=2, save_every_steps=1,
-                        **{"optimizer.eps": 1e-3})  # fmt: skip
+    base = point_config(data, tmp_path / "whole", small_frame_checkpoint, epochs=1, batch_size=2, save_every_steps=1,
+                        **{"optimizer.eps": 1e-3, "model.image_size": SMALL_FRAME})  # fmt: skip
     whole = run_cli([sys.executable, "train.py", "-c", write_config(tmp_path, base, "whole.yaml")])
     assert whole.returncode == 0, whole.stderr[-2000:]
     steps = len(losses_of(tmp_path / "whole"))
@@ -381,9 +382,10 @@ def test_point_resume_is_bit_identical_and_two_processes_equal_one(tiny_checkpoi
         assert r1[key] == pytest.approx(r2[key], abs=1e-9), key
 
 
-def test_seed_point_recipe_runs_on_preprocessed_flare(tiny_checkpoint, tmp_path):
+def test_seed_point_recipe_runs_on_preprocessed_flare(small_frame_checkpoint, tmp_path):
     """The seed's point command: NIfTI -> scripts/preprocess_CT_MR_dataset.py -> train.py -c
-    configs/sa1b_point_finetune.yaml (paths and a small model by -o) -> eval.py -o eval_prompt=point."""
+    configs/sa1b_point_finetune.yaml (paths and a small model, vit_tiny at a 256 frame, by -o) ->
+    eval.py -o eval_prompt=point."""
     from .nifti_gen import make_flare_nifti
 
     raw = make_flare_nifti(tmp_path / "FLARE22Train", num_cases=5, shape=(48, 48, 11))
@@ -392,7 +394,8 @@ def test_seed_point_recipe_runs_on_preprocessed_flare(tiny_checkpoint, tmp_path)
                     "--output-dir", str(out), "--no-progress"])  # fmt: skip
     assert prep.returncode == 0, prep.stderr
     overrides = [
-        "model.type=vit_tiny", f"model.checkpoint={tiny_checkpoint}", f"train_data.data_dir={out / 'train'}",
+        "model.type=vit_tiny", f"model.checkpoint={small_frame_checkpoint}", f"model.image_size={SMALL_FRAME}",
+        f"train_data.data_dir={out / 'train'}",
         f"eval_data.data_dir={out / 'val'}", f"work_dir={tmp_path / 'run'}", "train_data.num_workers=0",
         "eval_data.num_workers=0", "train_data.max_images=2", "eval_data.max_images=1", "train_data.max_objects=2",
         "eval_data.max_objects=2", "epochs=1", "batch_size=1", "progress=false", "log_every=1",

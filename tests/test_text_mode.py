@@ -211,7 +211,7 @@ def text_coco(tmp_path_factory):
     return str(train_dir), str(train_json)
 
 
-def text_config(data, work_dir, clip_dir, checkpoint, **overrides):
+def text_config(data, work_dir, clip_dir, checkpoint, image_size=None, **overrides):
     from samkit.training.config import config_from_dict
 
     cfg = {
@@ -238,6 +238,8 @@ def text_config(data, work_dir, clip_dir, checkpoint, **overrides):
         "seed": 3,
         **overrides,
     }  # fmt: skip
+    if image_size is not None:
+        cfg["model"]["image_size"] = image_size
     return config_from_dict(cfg)
 
 

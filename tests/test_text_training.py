@@ -28,6 +28,7 @@ from samkit.training.modes.base import TrainBatch
 from samkit.training.modes.text import TextPrompts, category_pairs, score_categories
 from samkit.training.train import train
 
+from .conftest import SMALL_FRAME
 from .datagen import make_coco_splits
 from .test_text_mode import text_config, tiny_clip_dir  # noqa: F401  (a fixture)
 from .test_train import SUMMATION_ATOL, assert_same_weights, final_state, losses_of, run_cli, torchrun
@@ -330,15 +331,16 @@ def write_yaml(path: Path, cfg) -> str:
     return str(path)
 
 
-def test_two_processes_equal_one_in_text_mode(coco, tiny_clip_dir, tiny_checkpoint, tmp_path):  # noqa: F811
+def test_two_processes_equal_one_in_text_mode(coco, tiny_clip_dir, small_frame_checkpoint, tmp_path):  # noqa: F811
     """torchrun with 2 gloo processes (2 images each) == one process with batch 4: weights, losses,
-    the evaluation run at the end of training and eval.py (both text protocols)."""
+    the evaluation run at the end of training and eval.py (both text protocols); 256 frame."""
     # A larger Adam eps, as tests/test_train.py explains: float-noise gradients must not move weights.
     opt = {"lr": 1e-3, "eps": 1e-3}
-    settings = {"epochs": 1, "batch_size": 4, "eval_every": 1, "optimizer": opt}
-    train(config(coco, tmp_path / "one", tiny_clip_dir, tiny_checkpoint, **settings))
+    settings = {"epochs": 1, "batch_size": 4, "eval_every": 1, "optimizer": opt, "image_size": SMALL_FRAME}
+    start = small_frame_checkpoint
+    train(config(coco, tmp_path / "one", tiny_clip_dir, start, **settings))
     two_cfg = write_yaml(
-        tmp_path / "two.yaml", config(coco, tmp_path / "two", tiny_clip_dir, tiny_checkpoint, **settings)
+        tmp_path / "two.yaml", config(coco, tmp_path / "two", tiny_clip_dir, start, **settings)
     )
     two = torchrun("train.py", "-c", two_cfg)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -26,6 +26,7 @@ from samkit.training.config import config_from_dict
 from samkit.training.evaluate import run as run_eval
 from samkit.training.train import train
 
+from .conftest import SMALL_FRAME
 from .datagen import make_coco_dataset, make_coco_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +162,12 @@ def test_fine_tuning_raises_miou(shapes_model, tmp_path):
     assert result["cache"]["hits"] > 0
 
 
-def test_embedding_cache_gives_the_same_losses(coco, tiny_checkpoint, tmp_path):
-    plain = train(config_from_dict(make_config(coco, tmp_path / "plain", tiny_checkpoint, batch_size=2)))
-    cached_cfg = make_config(coco, tmp_path / "cached", tiny_checkpoint, batch_size=2, cache_embeddings=True)
+def test_embedding_cache_gives_the_same_losses(coco, small_frame_checkpoint, tmp_path):
+    small = {"batch_size": 2, "model.image_size": SMALL_FRAME}
+    plain = train(config_from_dict(make_config(coco, tmp_path / "plain", small_frame_checkpoint, **small)))
+    cached_cfg = make_config(
+        coco, tmp_path / "cached", small_frame_checkpoint, cache_embeddings=True, **small
+    )
     cached = train(config_from_dict(cached_cfg))
     assert losses_of(tmp_path / "plain") == losses_of(tmp_path / "cached")
     assert cached["cache"] == {"hits": 6, "misses": 6}  # 6 usable images: epoch 2 reads epoch 1's
@@ -186,10 +190,11 @@ def test_outputs_load_with_the_registry(coco, tiny_checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(coco, tiny_checkpoint, tmp_path_factory):
-    """(config, work_dir) of a 3-epoch, 9-step command-line run that nothing interrupts."""
+def uninterrupted(coco, small_frame_checkpoint, tmp_path_factory):
+    """(config, work_dir) of a 3-epoch, 9-step command-line run that nothing interrupts (256 frame)."""
     tmp = tmp_path_factory.mktemp("whole")
-    base = make_config(coco, tmp / "whole", tiny_checkpoint, save_every_steps=1, batch_size=2, epochs=3)
+    base = make_config(coco, tmp / "whole", small_frame_checkpoint, save_every_steps=1, batch_size=2, epochs=3,
+                       **{"model.image_size": SMALL_FRAME})  # fmt: skip
     whole = run_cli([sys.executable, "train.py", "-c", write_config(tmp, base, "whole.yaml")])
     assert whole.returncode == 0, whole.stderr
     return base, tmp / "whole"
@@ -255,12 +260,13 @@ def test_sigterm_saves_then_resume_finishes_the_same(uninterrupted, tmp_path):
     assert_same_weights(final_state(whole_dir), final_state(tmp_path / "term"))
 
 
-def test_two_processes_equal_one(coco, tiny_checkpoint, tmp_path):
-    """torchrun with 2 gloo processes, batch 4 (2 each) == one process with batch 4."""
+def test_two_processes_equal_one(coco, small_frame_checkpoint, tmp_path):
+    """torchrun with 2 gloo processes, batch 4 (2 each) == one process with batch 4 (256 frame)."""
     # Adam's first step moves every weight by ~lr * sign(gradient). Some gradients are zero in exact
     # arithmetic (a key bias under softmax) and float noise in practice, whose sign differs with the
     # summation order; a larger eps makes such updates vanish so the comparison measures real ones.
-    base = make_config(coco, tmp_path / "one", tiny_checkpoint, epochs=1, **{"optimizer.eps": 1e-3})
+    base = make_config(coco, tmp_path / "one", small_frame_checkpoint, epochs=1,
+                       **{"optimizer.eps": 1e-3, "model.image_size": SMALL_FRAME})  # fmt: skip
     train(config_from_dict(base))
     cfg = write_config(tmp_path, {**base, "work_dir": str(tmp_path / "two")})
     two = torchrun("train.py", "-c", cfg)
@@ -312,9 +318,10 @@ def test_command_line_mistakes(coco, tiny_checkpoint, tmp_path, capsys):
     assert "resume=auto" in capsys.readouterr().err
 
 
-def test_shipped_flare_recipe_runs_on_preprocessed_nifti(tiny_checkpoint, tmp_path):
+def test_shipped_flare_recipe_runs_on_preprocessed_nifti(small_frame_checkpoint, tmp_path):
     """The seed's FLARE path end to end: NIfTI volumes -> scripts/preprocess_CT_MR_dataset.py ->
-    configs/flare_box_finetune.yaml with the paths and a small model given by -o -> eval.py."""
+    configs/flare_box_finetune.yaml with the paths and a small model (vit_tiny, 256 frame) given by
+    -o -> eval.py."""
     from .nifti_gen import make_flare_nifti
 
     raw = make_flare_nifti(tmp_path / "FLARE22Train", num_cases=5, shape=(48, 48, 11))
@@ -333,7 +340,8 @@ def test_shipped_flare_recipe_runs_on_preprocessed_nifti(tiny_checkpoint, tmp_pa
     assert prep.returncode == 0, prep.stderr
     overrides = [
         "model.type=vit_tiny",
-        f"model.checkpoint={tiny_checkpoint}",
+        f"model.checkpoint={small_frame_checkpoint}",
+        f"model.image_size={SMALL_FRAME}",
         f"train_data.data_dir={out / 'train'}",
         f"eval_data.data_dir={out / 'val'}",
         f"work_dir={tmp_path / 'run'}",

@@ -27,6 +27,7 @@ from samkit.training.modes.box import BoxPrompts
 from samkit.training.params import freeze_parameters
 from samkit.training.train import train
 
+from .conftest import SMALL_FRAME
 from .datagen import make_coco_dataset
 from .test_train import assert_same_weights, final_state, losses_of, make_config, torchrun, write_config
 
@@ -89,13 +90,13 @@ def test_a_refused_run_writes_nothing(coco, tiny_checkpoint, tmp_path):
     assert snapshot(run) == before
 
 
-def test_two_processes_equal_one_with_every_encoder_training(coco, tiny_checkpoint, tmp_path):
+def test_two_processes_equal_one_with_every_encoder_training(coco, small_frame_checkpoint, tmp_path):
     """freeze: [] trains the image encoder (through the detached-embedding path) and the prompt
     encoder, whose point/mask parts box prompts never use: torchrun with 2 gloo processes finishes
-    and equals one process with the same global batch."""
-    base = make_config(
-        coco, tmp_path / "one", tiny_checkpoint, epochs=1, **{"optimizer.eps": 1e-3, "model.freeze": []}
-    )
+    and equals one process with the same global batch (256 frame)."""
+    tiny_checkpoint = small_frame_checkpoint
+    overrides = {"optimizer.eps": 1e-3, "model.freeze": [], "model.image_size": SMALL_FRAME}
+    base = make_config(coco, tmp_path / "one", tiny_checkpoint, epochs=1, **overrides)
     train(config_from_dict(base))
     cfg = write_config(tmp_path, {**base, "work_dir": str(tmp_path / "two")})
     two = torchrun("train.py", "-c", cfg)

@@ -133,6 +133,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             out = cfg.eval_output or os.path.join(cfg.work_dir, f"eval_{_stem(cfg.model.checkpoint)}.json")
             write_json(metrics, out)
             metrics["output"] = out
+        distributed.finish()
         return metrics
     finally:
         distributed.cleanup()

@@ -73,7 +73,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     previous_handler = signal.getsignal(signal.SIGTERM)
     log = TrainLogger(cfg, env.is_main)
     try:
-        return _train(cfg, env, log)
+        result = _train(cfg, env, log)
+        distributed.finish()
+        return result
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         log.close()

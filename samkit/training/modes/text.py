@@ -236,6 +236,7 @@ class TextPrompts(PromptMode):
         std = torch.tensor(self.sam._std, device=device).view(1, 3, 1, 1)
         pixels = (images.float() * std + mean) / 255.0  # the model input back to RGB in [0, 1]
         from torchvision.ops import roi_align  # here: importing torchvision costs every run ~1.5 s
+
         crops = roi_align(pixels, rois, out, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         mask_rois = rois.clone()
         mask_rois[:, 0] = torch.arange(len(rois), device=device, dtype=torch.float32)
