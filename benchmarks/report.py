@@ -84,6 +84,7 @@ def cpu_encoder() -> list[str]:
             f"Agreement: samkit fp32 masks equal Meta's on {r['fp32_mask_pixel_agreement_vs_meta']:.6f} of pixels; "
             f"bf16 mask IoU against fp32: {ious}.",
             "",
+            *([f"Note: {r['note']}.", ""] if r.get("note") else []),
         ]
     return lines
 
