@@ -223,6 +223,29 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
         torch.testing.assert_close(a, torch.cat(c), atol=5e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("points", [1, 12])
+def test_cpu_chunks_of_one_prompt_each_get_their_own_result(tiny_model, monkeypatch, points):
+    """Chunks of a single prompt (a frame above ~1400 pixels in fp32 makes cpu_prompt_chunk 1): each
+    chunk's image tokens after the first layer have batch 1 like the shared image, yet are that
+    chunk's own; every prompt's masks and IoU equal a call with that prompt alone (once the second
+    and third prompts got the first one's layer-2 keys). 12 points: 17 tokens, the unfolded attention
+    with its key/value projections."""
+    import samkit.modeling.mask_decoder as md
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    coords = torch.rand(3, points, 2) * 1000
+    labels = torch.ones(3, points, dtype=torch.int)
+    pe = tiny_model.prompt_encoder.get_dense_pe()
+    monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 1)
+    with torch.inference_mode():
+        sparse, dense = tiny_model.prompt_encoder((coords, labels), None, None)
+        masks, iou = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
+        for i in range(3):
+            alone = tiny_model.mask_decoder(embedding, pe, sparse[i : i + 1], dense[i : i + 1], True)
+            assert torch.equal(masks[i : i + 1], alone[0]) and torch.equal(iou[i : i + 1], alone[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_chunks_write_image_tokens_to_two_reused_buffers_with_the_same_values(
     tiny_model, monkeypatch, dtype

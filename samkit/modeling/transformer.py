@@ -461,7 +461,9 @@ class TwoWayTransformer(nn.Module):
         ):
             work = cache.setdefault("workspace", _Workspace())
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.setdefault(i, {})
+            # Only the first layer's keys are the shared image: later layers' are each chunk's own
+            # (a chunk of one prompt has keys of batch 1 too, and must not meet the previous chunk's).
+            layer_cache = None if cache is None or i > 0 else cache.setdefault(i, {})
             queries, keys = layer(
                 queries, keys, point_embedding, key_pe, own_keys=i > 0, cache=layer_cache, work=work
             )
