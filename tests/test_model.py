@@ -223,23 +223,25 @@ def test_cpu_inference_decodes_prompts_in_chunks_with_the_same_result(tiny_model
         torch.testing.assert_close(a, torch.cat(c), atol=5e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("points", [1, 12])
-def test_cpu_chunks_of_one_prompt_each_get_their_own_result(tiny_model, monkeypatch, points):
-    """Chunks of a single prompt (a frame above ~1400 pixels in fp32 makes cpu_prompt_chunk 1): each
-    chunk's image tokens after the first layer have batch 1 like the shared image, yet are that
-    chunk's own; every prompt's masks and IoU equal a call with that prompt alone (once the second
-    and third prompts got the first one's layer-2 keys). 12 points: 17 tokens, the unfolded attention
-    with its key/value projections."""
+@pytest.mark.parametrize("points, mask_inputs", [(1, False), (12, False), (2, True)])
+def test_cpu_chunks_of_one_prompt_each_get_their_own_result(tiny_model, monkeypatch, points, mask_inputs):
+    """Chunks of a single prompt (a frame above ~1400 pixels in fp32 makes cpu_prompt_chunk 1): a
+    chunk's inputs then have batch 1 like a shared image, yet the image tokens after the first layer,
+    and with mask prompts the image tokens from the start, are that prompt's own. Every prompt's
+    masks and IoU equal a call with that prompt alone (once the second and later prompts got the
+    first one's layer-2 keys, and with mask prompts its whole image side). 12 points: 17 tokens,
+    the unfolded attention with its key/value projections."""
     import samkit.modeling.mask_decoder as md
 
     torch.manual_seed(0)
     embedding = torch.randn(1, 256, 64, 64)
     coords = torch.rand(3, points, 2) * 1000
     labels = torch.ones(3, points, dtype=torch.int)
+    masks_in = torch.randn(3, 1, 256, 256) * 5 if mask_inputs else None
     pe = tiny_model.prompt_encoder.get_dense_pe()
     monkeypatch.setattr(md, "cpu_prompt_chunk", lambda *_: 1)
     with torch.inference_mode():
-        sparse, dense = tiny_model.prompt_encoder((coords, labels), None, None)
+        sparse, dense = tiny_model.prompt_encoder((coords, labels), None, masks_in)
         masks, iou = tiny_model.mask_decoder(embedding, pe, sparse, dense, True)
         for i in range(3):
             alone = tiny_model.mask_decoder(embedding, pe, sparse[i : i + 1], dense[i : i + 1], True)

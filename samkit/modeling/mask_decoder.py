@@ -185,8 +185,12 @@ class MaskDecoder(nn.Module):
         if torch.is_grad_enabled():
             yield self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
             return
-        # The shared image's work, done in the first chunk (or kept from the previous call).
-        cache = self._image_work(image_embeddings, image_pe, dense_prompt_embeddings)
+        # The shared image's work, done in the first chunk (or kept from the previous call): only
+        # when every prompt sees the same image tokens (one image, no mask prompts). A chunk of one
+        # prompt has batch-1 inputs too, yet its own image or mask embedding.
+        dense = dense_prompt_embeddings
+        shared = image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0)
+        cache = self._image_work(image_embeddings, image_pe, dense) if shared else None
         if b <= chunk or image_pe.device.type != "cpu":
             yield self._decode(
                 image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, cache=cache
@@ -202,7 +206,8 @@ class MaskDecoder(nn.Module):
                     else dense_prompt_embeddings[s : s + chunk],
                     cache=cache,
                 )
-        self._keep_image_work(image_embeddings, image_pe, dense_prompt_embeddings, cache)
+        if cache is not None:
+            self._keep_image_work(image_embeddings, image_pe, dense_prompt_embeddings, cache)
 
     def _image_work(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
