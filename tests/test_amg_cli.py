@@ -159,6 +159,27 @@ def test_convert_to_rle_writes_sa1b_json(photos, tmp_path):
         assert len(a["bbox"]) == 4 and len(a["point_coords"]) == 1 and a["crop_box"] == [0, 0, 600, 400]
 
 
+def test_sa1b_json_holds_an_empty_masks_nan_stability_as_null():
+    """An empty mask's stability score is 0/0 (NaN, as Meta's generator gives; kept when
+    stability_score_thresh is 0): the SA-1B file writes null there, so strict JSON parsers read it."""
+    from samkit.utils.amg_output import sa1b_annotation
+
+    record = {
+        "segmentation": {"size": [2, 3], "counts": "6"},
+        "area": 0,
+        "bbox": [0, 0, 0, 0],
+        "predicted_iou": 0.5,
+        "stability_score": float("nan"),
+        "point_coords": [[1.0, 1.0]],
+        "crop_box": [0, 0, 3, 2],
+    }
+    annotation = sa1b_annotation([record, {**record, "stability_score": 0.75}], 1, "a.png", 3, 2)
+    first, second = annotation["annotations"]
+    assert first["stability_score"] is None and first["predicted_iou"] == 0.5
+    assert second["stability_score"] == 0.75
+    json.dumps(annotation, allow_nan=False)
+
+
 def test_rerun_skips_done_images_and_overwrite_redoes_them(folder_run, photos, tmp_path):
     out = tmp_path / "masks"
     shutil.copytree(folder_run.out, out)  # copy2 keeps the mtimes

@@ -480,6 +480,47 @@ def test_a_bfloat16_model_serves_every_endpoint(tiny_model):
     )
 
 
+def test_empty_masks_reply_and_export_strict_json(tiny_model):
+    """A model whose every mask is empty even at the loose threshold: the stability score is 0/0
+    (NaN, as Meta's), which strict JSON cannot hold (Starlette refused to encode it: a 500 for a
+    click). Predict, 'everything' and the exports reply 200 with null there, in JSON any strict
+    parser reads, and the page's objects carrying that null export too."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # every upscaled channel GELU(10) = 10, every hypernetwork output -100
+        conv2 = model.mask_decoder.output_upscaling[3]
+        conv2.weight.zero_()
+        conv2.bias.fill_(10.0)
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.zero_()
+            mlp.layers[-1].bias.fill_(-100.0)
+    client = TestClient(create_app(ModelService(model)), raise_server_exceptions=False)
+    image_id = client.post(
+        "/api/images", content=png(picture()), headers={"content-type": "image/png"}
+    ).json()["image_id"]
+
+    def strict(reply) -> dict:
+        assert reply.status_code == 200, reply.text
+        return json.loads(reply.text, parse_constant=lambda name: pytest.fail(f"{name} in the reply"))
+
+    mask = strict(client.post("/api/predict", json={"image_id": image_id, "points": [[9, 9]], "labels": [1]}))
+    assert mask["areas"] == [0] and mask["stability_scores"] == [None]
+    settings = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    everything = strict(client.post("/api/everything", json={"image_id": image_id, **settings}))
+    assert everything["masks"] and all(m["stability_score"] is None for m in everything["masks"])
+    body = {"image_id": image_id, "format": "coco", "source": "everything"}
+    annotations = strict(client.post("/api/export", json=body))["annotations"]
+    assert annotations and all(a["stability_score"] is None for a in annotations)
+    objects = [{"name": "nothing", "mask": mask["masks"][0], "score": 0.5, "stability_score": None}]
+    (one,) = strict(
+        client.post("/api/export", json={"image_id": image_id, "format": "coco", "objects": objects})
+    )["annotations"]
+    assert one["stability_score"] is None and one["area"] == 0
+
+
 def test_lookups_stay_responsive_while_the_model_is_busy(client, service, image_id):
     with service.lock:  # as if a long 'everything' were running
         assert client.get("/api/health").status_code == 200

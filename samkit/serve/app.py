@@ -187,7 +187,8 @@ def export(service: ModelService, data: dict[str, Any]) -> Response:
             if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 for p in points):
                 raise ApiError(400, f"objects[{i}].points must be a list of [x, y]")
             score = number(obj.get("score", 0.0), f"objects[{i}].score")
-            stability = number(obj.get("stability_score", 0.0), f"objects[{i}].stability_score")
+            stability = obj.get("stability_score", 0.0)  # null: an empty mask's (see json_float)
+            stability = math.nan if stability is None else number(stability, f"objects[{i}].stability_score")
             records.append(object_record(rle, score, stability, points, h, w))
             names.append(str(obj.get("name", f"object {i + 1}"))[:200])
     else:

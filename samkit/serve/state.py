@@ -23,6 +23,7 @@ import torch
 from ..amg import SamAutomaticMaskGenerator
 from ..predictor import SamPredictor
 from ..utils.amg import area_from_rle, calculate_stability_score, coco_encode_rle, mask_to_rle
+from ..utils.amg_output import json_float
 
 
 class ApiError(Exception):
@@ -254,7 +255,7 @@ class ModelService:
         return {
             "masks": rle_of(binary),
             "scores": [float(s) for s in scores],
-            "stability_scores": [float(s) for s in stability],
+            "stability_scores": [json_float(s) for s in stability],  # null for an empty mask
             "areas": [int(a) for a in binary.flatten(1).sum(1)],
             "logits_id": logits_id,
             "decoder_ms": round(decoder_ms, 3),
@@ -275,7 +276,7 @@ class ModelService:
                     "area": int(r["area"]),
                     "bbox": [float(v) for v in r["bbox"]],
                     "predicted_iou": float(r["predicted_iou"]),
-                    "stability_score": float(r["stability_score"]),
+                    "stability_score": json_float(r["stability_score"]),
                 }
                 for r in records
             ],

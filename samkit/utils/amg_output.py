@@ -24,14 +24,29 @@ METADATA_HEADER = (
 OVERLAY_ALPHA = 0.5
 
 
+def json_float(value: float) -> Optional[float]:
+    """``value`` as a JSON number, or None (null) where it is NaN or infinite, which JSON cannot hold.
+
+    The stability score of a mask that is empty even at the loose threshold is 0/0 = NaN, as in
+    Meta's code (a generator keeps such masks when ``stability_score_thresh`` is 0); written as
+    ``NaN`` it would make the file unreadable to strict JSON parsers (browsers, jq, most languages)."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
 def sa1b_annotation(
     records: list[dict[str, Any]], image_id: int, file_name: str, width: int, height: int
 ) -> dict[str, Any]:
-    """The generator's coco_rle records as one SA-1B annotation file (a dict ready for JSON)."""
+    """The generator's coco_rle records as one SA-1B annotation file (a dict ready for strict JSON:
+    a NaN score, see :func:`json_float`, becomes null)."""
     keys = ("segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box")
+    scores = ("predicted_iou", "stability_score")
     return {
         "image": {"image_id": image_id, "file_name": file_name, "width": width, "height": height},
-        "annotations": [{"id": i, **{k: r[k] for k in keys}} for i, r in enumerate(records)],
+        "annotations": [
+            {"id": i, **{k: json_float(r[k]) if k in scores else r[k] for k in keys}}
+            for i, r in enumerate(records)
+        ],
     }
 
 
@@ -205,6 +220,7 @@ __all__ = [
     "METADATA_HEADER",
     "decode_segmentation",
     "distinct_colors",
+    "json_float",
     "metadata_rows",
     "overlay_masks",
     "sa1b_annotation",
