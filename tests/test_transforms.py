@@ -130,3 +130,21 @@ def test_apply_image_returns_a_writable_array():
         warnings.simplefilter("error")
         torch.as_tensor(resized).add_(1)
     resized[0, 0] = 255
+
+
+@pytest.mark.parametrize("hw", [(1, 5000), (3000, 1)])
+def test_strips_thinner_than_1_to_2048_keep_one_pixel(tiny_model, hw):
+    """Meta's rule rounds such a strip's short side to 0 pixels and the resize fails; samkit keeps
+    one, in the predictor, the ONNX predictor and the exported graph's size computation alike, and
+    returns masks at the strip's size."""
+    from samkit import SamPredictor
+    from samkit.onnx.predictor import preprocess_shape
+    from samkit.utils.onnx import SamOnnxModel
+
+    short = tuple(1 if s < 100 else 1024 for s in hw)
+    assert ResizeLongestSide.get_preprocess_shape(*hw, 1024) == short == preprocess_shape(*hw, 1024)
+    assert SamOnnxModel.resize_longest_image_size(torch.tensor(hw), 1024).tolist() == list(short)
+    predictor = SamPredictor(tiny_model)
+    predictor.set_image(np.full((*hw, 3), 128, np.uint8))
+    masks, _, _ = predictor.predict(point_coords=np.array([[0.0, 0.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, *hw)

@@ -21,9 +21,10 @@ DEFAULT_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """(H, W) resized so the long side is ``long_side``, rounded half up (ResizeLongestSide's rule)."""
+    """(H, W) resized so the long side is ``long_side``, rounded half up, at least one pixel each
+    (ResizeLongestSide's rule)."""
     scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:

@@ -107,10 +107,11 @@ class SamOnnxModel(nn.Module):
 
     @staticmethod
     def resize_longest_image_size(input_image_size: torch.Tensor, longest_side: int) -> torch.Tensor:
-        """(H, W) of the image resized so its long side is ``longest_side`` (rounded half up), int64."""
+        """(H, W) of the image resized so its long side is ``longest_side`` (rounded half up, at least
+        one pixel), int64."""
         size = input_image_size.to(torch.float32)
         scaled = size * (longest_side / torch.max(size))
-        return torch.floor(scaled + 0.5).to(torch.int64)
+        return torch.clamp(torch.floor(scaled + 0.5), min=1.0).to(torch.int64)
 
     def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
         encoder = self.model.prompt_encoder

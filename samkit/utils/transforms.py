@@ -23,8 +23,10 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        """(H, W) with the long side ``long_side_length``, rounded half up, each side at least one
+        pixel (Meta's rule rounds the short side of a strip thinner than 1:2048 to 0 and fails)."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+        return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWxC uint8 -> resized HxWxC uint8 (PIL bilinear, anti-aliased when shrinking), a new writable array."""
