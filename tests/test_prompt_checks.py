@@ -71,12 +71,19 @@ POINTS = {
     "Nx3": ([[10, 5, 1]], [1]),
     "labels short": ([[10, 5], [20, 7]], [1]),
     "no labels": ([[10, 5]], None),
+    "box corner and padding labels": ([[10, 5], [20, 7], [0, 0]], [2, 3, -1]),
+    "NaN coordinate": ([[np.nan, 5]], [1]),
+    "label 7": ([[10, 5]], [7]),
+    "label 0.5": ([[10, 5]], [0.5]),
+    "text labels": ([[10, 5]], ["1"]),
 }
 BOXES = {"none": None, "4": [1, 2, 30, 20], "1x4": [[1, 2, 30, 20]], "2x4": [[1, 2, 30, 20], [0, 0, 5, 5]],
-         "2x2": [[1, 2], [30, 20]], "6": [1, 2, 3, 4, 5, 6]}  # fmt: skip
+         "2x2": [[1, 2], [30, 20]], "6": [1, 2, 3, 4, 5, 6], "infinite": [0, 0, np.inf, 5],
+         "text": ["a", 0, 1, 2]}  # fmt: skip
 _M = np.random.default_rng(0).normal(size=(2, 1, 256, 256)).astype(np.float32)
 MASKS = {"none": None, "1xHxW": _M[0], "1x1xHxW": _M[:1], "HxW": _M[0, 0], "2x1xHxW": _M,
-         "flat": _M[0].reshape(-1), "1x128x128": np.zeros((1, 128, 128))}  # fmt: skip
+         "flat": _M[0].reshape(-1), "1x128x128": np.zeros((1, 128, 128)),
+         "NaN": np.full((1, 256, 256), np.nan, np.float32)}  # fmt: skip
 CASES = list(itertools.product(POINTS, BOXES, MASKS))
 
 
@@ -120,6 +127,14 @@ def test_errors_keep_their_types_and_messages():
         check_prompts(None, None, None, np.zeros((1, 32, 32)), batched=False, mask_size=(64, 64))
     with pytest.raises(PromptError, match=r"disagree on the number of prompts: \[1, 2\]$"):
         check_prompts(None, None, [1, 2, 3, 4], np.zeros((2, 1, 8, 8)), batched=True, mask_size=(8, 8))
+    with pytest.raises(PromptError, match=r"^point_coords must be finite numbers, got \[nan\]$"):
+        check_prompts([[np.nan, 2]], [1], None, None, batched=False, mask_size=(8, 8))
+    with pytest.raises(PromptError, match=r"^point_labels must be 1 \(foreground\), 0 \(background\), -1 \(padding\) or 2/3 \(box corners\), got \[5\]$"):  # fmt: skip
+        check_prompts([[1, 2]], [5], None, None, batched=False, mask_size=(8, 8))
+    with pytest.raises(PromptError, match=r"^box must be numbers, got \['a', 0, 1, 2\]$"):
+        check_prompts(None, None, ["a", 0, 1, 2], None, batched=False, mask_size=(8, 8))
+    with pytest.raises(PromptError, match=r"^mask_input must be finite numbers, got \[inf\]$"):
+        check_prompts(None, None, None, np.pad([[[np.inf]]], ((0, 0), (0, 7), (0, 7))), batched=False, mask_size=(8, 8))  # fmt: skip
     with pytest.raises(ValueError, match="^got prompts for 1 images, but 2 are set$"):
         prompt_sets([{}], 2)
     sets = prompt_sets([{"boxes": 1}, {"points": 2}], 2)

@@ -53,8 +53,13 @@ def check_prompts(
     if point_coords is not None:
         if point_labels is None:
             raise PromptError("point_labels must be given with point_coords")
-        coords = np.asarray(point_coords, dtype=np.float64)
+        coords = _numbers(point_coords, "point_coords")
         labels = np.asarray(point_labels)
+        if labels.dtype.kind not in "biuf" or not np.isin(labels, POINT_LABELS).all():
+            raise PromptError(
+                "point_labels must be 1 (foreground), 0 (background), -1 (padding) or 2/3 (box corners), "
+                f"got {_sample(labels)}"
+            )
         if coords.ndim == 2:
             coords, labels = coords[None], labels.reshape(1, -1)
         if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
@@ -63,7 +68,7 @@ def check_prompts(
                 f"got {tuple(np.shape(point_coords))} and {tuple(np.shape(point_labels))}"
             )
     if box is not None:
-        boxes = np.asarray(box, dtype=np.float64)
+        boxes = _numbers(box, "box")
         if boxes.shape == (4,) or (not batched and boxes.shape == (1, 4)):
             boxes = boxes.reshape(1, 4)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -71,7 +76,7 @@ def check_prompts(
                 f"box must be 4 values (XYXY){' or Bx4' if batched else ''}, got {tuple(boxes.shape)}"
             )
     if mask_input is not None:
-        masks = np.asarray(mask_input, dtype=np.float32)
+        masks = _numbers(mask_input, "mask_input", np.float32)
         if masks.ndim == 3:
             masks = masks[None]
         if masks.ndim != 4 or masks.shape[1] != 1 or tuple(masks.shape[2:]) != mask_size:
@@ -84,4 +89,25 @@ def check_prompts(
     return coords, labels, boxes, masks
 
 
-__all__ = ["PROMPT_KEYS", "check_prompts", "prompt_sets"]
+POINT_LABELS = (-1, 0, 1, 2, 3)  # SAM's point labels: padding, background, foreground, box corners
+
+
+def _numbers(value: Any, name: str, dtype: type = np.float64) -> np.ndarray:
+    """``value`` as a float array; PromptError unless it holds only finite numbers (a NaN or
+    infinite coordinate or logit would give NaN masks and scores without a word)."""
+    try:
+        array = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise PromptError(f"{name} must be numbers, got {_sample(np.asarray(value, dtype=object))}") from None
+    if not np.isfinite(array).all():
+        raise PromptError(f"{name} must be finite numbers, got {_sample(array[~np.isfinite(array)])}")
+    return array
+
+
+def _sample(array: np.ndarray) -> str:
+    """A few of an array's values, for an error message."""
+    flat = array.reshape(-1)
+    return repr(flat[:4].tolist())[:80] + (" ..." if flat.size > 4 else "")
+
+
+__all__ = ["POINT_LABELS", "PROMPT_KEYS", "check_prompts", "prompt_sets"]
