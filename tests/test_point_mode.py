@@ -286,7 +286,7 @@ def point_config(data, work_dir, checkpoint, **overrides) -> dict:
     return cfg
 
 
-def test_point_fine_tuning_lifts_click_miou_and_lowers_noc(shapes_model, tmp_path):
+def test_point_fine_tuning_lifts_click_miou_and_lowers_noc(shapes_model, build_threads, tmp_path):
     """Point fine-tuning (3 rounds: a click inside the mask, then two correction clicks, logits fed
     back) of the shapes-trained tiny model (it knows single clicks, never saw a mask input) on
     generated COCO-format data, 6 epochs (24 steps), bf16, embedding cache; evaluated interactively

@@ -122,7 +122,7 @@ def torchrun(script: str, *args: str, processes: int = 2) -> subprocess.Complete
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_fine_tuning_raises_miou(shapes_model, tmp_path):
+def test_fine_tuning_raises_miou(shapes_model, build_threads, tmp_path):
     """Box fine-tuning of the shapes-trained tiny model (its decoder knows point prompts, never saw a
     box) for ~1 CPU minute in bf16 with the embedding cache, evaluated on held-out images.
 

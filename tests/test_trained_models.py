@@ -162,6 +162,64 @@ def test_sessions_building_at_once_take_turns(repo, tmp_path):
     assert results[0][0] == results[1][0] and sorted(s is None for _, s in results) == [False, True]
 
 
+def test_different_models_are_built_one_at_a_time(repo, tmp_path):
+    """pytest-xdist workers (or sessions) needing different models build them in turn: each build
+    uses BUILD_THREADS threads, and two at once on the same cores would only oversubscribe them."""
+    spans = []
+
+    def slow(folder: Path) -> None:
+        begin = time.perf_counter()
+        time.sleep(0.3)
+        spans.append((begin, time.perf_counter()))
+        (folder / "done").write_text("")
+
+    start = threading.Barrier(2)
+
+    def session(name: str) -> None:
+        start.wait()
+        ensure_built(tmp_path / "cache", name, fake(slow), root=repo)
+
+    threads = [threading.Thread(target=session, args=(name,)) for name in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0
+
+
+def test_a_build_may_build_another_model_of_the_same_cache(repo, tmp_path):
+    inner = fake(CountingBuilder(), value=3)
+
+    def outer(folder: Path) -> None:  # as text_sam_model's build ensures text_clip_model
+        found, _ = ensure_built(tmp_path / "cache", "inner", inner, root=repo)
+        (folder / "inner.txt").write_text((found / "value.txt").read_text())
+
+    folder, _ = ensure_built(tmp_path / "cache", "outer", fake(outer), root=repo)
+    assert (folder / "inner.txt").read_text() == "3"
+
+
+def test_builds_use_build_threads_whatever_the_session_uses(repo, tmp_path):
+    """Float reductions depend on the thread count: a 64-core machine and a pytest-xdist worker
+    (one thread) must build the same weights as the 2-core machine the tests were tuned on."""
+    import torch
+
+    seen = []
+
+    def build(folder: Path) -> None:
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if trained_models.BUILD_THREADS != 1 else 3)
+    try:
+        session = torch.get_num_threads()
+        ensure_built(tmp_path / "cache", "fake", fake(build), root=repo)
+        assert seen == [trained_models.BUILD_THREADS]
+        assert torch.get_num_threads() == session
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_missing_source_is_an_error_that_says_where_to_fix_it(repo):
     model = TrainedModel(build=CountingBuilder(), sources=("dep.py", "moved.py"))
     with pytest.raises(FileNotFoundError, match=r"'moved.py'.*tests/trained_models.py"):
