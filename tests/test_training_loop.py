@@ -179,3 +179,21 @@ def test_training_runs_with_the_mode_from_the_config(coco, tiny_checkpoint, tmp_
     assert os.path.exists(tmp_path / "run" / "sam_final.pth")
     with pytest.raises(SamkitError, match="prompt_mode"):
         config_from_dict({**cfg, "prompt_mode": "scribble"})
+
+
+def test_evaluation_json_holds_a_nan_metric_as_null(tmp_path):
+    """A metric over no objects is NaN; the evaluation file must stay strict JSON (null there)."""
+    from samkit.training.evaluate import write_json
+
+    path = tmp_path / "eval.json"
+    write_json({"miou_1024": float("nan"), "per_category": {"cat": [1.5, float("inf")]}, "n": 3}, str(path))
+
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "miou_1024": None,
+        "per_category": {"cat": [1.5, None]},
+        "n": 3,
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -22,6 +22,7 @@ of an image prompted with ``text.template`` filled with its name: ``miou_*_categ
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Optional
@@ -146,16 +147,30 @@ def _stem(path: Optional[str]) -> str:
 
 
 def write_json(obj: dict[str, Any], path: str) -> None:
-    """Write ``obj`` as indented JSON, atomically (a temporary file renamed into place)."""
+    """Write ``obj`` as indented JSON, atomically (a temporary file renamed into place).
+
+    A NaN or infinite number (a metric over no objects) is written as null: Python's ``NaN`` is not
+    JSON, and strict readers (jq, browsers, most languages) refuse the whole file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) inside dicts, lists and tuples made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
