@@ -19,7 +19,7 @@ import torch
 from .errors import PromptError
 from .modeling import Sam
 from .utils.image import to_rgb_uint8
-from .utils.prompt_checks import check_prompts, prompt_sets
+from .utils.prompt_checks import check_numbers, check_prompts, prompt_sets
 from .utils.transforms import ResizeLongestSide, upscale_masks
 
 
@@ -166,11 +166,15 @@ class SamPredictor:
         if isinstance(text_features, torch.Tensor):
             t = text_features.detach().to(self.device, torch.float32)
         else:
-            t = torch.as_tensor(np.asarray(text_features, dtype=np.float32), device=self.device)
+            t = torch.as_tensor(check_numbers(text_features, "text_features", np.float32), device=self.device)
         if t.ndim == 1:
             t = t[None]
         if t.ndim != 2 or t.shape[1] != dim:
             raise PromptError(f"text_features must be {dim} values (or Bx{dim}), got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():  # NaN features would give NaN masks and scores without a word
+            raise PromptError(
+                f"text_features must be finite numbers, got {t[~torch.isfinite(t)][:4].tolist()}"
+            )
         return t
 
     @torch.no_grad()

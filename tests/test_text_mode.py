@@ -136,6 +136,13 @@ def test_predictor_with_text_features():
     np.testing.assert_allclose(low_res, expected[0].numpy(), atol=1e-5)
     with pytest.raises(PromptError, match="32"):
         predictor.predict(text_features=np.zeros(8, np.float32))
+    bad = feat.copy()
+    bad[3] = np.nan
+    for given in (bad, torch.as_tensor(bad)):  # NaN features gave NaN masks and scores
+        with pytest.raises(PromptError, match=r"text_features must be finite numbers, got \[nan\]"):
+            predictor.predict(text_features=given)
+    with pytest.raises(PromptError, match="text_features must be numbers"):
+        predictor.predict(text_features=["a"] * 32)
 
 
 def test_predictor_text_on_plain_model_is_clear(tiny_model):

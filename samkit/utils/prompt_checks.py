@@ -53,7 +53,7 @@ def check_prompts(
     if point_coords is not None:
         if point_labels is None:
             raise PromptError("point_labels must be given with point_coords")
-        coords = _numbers(point_coords, "point_coords")
+        coords = check_numbers(point_coords, "point_coords")
         labels = np.asarray(point_labels)
         if labels.dtype.kind not in "biuf" or not np.isin(labels, POINT_LABELS).all():
             raise PromptError(
@@ -68,7 +68,7 @@ def check_prompts(
                 f"got {tuple(np.shape(point_coords))} and {tuple(np.shape(point_labels))}"
             )
     if box is not None:
-        boxes = _numbers(box, "box")
+        boxes = check_numbers(box, "box")
         if boxes.shape == (4,) or (not batched and boxes.shape == (1, 4)):
             boxes = boxes.reshape(1, 4)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -76,7 +76,7 @@ def check_prompts(
                 f"box must be 4 values (XYXY){' or Bx4' if batched else ''}, got {tuple(boxes.shape)}"
             )
     if mask_input is not None:
-        masks = _numbers(mask_input, "mask_input", np.float32)
+        masks = check_numbers(mask_input, "mask_input", np.float32)
         if masks.ndim == 3:
             masks = masks[None]
         if masks.ndim != 4 or masks.shape[1] != 1 or tuple(masks.shape[2:]) != mask_size:
@@ -92,7 +92,7 @@ def check_prompts(
 POINT_LABELS = (-1, 0, 1, 2, 3)  # SAM's point labels: padding, background, foreground, box corners
 
 
-def _numbers(value: Any, name: str, dtype: type = np.float64) -> np.ndarray:
+def check_numbers(value: Any, name: str, dtype: type = np.float64) -> np.ndarray:
     """``value`` as a float array; PromptError unless it holds only finite numbers (a NaN or
     infinite coordinate or logit would give NaN masks and scores without a word)."""
     try:
@@ -110,4 +110,4 @@ def _sample(array: np.ndarray) -> str:
     return repr(flat[:4].tolist())[:80] + (" ..." if flat.size > 4 else "")
 
 
-__all__ = ["POINT_LABELS", "PROMPT_KEYS", "check_prompts", "prompt_sets"]
+__all__ = ["POINT_LABELS", "PROMPT_KEYS", "check_numbers", "check_prompts", "prompt_sets"]
