@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -412,6 +413,58 @@ def test_errors_name_the_path_at_fault(tmp_path, coco_paths):
     moved = tmp_path / "moved.json"
     moved.write_text(json.dumps(data))
     one_line_error(lambda: CocoDataset(image_dir, moved), image_dir / "gone.jpg")
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("bbox", ["a", 5, 20, 10], "bbox of non-numbers"),
+        ("bbox", [float("nan"), 5, 20, 10], "non-finite"),  # json writes NaN; Python reads it back
+        ("bbox", [5, 5, float("inf"), 10], "non-finite"),
+        ("bbox", None, "no 4-number bbox"),
+        ("category_id", "cat", "category_id that is not an integer"),
+        ("segmentation", {"size": None, "counts": [100, 50]}, "cannot read the segmentation"),
+        ("segmentation", "RLE", "cannot read the segmentation"),
+    ],
+)
+def test_bad_coco_annotations_are_named(tmp_path, coco_paths, field, value, says):
+    """Values that were accepted (NaN boxes became NaN prompts and losses) or ended in a traceback
+    (ValueError from float() / int()) are a one-line DatasetError naming the annotation and file."""
+    image_dir, ann_path = coco_paths
+    data = json.loads(ann_path.read_text())
+    ann = next(a for a in data["annotations"] if not a.get("iscrowd"))
+    ann[field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    message = one_line_error(lambda: CocoDataset(image_dir, bad), bad)
+    assert says in message and f"annotation {ann['id']} " in message
+
+
+def test_an_rle_that_does_not_decode_is_named(tmp_path, coco_paths, sa1b_dir):
+    """Runs longer than the image pass pycocotools' area() but fail its decode(), in the loader (a
+    ValueError from pycocotools before)."""
+    image_dir, ann_path = coco_paths
+    data = json.loads(ann_path.read_text())
+    image = data["images"][0]
+    for ann in data["annotations"]:
+        if ann["image_id"] == image["id"] and not ann.get("iscrowd"):
+            ann["segmentation"] = {"size": [image["height"], image["width"]], "counts": [10, 10**7]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    dataset = CocoDataset(image_dir, bad)
+    index = list(dataset.image_ids).index(image["id"])
+    assert "cannot decode the mask" in one_line_error(lambda: dataset[index], bad, image["file_name"])
+
+    copy = tmp_path / "sa1b"
+    shutil.copytree(sa1b_dir, copy)
+    ann_file = sorted(copy.rglob("sa_*.json"))[0]
+    sa = json.loads(ann_file.read_text())
+    for ann in sa["annotations"]:
+        ann["bbox"] = [1, 2, "w", 4]  # read when the image loads (a TypeError from x + w before)
+    ann_file.write_text(json.dumps(sa))
+    dataset = Sa1bDataset(copy, min_area=0)
+    index = [str(p) for p in dataset._annotations].index(str(ann_file))
+    assert "bbox of non-numbers" in one_line_error(lambda: dataset[index], ann_file)
 
 
 def test_unpaired_files_are_named(tmp_path):

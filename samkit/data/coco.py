@@ -25,11 +25,29 @@ def import_mask_utils(what: str):
     return mask_utils
 
 
-def decode_rle(mask_utils, size: tuple[int, int], counts: bytes) -> np.ndarray:
-    """A COCO compressed RLE -> HxW uint8 0/1 mask."""
-    with warnings.catch_warnings():  # pycocotools' own DeprecationWarning under numpy 2
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        return mask_utils.decode({"size": [int(size[0]), int(size[1])], "counts": counts})
+def decode_rle(mask_utils, size: tuple[int, int], counts: bytes, where: str) -> np.ndarray:
+    """A COCO compressed RLE -> HxW uint8 0/1 mask; DatasetError naming ``where`` (e.g. "annotation 5
+    in <file>") when the RLE does not decode (runs longer than the image)."""
+    try:
+        with warnings.catch_warnings():  # pycocotools' own DeprecationWarning under numpy 2
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            return mask_utils.decode({"size": [int(size[0]), int(size[1])], "counts": counts})
+    except (TypeError, ValueError) as err:  # pycocotools: "Invalid RLE mask representation"
+        raise DatasetError(f"cannot decode the mask of {where}: {err}") from None
+
+
+def box_numbers(bbox: Any, where: str) -> tuple[float, float, float, float]:
+    """A COCO/SA-1B ``bbox`` (x, y, w, h) as 4 finite floats; DatasetError naming ``where`` otherwise
+    (a NaN or infinite box would turn into NaN prompts and losses without a word)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise DatasetError(f"{where} has no 4-number bbox")
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where} has a bbox of non-numbers: {bbox!r}") from None
+    if not np.isfinite([x, y, w, h]).all():
+        raise DatasetError(f"{where} has a bbox with non-finite numbers: {bbox!r}")
+    return x, y, w, h
 
 
 class CocoDataset(BoxPromptDataset):
@@ -114,10 +132,7 @@ class CocoDataset(BoxPromptDataset):
             for ann in coco.imgToAnns.get(image_id, []):
                 if ann.get("iscrowd", 0) and not self.include_crowd:
                     continue
-                bbox = ann.get("bbox")
-                if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                    raise DatasetError(f"annotation {ann.get('id')} in {path} has no 4-number bbox")
-                x, y, bw, bh = (float(v) for v in bbox)
+                x, y, bw, bh = box_numbers(ann.get("bbox"), f"annotation {ann.get('id')} in {path}")
                 if bw <= 0 or bh <= 0 or not ann.get("segmentation"):
                     continue
                 try:
@@ -134,10 +149,17 @@ class CocoDataset(BoxPromptDataset):
                         f"annotation {ann.get('id')} in {path} has a {rle['size']} mask for image {image_id} "
                         f"of {info.get('height')}x{info.get('width')}"
                     )
+                try:
+                    category = int(ann.get("category_id", -1))
+                except (TypeError, ValueError):
+                    raise DatasetError(
+                        f"annotation {ann.get('id')} in {path} has a category_id that is not an integer: "
+                        f"{ann.get('category_id')!r}"
+                    ) from None
                 c = rle["counts"]
                 kept_counts.append(c.encode("ascii") if isinstance(c, str) else bytes(c))
                 kept_boxes.append([x, y, x + bw, y + bh])
-                cats.append(int(ann.get("category_id", -1)))
+                cats.append(category)
             if not kept_counts:
                 continue
             try:
@@ -186,7 +208,8 @@ class CocoDataset(BoxPromptDataset):
         mask_utils = import_mask_utils("CocoDataset")
         masks = np.zeros((len(keep), height, width), dtype=np.uint8)
         for row, j in enumerate(keep):
-            masks[row] = decode_rle(mask_utils, (height, width), self._rles[first + int(j)].tobytes())
+            where = f"object {int(j)} of image {self.image_ids[index]} ({path}) in {self.annotation_path}"
+            masks[row] = decode_rle(mask_utils, (height, width), self._rles[first + int(j)].tobytes(), where)
         boxes = self._boxes[index].reshape(-1, 4)[keep]
         categories = self._categories[first : int(self._first[index + 1])][keep]
         return image, masks, boxes, categories

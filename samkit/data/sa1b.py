@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..utils.image import load_image
-from .coco import decode_rle, import_mask_utils
+from .coco import box_numbers, decode_rle, import_mask_utils
 from .common import BoxPromptDataset, Ragged
 
 
@@ -143,19 +143,21 @@ class Sa1bDataset(BoxPromptDataset):
             if position >= len(annotations):
                 raise DatasetError(f"{ann_path} changed since the dataset was built (fewer annotations)")
             ann = annotations[position]
+            where = f"annotation {ann.get('id') if isinstance(ann, dict) else None} in {ann_path}"
             try:
-                segmentation, (x, y, w, h) = ann["segmentation"], ann["bbox"]
+                segmentation, bbox = ann["segmentation"], ann["bbox"]
                 size, counts = segmentation["size"], segmentation["counts"].encode("ascii")
+                same_size = [int(v) for v in size] == [height, width]
             except (KeyError, TypeError, ValueError, AttributeError):
                 raise DatasetError(
-                    f"annotation {ann.get('id')} in {ann_path} lacks a bbox or an RLE segmentation (size, counts string)"
+                    f"{where} lacks a bbox or an RLE segmentation (size, counts string)"
                 ) from None
-            if [int(v) for v in size] != [height, width]:
+            x, y, w, h = box_numbers(bbox, where)
+            if not same_size:
                 raise DatasetError(
-                    f"annotation {ann.get('id')} in {ann_path} has a {size[0]}x{size[1]} mask but "
-                    f"{image_path} is {height}x{width}"
+                    f"{where} has a {size[0]}x{size[1]} mask but {image_path} is {height}x{width}"
                 )
-            masks[row] = decode_rle(mask_utils, (height, width), counts)
+            masks[row] = decode_rle(mask_utils, (height, width), counts, where)
             boxes[row] = [x, y, x + w, y + h]
         return image, masks, boxes
 
