@@ -70,6 +70,25 @@ def test_normalize_mr_keeps_background_zero():
     assert not ctp.normalize_mr(np.zeros((2, 2, 2))).any()
 
 
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_nan_voxels_give_zero_and_leave_the_rest_alone(modality):
+    """A NaN voxel (outside a scan's field of view) made the whole volume 0: min/max were NaN."""
+    rng = np.random.default_rng(5)
+    volume = rng.uniform(-1000, 1500, (3, 16, 16)) if modality == "CT" else rng.uniform(1, 900, (3, 16, 16))
+    volume[0, :2] = 0  # MR background
+    convert = ctp.window_ct if modality == "CT" else ctp.normalize_mr
+    bad = volume.copy()
+    bad[1, 4:6, 7] = np.nan
+    out = convert(bad)
+    assert (out[1, 4:6, 7] == 0).all()
+    rest = ~np.isnan(bad)
+    if modality == "MR":  # the percentiles come from the finite foreground: the same without those voxels
+        volume[1, 4:6, 7] = 0
+    np.testing.assert_array_equal(out[rest], convert(volume)[rest])
+    assert out[rest].max() == 255
+    assert not convert(np.full((2, 2), np.nan)).any()
+
+
 def test_remove_small_components_3d_connectivity_and_ids():
     label = np.zeros((6, 6, 6), dtype=np.uint8)
     label[0:2, 0:2, 0:2] = 1  # 8 voxels

@@ -69,12 +69,20 @@ class Case:
 
 
 def rescale_to_uint8(volume: np.ndarray) -> np.ndarray:
-    """Min-max rescale to 0-255 and truncate to uint8, as the seed did; a constant volume gives zeros."""
+    """Min-max rescale to 0-255 and truncate to uint8, as the seed did; a constant volume gives zeros.
+
+    NaN voxels (e.g. outside a scan's field of view) give 0 and do not count for the range: with
+    plain min/max a single NaN made the whole volume 0."""
     x = np.asarray(volume, dtype=np.float64)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if hi <= lo:
+    nan = np.isnan(x)
+    finite = x[~nan] if nan.any() else x
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if not hi > lo:  # constant, empty, all-NaN or an infinite range
         return np.zeros(x.shape, dtype=np.uint8)
-    return ((x - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    out = (x - lo) / (hi - lo) * 255.0
+    if nan.any():
+        out[nan] = 0
+    return out.astype(np.uint8)
 
 
 def window_ct(volume: np.ndarray, level: float = 40.0, width: float = 400.0) -> np.ndarray:
@@ -90,7 +98,7 @@ def window_ct(volume: np.ndarray, level: float = 40.0, width: float = 400.0) -> 
 def normalize_mr(volume: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
     """Clip MR values to percentiles of the voxels > 0, rescale to uint8; voxels that were 0 stay 0."""
     volume = np.asarray(volume)
-    foreground = volume[volume > 0]
+    foreground = volume[(volume > 0) & np.isfinite(volume)]
     if foreground.size == 0:
         return np.zeros(volume.shape, dtype=np.uint8)
     lower, upper = np.percentile(foreground, percentiles)
