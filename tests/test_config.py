@@ -98,6 +98,10 @@ def test_seed_spellings():
         ("model=vit_b", "model"),
         ("resume=/no/such/file.pt", "resume"),
         ("amp_level=O9", "amp_level"),
+        ("optimizer.lr=nan", "optimizer.lr"),  # NaN passed `lr > 0` checks' negation and trained on NaN
+        ("optimizer.weight_decay=.inf", "optimizer.weight_decay"),
+        ("loss.focal_weight=-.inf", "loss.focal_weight"),
+        ("model.type=vit_q", "model.type"),  # a traceback from build_model before
     ],
 )
 def test_bad_keys_and_types_name_the_key(override, key):

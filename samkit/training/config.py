@@ -12,6 +12,7 @@ bf16 on CPU and fp16 on GPUs, as the seed ran O2 in fp16) and ``network.model.<k
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -298,6 +299,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key} must be a number, got {value!r} in {source}")
+        if not math.isfinite(value):  # `lr: .nan` passed every range check and trained on NaN
+            raise ConfigError(f"config key {key} must be a finite number, got {value!r} in {source}")
         return float(value)
     if hint is str:
         if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means "off"
@@ -314,6 +317,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"config key {key} {message} in {source}")
 
+    from ..build import sam_model_registry
+
+    if cfg.model.type not in sam_model_registry:
+        fail("model.type", f"must be one of {', '.join(sam_model_registry)}, got {cfg.model.type!r}")
     if cfg.model.image_size is not None and (cfg.model.image_size < 16 or cfg.model.image_size % 16):
         fail(
             "model.image_size",
