@@ -189,6 +189,26 @@ def test_feature_encoders_load_by_path(kind, dim, size, tiny_clip_dir, tiny_blip
         encoder.image_features(torch.rand(1, 3, size + 1, size))
 
 
+@pytest.mark.parametrize("kind", ["clip", "blip2"])
+def test_long_texts_are_cut_to_the_text_models_positions(kind, tiny_clip_dir, tiny_blip2_dir):
+    """A text longer than the text model's position embeddings is truncated as the tokenizer would
+    for a model of that length (it failed inside the model: the tiny CLIP holds 16 positions and its
+    saved tokenizer has no model_max_length)."""
+    from samkit.text import build_feature_encoder
+
+    encoder = build_feature_encoder(kind, tiny_clip_dir if kind == "clip" else tiny_blip2_dir)
+    text_config = encoder.model.config.text_config if kind == "clip" else encoder.model.config.qformer_config
+    positions = text_config.max_position_embeddings
+    long = encoder.text_features(["dog " * (positions + 300), "cat"])
+    assert long.shape[0] == 2 and torch.isfinite(long).all()
+    kept = encoder.tokenizer(["dog " * (positions + 300)], truncation=True, max_length=positions)[
+        "input_ids"
+    ][0]
+    assert len(kept) == positions
+    same = encoder.text_features([encoder.tokenizer.decode(kept, skip_special_tokens=True)])
+    torch.testing.assert_close(long[:1], same, atol=1e-5, rtol=1e-4)
+
+
 def test_missing_feature_model_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import huggingface_hub.constants

@@ -78,6 +78,7 @@ class FeatureEncoder(nn.Module):
     image_size: int
     model_class: str  # the transformers class loaded by from_pretrained
     feature_dim_key: str  # the model config's key of the feature size
+    text_config_key: str  # the model config's sub-config of the text side (its max_position_embeddings)
     label: str  # how errors name the model
 
     def __init__(self, model: nn.Module, tokenizer=None) -> None:
@@ -117,7 +118,16 @@ class FeatureEncoder(nn.Module):
             )
         if isinstance(texts, str):
             texts = [texts]
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        # Truncate to what the text model's position embeddings hold: a tokenizer saved without a
+        # model_max_length (or a larger one) let a long text through to an IndexError in the model.
+        extra = {}
+        positions = getattr(
+            getattr(self.model.config, self.text_config_key, None), "max_position_embeddings", None
+        )
+        most = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(positions, int) and positions > 0 and not (isinstance(most, int) and most <= positions):
+            extra["max_length"] = positions
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt", **extra)
         return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
     @torch.no_grad()
@@ -147,6 +157,7 @@ class ClipFeatureEncoder(FeatureEncoder):
 
     model_class = "CLIPModel"
     feature_dim_key = "projection_dim"
+    text_config_key = "text_config"
     label = "CLIP"
 
     def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -162,6 +173,7 @@ class Blip2FeatureEncoder(FeatureEncoder):
 
     model_class = "Blip2ForImageTextRetrieval"
     feature_dim_key = "image_text_hidden_size"
+    text_config_key = "qformer_config"
     label = "BLIP-2"
 
     def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
