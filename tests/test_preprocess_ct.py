@@ -240,13 +240,20 @@ def test_script_missing_folder_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, value",
-    [("--val-fraction", "1.5"), ("--image-size", "0"), ("--min-area", "x"), ("--modality", "PET")],
+    "flag, value, says",
+    [
+        ("--val-fraction", "1.5", "between 0"),
+        ("--image-size", "0", "at least 1"),
+        ("--min-area", "x", "expected a number"),
+        ("--modality", "PET", "invalid choice"),
+        ("--window-level", "nan", "expected a finite number"),  # said "must be at least -inf"
+        ("--window-width", "inf", "expected a finite number"),  # said "must be at least 1e-06, got inf"
+    ],
 )
-def test_bad_flag_values_exit_2(tmp_path, capsys, flag, value):
+def test_bad_flag_values_exit_2(tmp_path, capsys, flag, value, says):
     code, out, err = run_main(capsys, "--input-dir", tmp_path, flag, value)
     assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and flag in err and says in err and "Traceback" not in err
 
 
 def test_default_folders_are_the_seeds(tmp_path, capsys, monkeypatch):

@@ -29,7 +29,9 @@ def _number(convert: Callable[[str], Any], low: float, high: float = math.inf) -
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low <= value <= high and math.isfinite(value)):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if not low <= value <= high:
             bounds = f"at least {low}" if high == math.inf else f"between {low} and {high}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
