@@ -469,6 +469,9 @@ def test_point_inference_writes_outputs(tmp_path, astronaut_png, tiny_checkpoint
         (["--point", "10,20,0"], "background"),
         (["--points-prompt", "[[868,622]]"], "point 868,622 is outside the image"),
         (["--points-prompt", "[[1,2"], "--points-prompt"),
+        # The point's own problem, named under the flag that gave it (it said --point '1,2,3,4').
+        (["--points-prompt", "[[[1,2,3,4]]]"], "--points-prompt '[[[1,2,3,4]]]': point '1,2,3,4'"),
+        (["--points-prompt", "[[[1,2,7]]]"], "--points-prompt '[[[1,2,7]]]': point '1,2,7': label"),
         (["--point", "1,2", "--amp-level", "O1", "--dtype", "float32"], "--amp-level O1"),
     ],
 )

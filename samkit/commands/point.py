@@ -60,7 +60,9 @@ def parse_points_prompt(text: str) -> list[Prompt]:
                 raise PromptError(
                     f"--points-prompt {text!r}: {point!r} is not a point [x, y] or [x, y, label]"
                 )
-            points.append(parse_point(",".join(str(v) for v in point)))
+            points.append(
+                parse_point(",".join(str(v) for v in point), flag=f"--points-prompt {text!r}: point")
+            )
         prompts.append(points)
     return prompts
 

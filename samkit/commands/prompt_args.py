@@ -19,20 +19,21 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 # Parsing and checking prompts
 
 
-def parse_point(text: str) -> Point:
-    """``"X,Y"`` or ``"X,Y,LABEL"`` (label 1 = foreground, the default; 0 = background)."""
+def parse_point(text: str, flag: str = "--point") -> Point:
+    """``"X,Y"`` or ``"X,Y,LABEL"`` (label 1 = foreground, the default; 0 = background). ``flag``:
+    how errors name the argument (``--points-prompt`` gives its points in this form too)."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) not in (2, 3):
         raise PromptError(
-            f"--point {text!r}: expected X,Y or X,Y,LABEL (label 1 = foreground, 0 = background), "
+            f"{flag} {text!r}: expected X,Y or X,Y,LABEL (label 1 = foreground, 0 = background), "
             f"got {len(parts)} values"
         )
-    x, y = (_number(p, "--point", text) for p in parts[:2])
+    x, y = (_number(p, flag, text) for p in parts[:2])
     label = 1
     if len(parts) == 3:
         if parts[2] not in ("0", "1"):
             raise PromptError(
-                f"--point {text!r}: label must be 0 (background) or 1 (foreground), got {parts[2]!r}"
+                f"{flag} {text!r}: label must be 0 (background) or 1 (foreground), got {parts[2]!r}"
             )
         label = int(parts[2])
     return x, y, label
