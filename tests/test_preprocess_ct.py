@@ -338,6 +338,20 @@ def test_unreadable_or_mismatched_cases_are_named_exit_1(tmp_path, capsys):
     assert not npy_names(tmp_path / "o" / "train" / "images")
 
 
+def test_a_label_volume_with_nan_is_named(tmp_path, capsys):
+    """Float labels (scaled NIfTI) holding NaN made those voxels background without a word."""
+    root = make_flare_nifti(tmp_path / "d", num_cases=2)
+    _, label, _ = synthetic_case(0, 0)
+    label = label.astype(np.float32)
+    label[3, 4, 5] = np.nan
+    bad = root / "labels" / f"{case_name(0)}.nii.gz"
+    write_nifti(bad, label)
+    code, out, err = run_main(capsys, "--input-dir", root, "--output-dir", tmp_path / "o", *FAST)
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and str(bad) in errors[0] and "1 NaN/inf voxels" in errors[0]
+
+
 def test_interrupt_leaves_no_half_written_file(flare5, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     real_save = np.save

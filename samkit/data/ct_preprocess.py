@@ -383,6 +383,10 @@ def _preprocess_case(case: Case, out: Path, split: str, settings: dict[str, Any]
             f"{case.image} has shape {tuple(image_nii.shape)} but {case.label} has shape {tuple(label_nii.shape)}"
         )
     raw = _read(label_nii, case.label)
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # NaN would become background silently
+        raise CaseError(
+            f"{case.label}: label ids must be finite numbers, found {np.sum(~np.isfinite(raw))} NaN/inf voxels"
+        )
     if raw.size and (raw.min() < 0 or raw.max() > 255):
         raise CaseError(f"{case.label}: label ids must lie in 0..255, found {raw.min()}..{raw.max()}")
     raw = raw if np.issubdtype(raw.dtype, np.integer) else np.rint(raw)  # scaled labels come as floats
