@@ -216,3 +216,29 @@ def test_a_batch_without_objects_still_gives_every_decoder_parameter_a_gradient(
     assert float(loss["loss"].detach()) == 0.0
     grads = [p.grad for p in model.mask_decoder.parameters()]
     assert all(g is not None and not g.any() for g in grads)
+
+
+def test_the_optimizer_is_fused_where_torch_has_it_and_steps_like_the_plain_one(tiny_model):
+    from samkit.training.params import build_optimizer, fused_adamw_supported
+
+    cpu = torch.device("cpu")
+    decoder = tiny_model.mask_decoder
+    start = {k: v.clone() for k, v in decoder.state_dict().items()}
+    settings = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+    results = []
+    for fused in (fused_adamw_supported(cpu), False):
+        decoder.load_state_dict(start)
+        if fused:
+            opt = build_optimizer(decoder, cpu, **settings)
+            assert all(group["fused"] for group in opt.param_groups)
+        else:
+            opt = torch.optim.AdamW(parameter_groups(decoder, 0.1), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+        for step in range(3):
+            for i, p in enumerate(decoder.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 1000 + i))
+            opt.step()
+        results.append({k: v.clone() for k, v in decoder.state_dict().items()})
+    decoder.load_state_dict(start)
+    for k in start:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(results[0][k], start[k]) for k in start)

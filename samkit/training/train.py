@@ -39,7 +39,7 @@ from .embedding_cache import EmbeddingCache, KeyedDataset, crop_feature_key, enc
 from .logger import TrainLogger
 from .losses import prompt_loss
 from .modes import batch_on_device
-from .params import freeze_parameters, parameter_groups
+from .params import build_optimizer, freeze_parameters
 from .schedule import lr_at
 from .setup import (
     EpochBatches,
@@ -104,11 +104,13 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
             "cache_embeddings needs a frozen image encoder (model.freeze: [image_encoder, ...])"
         )
     params = [p for p in sam.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameter_groups(sam, cfg.optimizer.weight_decay),
+    optimizer = build_optimizer(
+        sam,
+        device,
         lr=cfg.optimizer.lr,
         betas=tuple(cfg.optimizer.betas),
         eps=cfg.optimizer.eps,
+        weight_decay=cfg.optimizer.weight_decay,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
