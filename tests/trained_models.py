@@ -91,6 +91,7 @@ TRAINED_MODELS: dict[str, TrainedModel] = {
             "samkit/modeling",
             "samkit/utils/transforms.py",  # ResizeLongestSide: image and point geometry
             "samkit/utils/allocator.py",  # the mask decoder's block size depends on it
+            "samkit/training/numerics.py",  # subnormals flushed while it trains
         ),
         settings={"seed": 0, "steps": 1000},
         packages=("torch", "numpy", "scikit-image"),  # scikit-image draws the shapes

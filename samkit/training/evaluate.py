@@ -34,6 +34,7 @@ from . import distributed
 from .config import TrainConfig, resolve_amp
 from .metrics import MiouAccumulator
 from .modes import EVAL_PROTOCOLS, PromptMode, batch_on_device
+from .numerics import flush_subnormals
 from .setup import autocast, build_data, build_prompt_mode, build_sam
 
 
@@ -71,13 +72,14 @@ def evaluate(
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="eval", leave=False)
-    for raw in loader:
-        batch = batch_on_device(raw, device, seed=seed)
-        if names:
-            batch.extra["category_names"] = names
-        with autocast(device, amp):
-            embeddings = mode.sam.image_encoder(batch.images)
-            score_batch(mode, batch, embeddings, acc)
+    with flush_subnormals(device):
+        for raw in loader:
+            batch = batch_on_device(raw, device, seed=seed)
+            if names:
+                batch.extra["category_names"] = names
+            with autocast(device, amp):
+                embeddings = mode.sam.image_encoder(batch.images)
+                score_batch(mode, batch, embeddings, acc)
     acc.all_reduce()
     if was_training:
         mode.train()

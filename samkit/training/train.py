@@ -39,6 +39,7 @@ from .embedding_cache import EmbeddingCache, KeyedDataset, crop_feature_key, enc
 from .logger import TrainLogger
 from .losses import prompt_loss
 from .modes import batch_on_device
+from .numerics import flush_subnormals
 from .params import build_optimizer, freeze_parameters
 from .schedule import lr_at
 from .setup import (
@@ -73,7 +74,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     previous_handler = signal.getsignal(signal.SIGTERM)
     log = TrainLogger(cfg, env.is_main)
     try:
-        result = _train(cfg, env, log)
+        with flush_subnormals(env.device):
+            result = _train(cfg, env, log)
         distributed.finish()
         return result
     finally:
