@@ -340,3 +340,55 @@ def test_the_hook_builds_what_the_selected_tests_need_before_they_run(tmp_path):
         TrainedModel(build=print, sources=("tests/trained_models.py",), settings={"value": 7}, packages=())
     )
     assert not folder.exists()
+
+
+def record_process(folder: Path, *, fail: bool = False) -> None:
+    """A build for its own process (module level, so that a spawned process can import it)."""
+    import torch
+
+    from samkit.training.numerics import flushing_subnormals
+
+    if fail:
+        raise ValueError("this build fails")
+    (folder / "process.txt").write_text(f"{os.getpid()} {flushing_subnormals()} {torch.get_num_threads()}")
+
+
+def test_a_build_in_its_own_process_flushes_subnormals_and_leaves_this_process_alone(repo, tmp_path):
+    from samkit.training.numerics import flushing_subnormals
+
+    model = TrainedModel(build=record_process, sources=("dep.py",), packages=("pytest",), own_process=True)
+    folder, seconds = ensure_built(tmp_path / "cache", "fake", model, root=repo)
+    pid, flushing, threads = (folder / "process.txt").read_text().split()
+    assert int(pid) != os.getpid() and seconds is not None
+    assert (flushing, int(threads)) == ("True", trained_models.BUILD_THREADS)
+    assert not flushing_subnormals()
+
+
+def test_a_build_that_fails_in_its_own_process_names_the_model_and_leaves_no_entry(repo, tmp_path, capfd):
+    model = TrainedModel(
+        build=record_process,
+        sources=("dep.py",),
+        settings={"fail": True},
+        packages=("pytest",),
+        own_process=True,
+    )
+    with pytest.raises(RuntimeError, match="building trained test model broken failed in its process"):
+        ensure_built(tmp_path / "cache", "broken", model, root=repo)
+    assert "this build fails" in capfd.readouterr().err
+    assert entries(tmp_path / "cache" / "broken") == []
+
+
+def test_required_models_are_built_first(repo, tmp_path, monkeypatch):
+    order: list[str] = []
+
+    def builder(name: str):
+        return lambda folder: order.append(name)
+
+    registry = {"inner": fake(builder("inner"))}
+    monkeypatch.setattr(trained_models, "TRAINED_MODELS", registry)
+    outer = TrainedModel(
+        build=builder("outer"), sources=("dep.py",), packages=("pytest",), requires=("inner",)
+    )
+    ensure_built(tmp_path / "cache", "outer", outer, root=repo)
+    assert order == ["inner", "outer"]
+    assert entries(tmp_path / "cache" / "inner") and entries(tmp_path / "cache" / "outer")

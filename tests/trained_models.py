@@ -68,6 +68,9 @@ class TrainedModel:
     sources: tuple[str, ...]  # files or package folders (all *.py inside), relative to the repo root
     settings: Mapping[str, Any] = field(default_factory=dict)  # passed to build, part of the key
     packages: tuple[str, ...] = ("torch",)  # distributions whose versions are part of the key
+    # Build in a fresh process (``build`` must then be a module-level function): see _build_in_process.
+    own_process: bool = False
+    requires: tuple[str, ...] = ()  # models (TRAINED_MODELS names) ``build`` finds in the cache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,6 +98,7 @@ TRAINED_MODELS: dict[str, TrainedModel] = {
         ),
         settings={"seed": 0, "steps": 1000},
         packages=("torch", "numpy", "scikit-image"),  # scikit-image draws the shapes
+        own_process=True,  # the same weights as in-process (subnormals flushed: checked bit for bit)
     ),
 }
 
@@ -149,6 +153,8 @@ TRAINED_MODELS["text_sam_model"] = TrainedModel(
         "text_clip_model": _TEXT_CLIP_SETTINGS,  # the CLIP it prompts with (key only)
     },
     packages=("torch", "numpy", "scikit-image", "transformers", "tokenizers", "torchvision", "pycocotools"),
+    own_process=True,
+    requires=("text_clip_model",),
 )
 
 
@@ -219,6 +225,8 @@ def ensure_built(
     entry. Sessions that need the same build at once take turns on a lock file: one builds, the
     others wait and load it. Other keys' entries of the same model are then removed.
     """
+    for required in model.requires:  # first, so that a build in its own process finds them
+        ensure_built(cache_root, required, TRAINED_MODELS[required], root)
     key = cache_key(model, root)
     model_root = Path(cache_root) / name
     folder = model_root / key
@@ -241,11 +249,14 @@ def _build(folder: Path, name: str, model: TrainedModel, key: str, root: Path) -
     threads = torch.get_num_threads()
     try:
         start = time.perf_counter()
-        torch.set_num_threads(BUILD_THREADS)
-        try:
-            model.build(tmp, **model.settings)
-        finally:
-            torch.set_num_threads(threads)
+        if model.own_process:
+            _build_in_process(name, model, tmp)
+        else:
+            torch.set_num_threads(BUILD_THREADS)
+            try:
+                model.build(tmp, **model.settings)
+            finally:
+                torch.set_num_threads(threads)
         seconds = time.perf_counter() - start
         info = {
             "name": name,
@@ -267,6 +278,34 @@ def _build(folder: Path, name: str, model: TrainedModel, key: str, root: Path) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return seconds
+
+
+def _build_in_process(name: str, model: TrainedModel, folder: Path) -> None:
+    """Run ``model.build`` in a fresh (spawned) Python process that flushes subnormal floats from its
+    start: torch's worker threads take the setting when they are created, so a process whose
+    thread pool already runs (this pytest session) cannot switch them over, and the late steps of a
+    training slow down several times on subnormals (text_sam_model ~100 -> ~60 s). The fresh
+    process also builds the same way whatever the session ran before. Its output goes to the
+    session's own stdout and stderr."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_build_child, args=(model.build, str(folder), dict(model.settings)), name=f"build-{name}"
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(
+            f"building trained test model {name} failed in its process (exit code {child.exitcode})"
+        )
+
+
+def _build_child(build: Callable[..., None], folder: str, settings: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_flush_denormal(True)  # before the first parallel op: the thread pool inherits it
+    torch.set_num_threads(BUILD_THREADS)
+    build(Path(folder), **settings)
 
 
 _TURN = threading.local()  # .depth > 0 while this thread holds the cache's build turn
