@@ -87,6 +87,22 @@ def test_mask_iou_and_dice_by_hand():
         mask_iou(pred, target[:, :, :3])
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (256, 256), (300, 401)])
+def test_mask_iou_of_large_masks_counts_exactly(hw):
+    """Masks of 65536 pixels or more are counted through NumPy on the CPU: the same counts, with any
+    leading shape, for non-contiguous views and non-bool masks."""
+    g = torch.Generator().manual_seed(hw[0])
+    pred = torch.rand(2, 3, *hw, generator=g) > 0.6
+    target = (torch.rand(2, 3, *hw, generator=g) > 0.3).float()
+    inter = (pred & (target > 0.5)).double().sum((-2, -1))
+    union = pred.double().sum((-2, -1)) + (target > 0.5).double().sum((-2, -1)) - inter
+    torch.testing.assert_close(mask_iou(pred, target), (inter / (union + 1e-7)).float())
+    view = pred.transpose(-2, -1)
+    flipped = target.transpose(-2, -1)
+    torch.testing.assert_close(mask_iou(view, flipped), mask_iou(pred, target))
+    torch.testing.assert_close(mask_iou(pred[0], target[0]), mask_iou(pred, target)[0])
+
+
 def test_iou_mse_by_hand_and_without_gradient_to_logits():
     logits = torch.tensor([[[3.0, 1.0, -2.0, -1.0]]], requires_grad=True)  # inside: the first two pixels
     targets = torch.tensor([[[0, 1, 1, 0]]], dtype=torch.uint8)

@@ -208,6 +208,41 @@ def test_protocol_clicks_are_the_most_interior_points():
     assert next_click(target, target) is None
 
 
+def whole_frame_click(target: np.ndarray, pred: np.ndarray):
+    """The protocol's correction click computed over the whole frame (next_click works on the
+    errors' bounding box)."""
+    from scipy import ndimage
+
+    best = None
+    for label, error in ((1, target & ~pred), (0, pred & ~target)):
+        if error.any():
+            regions, count = ndimage.label(error)
+            areas = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+            if best is None or areas.max() > best[0]:
+                best = (areas.max(), regions == int(np.argmax(areas)) + 1, label)
+    return None if best is None else (*interior_point(best[1]), best[2])
+
+
+def test_correction_clicks_equal_the_whole_frame_computation():
+    """Random blobs, equal-area ties (squares of one size scattered), errors touching the frame's
+    edges and single-pixel errors: the cropped computation clicks where the whole frame's would."""
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        h, w = rng.integers(8, 120, size=2)
+        target = np.zeros((h, w), bool)
+        pred = np.zeros((h, w), bool)
+        side = int(rng.integers(1, 6))
+        for mask in (target, pred):
+            for _ in range(rng.integers(0, 6)):
+                y, x = rng.integers(0, h), rng.integers(0, w)
+                s = side if case % 2 else int(rng.integers(1, 25))
+                mask[y : y + s, x : x + s] = True
+        if case % 5 == 0:
+            pred = target.copy()
+            pred[rng.integers(0, h), rng.integers(0, w)] ^= True
+        assert next_click(target, pred) == whole_frame_click(target, pred), case
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config keys and the seed's focal form
 

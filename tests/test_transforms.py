@@ -10,7 +10,7 @@ from segment_anything.utils.transforms import ResizeLongestSide as MetaResize
 
 from samkit import ImageError
 from samkit.utils.image import load_image, to_rgb_uint8
-from samkit.utils.transforms import ResizeLongestSide, upscale_masks
+from samkit.utils.transforms import ResizeLongestSide, greater, upscale_masks
 
 
 @pytest.mark.parametrize("hw", [(512, 512), (427, 640), (1, 1), (3000, 17), (1024, 1024), (1500, 2000)])
@@ -64,6 +64,24 @@ def test_upscale_masks_in_groups_and_thresholded_equal_the_one_pass_logits(count
         masks = upscale_masks(low, 1024, input_size, original, threshold=t)
         assert masks.dtype == torch.bool and torch.equal(masks, one_pass > t)
     assert upscale_masks(low[None], 1024, input_size, original, threshold=0.0).shape == (1, count, *original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_greater_equals_torch_gt(dtype):
+    """NumPy's comparison on the CPU gives torch's bools: thresholds that float32 cannot hold (0.1:
+    values between the float32 and the float64 0.1), NaN, infinities, into ``out`` and not; other
+    layouts and devices go to torch.gt itself."""
+    t = 0.1
+    near = torch.tensor([0.1, 0.1 + 1e-9, 0.1 - 1e-9, np.nextafter(np.float32(0.1), 1), 0.0], dtype=dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
+    x = torch.cat([near, special, torch.randn(5991, dtype=dtype)]).view(-1, 10)
+    for threshold in (t, 0.0, -1.5, 2):
+        assert torch.equal(greater(x, threshold), x > threshold)
+        out = torch.empty(x.shape, dtype=torch.bool)
+        assert greater(x, threshold, out=out) is out and torch.equal(out, x > threshold)
+    assert torch.equal(greater(x.t(), t), x.t() > t)  # not contiguous
+    grad = x.clone().requires_grad_()
+    assert torch.equal(greater(grad, t), x > t)
 
 
 def test_image_conversion_rules():

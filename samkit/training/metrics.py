@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -37,12 +38,23 @@ def _areas(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
-    """The True pixels of each ...xHxW bool mask, exactly, as float32. Summed as bytes over the
-    flattened pixels into int32 (int64 past 2^31 pixels): a bool sum over two dims first copies every
-    pixel to int64, ~10x slower on a CPU (6 masks of 1024x1024: 24 -> 2.5 ms)."""
+    """The True pixels of each ...xHxW bool mask, exactly, as float32.
+
+    Large masks on the CPU: NumPy's count_nonzero per mask (~3x faster than torch's sum: 6 masks of
+    1024x1024, 1.06 -> 0.33 ms). Otherwise summed as bytes over the flattened pixels into int32
+    (int64 past 2^31 pixels): a bool sum over two dims first copies every pixel to int64, ~10x
+    slower on a CPU (6 masks of 1024x1024: 24 -> 2.5 ms)."""
     pixels = mask.shape[-2] * mask.shape[-1]
-    counts = mask.reshape(*mask.shape[:-2], pixels).view(torch.uint8)
+    lead = mask.shape[:-2]
+    if mask.device.type == "cpu" and pixels >= _NUMPY_COUNT_PIXELS and not mask.requires_grad:
+        rows = mask.reshape(-1, pixels).numpy()
+        counts = np.fromiter((np.count_nonzero(row) for row in rows), dtype=np.int64, count=len(rows))
+        return torch.from_numpy(counts).float().view(lead)
+    counts = mask.reshape(*lead, pixels).view(torch.uint8)
     return counts.sum(-1, dtype=torch.int32 if pixels < 2**31 else torch.int64).float()
+
+
+_NUMPY_COUNT_PIXELS = 1 << 16  # masks at least this large are counted by NumPy on the CPU (see _count)
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:
