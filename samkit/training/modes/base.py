@@ -188,13 +188,13 @@ def score_objects(acc: MiouAccumulator, low_res: torch.Tensor, batch: TrainBatch
     each image's original size against ``batch.extra["original_masks"]`` (key ``original``), the
     logits resized as the predictor resizes them. ``key`` is appended to both keys (``1024_click3``).
     """
-    from ...utils.transforms import upscale_masks
+    from ...utils.transforms import greater, upscale_masks
     from ..losses import upsample_logits
 
     low_res = low_res.float()
     size = batch.masks.shape[-1]
     device = low_res.device
-    pred = upsample_logits(low_res, size) > 0
+    pred = greater(upsample_logits(low_res, size), 0.0)
     ones = torch.ones(1, len(pred), dtype=torch.bool, device=device)
     acc.update(pred[None], batch.targets[None].bool(), ones, key=f"1024{key}")
     if "original_masks" not in batch.extra:
@@ -206,10 +206,10 @@ def score_objects(acc: MiouAccumulator, low_res: torch.Tensor, batch: TrainBatch
             continue
         h, w = (int(v) for v in batch.extra["original_size"][b])
         ih, iw = (int(v) for v in batch.extra["input_size"][b])
-        logits = upscale_masks(low_res[start : start + n], size, (ih, iw), (h, w))
+        masks = upscale_masks(low_res[start : start + n], size, (ih, iw), (h, w), threshold=0.0)
         target = batch.extra["original_masks"][b][: batch.valid.shape[1]][batch.valid[b].cpu()]
         acc.update(
-            (logits > 0)[None],
+            masks[None],
             target.to(device).bool()[None],
             torch.ones(1, n, dtype=torch.bool, device=device),
             key=f"original{key}",

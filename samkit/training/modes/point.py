@@ -181,6 +181,7 @@ class PointSession(Session):
     @torch.no_grad()
     def feedback(self, prediction: Prediction) -> None:
         """Feed back the best-by-predicted-IoU logits; draw each object's next click from its errors."""
+        from ...utils.transforms import greater
         from ..losses import upsample_logits
 
         logits = prediction.low_res
@@ -198,7 +199,7 @@ class PointSession(Session):
         for i, key in enumerate(self._keys):
             if self.round in self.mask_only[i]:
                 continue
-            pred = upsample_logits(logits[i : i + 1], size)[0] > 0
+            pred = greater(upsample_logits(logits[i : i + 1], size)[0], 0.0)
             click = sample_click(self._targets[i], pred, object_rng(*key, self.round, _CLICK))
             if click is not None:
                 self._add(i, click)

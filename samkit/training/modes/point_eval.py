@@ -84,6 +84,7 @@ def evaluate_batch(
     mode: PromptMode, batch: TrainBatch, embeddings: torch.Tensor, acc: MiouAccumulator
 ) -> None:
     """Run the interactive protocol on one batch's valid objects and add its metrics to ``acc``."""
+    from ...utils.transforms import greater
     from ..losses import upsample_logits
 
     image_ids, slots = (t.tolist() for t in batch.valid.nonzero(as_tuple=True))
@@ -105,12 +106,14 @@ def evaluate_batch(
         low_res = pred.low_res.float()
         rows = torch.arange(len(objects), device=low_res.device)
         if count == 1:
-            candidates = upsample_logits(low_res.flatten(0, 1), size).view(*low_res.shape[:2], size, size) > 0
+            candidates = greater(upsample_logits(low_res.flatten(0, 1), size), 0.0).view(
+                *low_res.shape[:2], size, size
+            )
             true_iou = mask_iou(candidates, targets[:, None].expand_as(candidates))
             score_objects(acc, low_res[rows, true_iou.argmax(dim=1)], batch, key="_click1_oracle")
         logits = low_res[rows, pred.iou.argmax(dim=1)]
         mask_input = logits[:, None]
-        masks = upsample_logits(logits, size) > 0
+        masks = greater(upsample_logits(logits, size), 0.0)
         ious[:, count - 1] = mask_iou(masks, targets).cpu().numpy()
         if count in REPORTED_CLICKS:
             score_objects(acc, logits, batch, key=f"_click{count}")
