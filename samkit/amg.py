@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_area
 
 from .modeling import Sam
 from .predictor import SamPredictor
@@ -35,6 +34,7 @@ from .utils.amg import (
     uncrop_points,
 )
 from .utils.image import to_rgb_uint8
+from .utils.nms import batched_nms, box_area
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Full-resolution pixels (masks x H x W) handled at once: bounds memory for big images and crops.
