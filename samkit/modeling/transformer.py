@@ -132,12 +132,17 @@ class Attention(nn.Module):
             else:  # the PE's part: one GEMM for all prompts
                 pe_scores = (q_folded.reshape(-1, c) @ k_pe[0].t()).view(b, -1, nk)
                 scores = torch.baddbmm(pe_scores, q_folded, k.transpose(1, 2))
-        attn = scores.softmax(dim=-1, dtype=torch.float32)
-        # Inference only (training keeps its exact computation); 16-bit GEMMs treat subnormal inputs
-        # as zero themselves.
-        if v.dtype == torch.float32 and not torch.is_grad_enabled():
-            attn = flush_subnormal_probs(attn)
-        attn = attn.to(v.dtype)
+        if scores.dtype == v.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            # bf16 inference: one kernel that computes in fp32 and rounds once, bit for bit the fp32
+            # softmax and cast below, ~40% faster (56 x 4096 scores: 165 -> 101 us).
+            attn = scores.softmax(dim=-1)
+        else:
+            attn = scores.softmax(dim=-1, dtype=torch.float32)
+            # Inference only (training keeps its exact computation); 16-bit GEMMs treat subnormal
+            # inputs as zero themselves.
+            if v.dtype == torch.float32 and not torch.is_grad_enabled():
+                attn = flush_subnormal_probs(attn)
+            attn = attn.to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
         nq = out.shape[2]
