@@ -24,7 +24,6 @@ from .utils.amg import (
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     coco_encode_rle,
-    generate_crop_boxes,
     is_box_near_crop_edge,
     mask_to_rle,
     remove_small_regions,
@@ -33,6 +32,7 @@ from .utils.amg import (
     uncrop_masks,
     uncrop_points,
 )
+from .utils.amg_common import image_crop_boxes
 from .utils.image import to_rgb_uint8
 from .utils.nms import batched_nms, box_area
 
@@ -145,7 +145,7 @@ class SamAutomaticMaskGenerator:
     # ------------------------------------------------------------------ pipeline
     def _generate_masks(self, image: np.ndarray) -> MaskData:
         orig_size = image.shape[:2]
-        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        crop_boxes, layer_idxs = image_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = _cat(
             [self._process_crop(image, box, layer, orig_size) for box, layer in zip(crop_boxes, layer_idxs)]
         )

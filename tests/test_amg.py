@@ -70,6 +70,30 @@ def test_argument_checks(tiny_model):
         )
 
 
+def test_images_smaller_than_the_crop_grid_skip_empty_crops(tiny_model):
+    """A 1-pixel-wide (or tall) image with crop layers: generate_crop_boxes (as Meta's) gives crops
+    that start at the image's edge and are empty; the generator runs on the others. Images of any
+    usual size keep every crop."""
+    from segment_anything.utils.amg import generate_crop_boxes as meta_crop_boxes
+
+    from samkit.utils.amg_common import generate_crop_boxes, image_crop_boxes
+
+    for size in [(480, 640), (7, 300), (1500, 2250)]:
+        assert image_crop_boxes(size, 2, 512 / 1500) == generate_crop_boxes(size, 2, 512 / 1500)
+        assert generate_crop_boxes(size, 2, 512 / 1500) == meta_crop_boxes(size, 2, 512 / 1500)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (1, 5, 3), (3, 1, 3)]:
+        boxes, _ = generate_crop_boxes(shape[:2], 2, 512 / 1500)
+        assert any(x1 <= x0 or y1 <= y0 for x0, y0, x1, y1 in boxes)  # the case at hand
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        generator = SamAutomaticMaskGenerator(
+            tiny_model, points_per_side=4, crop_n_layers=2, pred_iou_thresh=0, stability_score_thresh=0
+        )
+        records = generator.generate(image)
+        assert records and all(r["segmentation"].shape == shape[:2] for r in records)
+        assert all(w > 0 and h > 0 for r in records for _, _, w, h in [r["crop_box"]])
+
+
 def test_bfloat16_model_runs(tiny_model):
     from skimage import data
 

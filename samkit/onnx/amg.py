@@ -18,6 +18,7 @@ from ..utils.amg_common import (
     coco_encode_rle,
     generate_crop_boxes,
     generator_point_grids,
+    image_crop_boxes,
     rle_to_mask,
 )
 from .predictor import OnnxPredictor
@@ -102,7 +103,7 @@ class OnnxAutomaticMaskGenerator:
         """Records for an HxWx3 uint8 RGB image: ``segmentation``, ``area``, ``bbox`` (XYWH),
         ``predicted_iou``, ``point_coords``, ``stability_score``, ``crop_box`` (XYWH)."""
         h, w = image.shape[:2]
-        boxes_, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
+        boxes_, layers = image_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         parts = [self._process_crop(image, box, layer, (h, w)) for box, layer in zip(boxes_, layers)]
         data = {
             k: [v for p in parts for v in p[k]]

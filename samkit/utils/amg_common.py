@@ -51,6 +51,17 @@ def generate_crop_boxes(
     return boxes, layers
 
 
+def image_crop_boxes(
+    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
+) -> tuple[list[list[int]], list[int]]:
+    """The crops a mask generator runs on: :func:`generate_crop_boxes` without the empty ones, which
+    an image narrower or shorter than a layer's 2^i crops per side gets (a 1-pixel-wide image's second
+    crop starts at its right edge). Any other image keeps every crop."""
+    boxes, layers = generate_crop_boxes(im_size, n_layers, overlap_ratio)
+    kept = [i for i, (x0, y0, x1, y1) in enumerate(boxes) if x1 > x0 and y1 > y0]
+    return [boxes[i] for i in kept], [layers[i] for i in kept]
+
+
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     """Uncompressed RLE -> HxW bool."""
     h, w = rle["size"]
