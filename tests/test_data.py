@@ -440,6 +440,30 @@ def test_bad_coco_annotations_are_named(tmp_path, coco_paths, field, value, says
     assert says in message and f"annotation {ann['id']} " in message
 
 
+def test_polygons_of_fewer_than_three_points_are_dropped(tmp_path, coco_paths):
+    """Label tools export polygons of 1-2 points (and odd lengths); pycocotools reads a first
+    polygon of 4 numbers as a box and fails. Such polygons are dropped: an annotation with only
+    them is skipped like an empty mask, one with a valid polygon too keeps exactly that polygon's
+    mask (annToMask of the valid polygons)."""
+    image_dir, ann_path = coco_paths
+    data = json.loads(ann_path.read_text())
+    anns = [a for a in data["annotations"] if not a.get("iscrowd") and isinstance(a["segmentation"], list)]
+    dropped, mixed = anns[0], anns[1]
+    dropped["segmentation"] = [[5, 5, 9, 9], [1, 2, 3]]
+    valid = mixed["segmentation"]
+    mixed["segmentation"] = [[5, 5, 9, 9], *valid, [1, 2, 3, 4, 5]]
+    bad = tmp_path / "odd_polygons.json"
+    bad.write_text(json.dumps(data))
+    base = CocoDataset(image_dir, ann_path, image_size=SMALL, return_original_masks=True)
+    ds = CocoDataset(image_dir, bad, image_size=SMALL, return_original_masks=True)
+    assert ds.num_objects == base.num_objects - 1
+    coco = COCO(str(ann_path))
+    index = list(ds.image_ids).index(mixed["image_id"])
+    wanted = coco.annToMask({**coco.anns[mixed["id"]], "segmentation": valid})
+    masks = ds[index]["original_masks"].numpy()
+    assert any(np.array_equal(m, wanted) for m in masks)
+
+
 def test_an_rle_that_does_not_decode_is_named(tmp_path, coco_paths, sa1b_dir):
     """Runs longer than the image pass pycocotools' area() but fail its decode(), in the loader (a
     ValueError from pycocotools before)."""

@@ -135,6 +135,15 @@ class CocoDataset(BoxPromptDataset):
                 x, y, bw, bh = box_numbers(ann.get("bbox"), f"annotation {ann.get('id')} in {path}")
                 if bw <= 0 or bh <= 0 or not ann.get("segmentation"):
                     continue
+                segmentation = ann["segmentation"]
+                if isinstance(segmentation, list):
+                    # Polygons of fewer than 3 points (label tools export them) cover no pixel, and
+                    # pycocotools reads a first one of 4 numbers as a box and fails: drop them.
+                    polygons = [p for p in segmentation if _is_polygon(p)]
+                    if not polygons:
+                        continue
+                    if len(polygons) < len(segmentation):
+                        ann = {**ann, "segmentation": polygons}
                 try:
                     rle = coco.annToRLE(ann)  # what annToMask decodes
                     area = int(mask_utils.area(rle))
@@ -225,3 +234,8 @@ class CocoDataset(BoxPromptDataset):
             "image_id": int(self.image_ids[index]),
             "size": tuple(int(v) for v in self._sizes[index]),
         }
+
+
+def _is_polygon(p: object) -> bool:
+    """A COCO polygon [x1, y1, x2, y2, ...] of at least 3 points."""
+    return isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0
