@@ -191,6 +191,35 @@ def test_pair_cases_warns_about_unpaired_files(tmp_path):
         ctp.pair_cases(tmp_path / "empty")
 
 
+def test_uncompressed_nii_cases_pair_too(tmp_path, capsys):
+    """Volumes saved as .nii (uncompressed) next to .nii.gz ones are cases too: they were left out
+    without a word. A case present as both keeps the .nii.gz file, with a warning; end to end the
+    .nii case gives the same slices as the .nii.gz one it copies."""
+    import nibabel as nib
+
+    root = make_flare_nifti(tmp_path / "d", num_cases=3)
+    for folder, suffix in (("images", "_0000"), ("labels", "")):
+        old = root / folder / f"{case_name(2)}{suffix}.nii.gz"
+        nib.save(nib.load(old), root / folder / f"{case_name(2)}{suffix}.nii")  # same volume, uncompressed
+        old.unlink()
+        twin = root / folder / f"{case_name(0)}{suffix}.nii"
+        nib.save(nib.load(root / folder / f"{case_name(0)}{suffix}.nii.gz"), twin)
+    cases, warnings = ctp.pair_cases(root)
+    assert [c.name for c in cases] == [case_name(i) for i in range(3)]
+    assert cases[0].image.name.endswith("_0000.nii.gz") and cases[0].label.name.endswith(".nii.gz")
+    assert cases[2].image.name == f"{case_name(2)}_0000.nii" and cases[2].label.name == f"{case_name(2)}.nii"
+    assert len(warnings) == 2 and all("is left out" in w and ".nii " in w for w in warnings)
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, "--input-dir", root, "--output-dir", out, "--val-fraction", "0", *FAST)
+    assert code == 0, err
+    ct, _, clean = synthetic_case(0, 2)
+    kept = [z for z in range(clean.shape[2]) if clean[..., z].any()]
+    names = [n for n in npy_names(out / "train" / "labels") if case_name(2) in n]
+    assert len(names) == len(kept) > 0
+    for name, z in zip(names, kept):
+        assert (np.load(out / "train" / "labels" / name) == clean[..., z].T).all()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The script end to end
 

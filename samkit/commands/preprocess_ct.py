@@ -53,8 +53,8 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--min-volume",), dict(type=_number(int, 0), default=1000, help="3D components (26-connected, per id) with fewer voxels are removed")),
     (("--min-area",), dict(type=_number(int, 0), default=100, help="then 2D ones (8-connected) per slice with fewer pixels")),
     (("--image-size",), dict(type=_number(int, 1), default=1024, help="side of the square output slices")),
-    (("--image-suffix",), dict(default=IMAGE_SUFFIX, help="image file name = case name + this")),
-    (("--label-suffix",), dict(default=LABEL_SUFFIX, help="label file name = case name + this")),
+    (("--image-suffix",), dict(default=IMAGE_SUFFIX, help="image file name = case name + this (a .nii.gz suffix also takes .nii)")),
+    (("--label-suffix",), dict(default=LABEL_SUFFIX, help="label file name = case name + this (a .nii.gz suffix also takes .nii)")),
 )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """FLARE22-style CT/MR NIfTI volumes -> SAM-ready 2D slices (``scripts/preprocess_CT_MR_dataset.py``).
 
 Input: ``<input-dir>/images/<case>_0000.nii.gz`` (CT in Hounsfield units) and
-``<input-dir>/labels/<case>.nii.gz`` (organ ids 0..13). Labels that have an image are the cases, in
+``<input-dir>/labels/<case>.nii.gz`` (organ ids 0..13; uncompressed ``.nii`` files are taken as well).
+Labels that have an image are the cases, in
 sorted order; the first ``floor(n * (1 - val_fraction))`` go to ``train`` and the rest to ``val``
 (FLARE22's 50 cases -> 40/10, the seed's split). Per case:
 
@@ -201,13 +202,26 @@ def pair_cases(
         if not folder.is_dir():
             raise DatasetError(f"{folder}: folder not found (expected {root}/images and {root}/labels)")
 
+    warnings: list[str] = []
+
     def listing(folder: Path, suffix: str) -> dict[str, Path]:
         # Hidden files are skipped: macOS leaves "._<name>" copies in unpacked archives.
-        paths = folder.glob(f"*{suffix}")
-        return {p.name[: -len(suffix)]: p for p in paths if p.is_file() and not p.name.startswith(".")}
+        found: dict[str, Path] = {}
+        # A .nii.gz suffix takes the uncompressed .nii twin as well (both are NIfTI-1 to nibabel):
+        # such cases were left out without a word. A name present as both keeps the given suffix.
+        twins = [suffix, suffix[: -len(".gz")]] if suffix.endswith(".nii.gz") else [suffix]
+        for twin in reversed(twins):
+            for p in sorted(folder.glob(f"*{twin}")):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                name = p.name[: -len(twin)]
+                if name in found:
+                    warnings.append(f"{found[name]} is left out: {p} holds the same case")
+                found[name] = p
+        return found
 
     labels, images = listing(labels_dir, label_suffix), listing(images_dir, image_suffix)
-    warnings = [
+    warnings += [
         f"{images[n]} has no label {labels_dir / (n + label_suffix)}"
         for n in sorted(images.keys() - labels.keys())
     ]
