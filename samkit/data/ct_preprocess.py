@@ -2,9 +2,8 @@
 
 Input: ``<input-dir>/images/<case>_0000.nii.gz`` (CT in Hounsfield units) and
 ``<input-dir>/labels/<case>.nii.gz`` (organ ids 0..13; uncompressed ``.nii`` files are taken as well).
-Labels that have an image are the cases, in
-sorted order; the first ``floor(n * (1 - val_fraction))`` go to ``train`` and the rest to ``val``
-(FLARE22's 50 cases -> 40/10, the seed's split). Per case:
+Labels that have an image are the cases, in sorted order; the first ``floor(n * (1 - val_fraction))``
+go to ``train`` and the rest to ``val`` (FLARE22's 50 cases -> 40/10, the seed's split). Per case:
 
 1. labels: ids in ``drop_labels`` (12, the duodenum) become 0; 3D components (26-connected, per id)
    under ``min_volume`` voxels are removed; then per axial slice 2D components (8-connected, per id)
