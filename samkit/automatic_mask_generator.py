@@ -22,6 +22,7 @@ from .utils.amg import (
     uncrop_masks,
     uncrop_points,
 )
+from .utils.nms import batched_nms, box_area  # Meta's module has torchvision's (same indices)
 
 __all__ = [
     "MaskData",
@@ -31,6 +32,8 @@ __all__ = [
     "area_from_rle",
     "batch_iterator",
     "batched_mask_to_box",
+    "batched_nms",
+    "box_area",
     "box_xyxy_to_xywh",
     "build_all_layer_point_grids",
     "calculate_stability_score",

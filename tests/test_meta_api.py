@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 import segment_anything
 
-ALLOW_LIST: dict[str, str] = {
-    # Meta's onnx.py imports it for its own use; samkit's is at samkit.utils.amg (issue 13 owns utils/onnx.py).
-    "utils.onnx.calculate_stability_score": "incidental import in Meta's utils/onnx.py; use samkit.utils.amg's",
-}
+# Deliberate differences, path -> why (none left: utils.onnx.calculate_stability_score, an incidental
+# import in Meta's utils/onnx.py, is there as well now).
+ALLOW_LIST: dict[str, str] = {}
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -273,6 +272,44 @@ def test_import_gives_the_same_submodule_attributes_as_meta():
     assert meta["build_sam"] == ours["build_sam"] == "function"
     missing = sorted(p for p in meta if ours.get(p) != meta[p])
     assert not missing, f"after `import samkit` these are not reachable as in Meta's package: {missing}"
+
+
+def test_names_meta_modules_import_from_torchvision_are_there_too():
+    """Meta's modules also hold the functions they import (torchvision's NMS and box area in
+    ``automatic_mask_generator``, its ``resize`` and ``to_pil_image`` in ``utils.transforms``, ``amg``'s
+    stability score in ``utils.onnx``): code written against those paths finds them in samkit's
+    modules. Python's own helpers (typing.Any, functools.partial, ...) are left out. samkit's NMS
+    gives torchvision's indices (tests/test_nms.py); importing the modules loads no torchvision."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import segment_anything
+    import torch
+
+    missing = []
+    for info in pkgutil.walk_packages(segment_anything.__path__, "segment_anything."):
+        meta = importlib.import_module(info.name)
+        ours = importlib.import_module(info.name.replace("segment_anything", "samkit", 1))
+        for name, value in vars(meta).items():
+            if name.startswith("_") or not (inspect.isfunction(value) or inspect.isclass(value)):
+                continue
+            if value.__module__.split(".")[0] in ("typing", "functools", "itertools", "copy", "math"):
+                continue
+            if value is torch.Tensor:
+                continue
+            if not hasattr(ours, name):
+                missing.append(f"{ours.__name__}.{name}")
+    assert not missing
+    code = """import sys
+import samkit.automatic_mask_generator, samkit.utils.transforms, samkit.utils.onnx
+assert "torchvision" not in sys.modules
+from samkit.utils.transforms import resize, to_pil_image
+import torchvision.transforms.functional as F
+assert resize is F.resize and to_pil_image is F.to_pil_image
+print("ok")
+"""
+    assert run_python(code).strip() == "ok"
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..modeling import Sam
 from ..modeling.common import LayerNorm2d
+from .amg import calculate_stability_score  # noqa: F401  (a name Meta's module has)
 
 DECODER_INPUT_NAMES = (
     "image_embeddings",

@@ -198,3 +198,13 @@ def _column_blocks(low: int, frame: int, crop: int, out: int) -> tuple[tuple[int
         lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
         blocks.append((c0, c1, lo, hi))
     return tuple(blocks)
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``resize`` and ``to_pil_image``: the torchvision functions Meta's module imports (loaded on
+    first use: importing torchvision costs seconds and samkit's own code never needs it)."""
+    if name in ("resize", "to_pil_image"):
+        from torchvision.transforms import functional
+
+        return getattr(functional, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
