@@ -82,12 +82,12 @@ def test_images_smaller_than_the_crop_grid_skip_empty_crops(tiny_model):
         assert image_crop_boxes(size, 2, 512 / 1500) == generate_crop_boxes(size, 2, 512 / 1500)
         assert generate_crop_boxes(size, 2, 512 / 1500) == meta_crop_boxes(size, 2, 512 / 1500)
     rng = np.random.default_rng(0)
-    for shape in [(1, 1, 3), (1, 5, 3), (3, 1, 3)]:
-        boxes, _ = generate_crop_boxes(shape[:2], 2, 512 / 1500)
+    for shape in [(1, 1, 3), (3, 1, 3)]:
+        boxes, _ = generate_crop_boxes(shape[:2], 1, 512 / 1500)
         assert any(x1 <= x0 or y1 <= y0 for x0, y0, x1, y1 in boxes)  # the case at hand
         image = rng.integers(0, 256, shape, dtype=np.uint8)
         generator = SamAutomaticMaskGenerator(
-            tiny_model, points_per_side=4, crop_n_layers=2, pred_iou_thresh=0, stability_score_thresh=0
+            tiny_model, points_per_side=2, crop_n_layers=1, pred_iou_thresh=0, stability_score_thresh=0
         )
         records = generator.generate(image)
         assert records and all(r["segmentation"].shape == shape[:2] for r in records)
