@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def _onednn_linear_available() -> bool:
@@ -47,6 +48,44 @@ def flush_subnormal_probs(p: torch.Tensor) -> torch.Tensor:
 
 
 _FP32_ONEDNN_MIN_ROWS = 64  # below this many rows fp32 linears take the plain path (see linear_fn)
+
+
+_FP32_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def fp32_param(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` for inference, kept for the next call while ``t`` (the same tensor object) holds
+    the same data: same memory, no in-place change since (a state-dict load or an optimizer step
+    bumps its version). For the decoder's fp32 token stream (see ``MaskDecoder._token_dtype``)."""
+    if t.dtype == torch.float32:
+        return t
+    key = (t.data_ptr(), t._version, t.dtype, t.shape, t.stride())
+    kept = _FP32_COPIES.get(t)
+    if kept is None or kept[0] != key:
+        kept = (key, t.float())
+        _FP32_COPIES[t] = kept
+    return kept[1]
+
+
+_ACTIVATIONS = {"none": lambda y: y, "gelu": F.gelu, "relu": F.relu}
+
+
+def token_linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch.Tensor:
+    """``activation(layer(x))``, where ``x`` may be fp32 tokens of a 16-bit layer (inference): then
+    with fp32 copies of its weights (:func:`fp32_param`) and an fp32 result."""
+    if x.dtype == torch.float32 != layer.weight.dtype:
+        bias = None if layer.bias is None else fp32_param(layer.bias)
+        return _ACTIVATIONS[activation](F.linear(x, fp32_param(layer.weight), bias))
+    return _ACTIVATIONS[activation](layer(x))
+
+
+def token_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)``, where ``x`` may be fp32 tokens of a 16-bit layer norm (as :func:`token_linear`)."""
+    if norm.weight is not None and x.dtype == torch.float32 != norm.weight.dtype:
+        return F.layer_norm(
+            x, norm.normalized_shape, fp32_param(norm.weight), fp32_param(norm.bias), norm.eps
+        )
+    return norm(x)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch.Tensor:
@@ -115,7 +154,11 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = {nn.GELU: "gelu", nn.ReLU: "relu"}.get(type(self.act))
         if fused is None or getattr(self.act, "approximate", "none") != "none":
+            if x.dtype == torch.float32 != self.lin1.weight.dtype:  # fp32 tokens, 16-bit weights
+                return token_linear(self.act(token_linear(x, self.lin1)), self.lin2)
             return self.lin2(self.act(self.lin1(x)))
+        if x.dtype == torch.float32 != self.lin1.weight.dtype:
+            return token_linear(token_linear(x, self.lin1, fused), self.lin2)
         return linear(linear(x, self.lin1, fused), self.lin2)
 
 
@@ -136,7 +179,5 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                x = F.relu(x)
+            x = token_linear(x, layer, "relu" if i < last else "none")
         return torch.sigmoid(x) if self.sigmoid_output else x

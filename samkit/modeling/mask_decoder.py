@@ -11,6 +11,7 @@ from torch import nn
 
 from ..utils.allocator import allocator_tuned
 from .common import MLP, LayerNorm2d, linear_fn
+from .transformer import _autocast_on
 
 
 def cpu_prompt_chunk(bytes_per_prompt: int = 4 << 20) -> int:
@@ -280,6 +281,8 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             [output_tokens.expand(b, -1, -1), sparse_prompt_embeddings.to(output_tokens.dtype)], dim=1
         )
+        model_dtype = tokens.dtype
+        tokens = tokens.to(self._token_dtype(tokens, image_embeddings))
 
         # Without mask prompts every prompt sees the same image tokens: keep a batch of 1 and let
         # the transformer broadcast it (its first layer projects the image once for all prompts).
@@ -298,7 +301,35 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(
             src, image_pe, tokens, cache=cache.setdefault("transformer", {}) if shared else None
         )
-        return _Decoded(hs, src.expand(b, -1, -1), h, w, self.iou_prediction_head(hs[:, 0, :]))
+        iou = self.iou_prediction_head(hs[:, 0, :])
+        if tokens.dtype != model_dtype:  # fp32 tokens: the IoU in the model's dtype, as ever
+            iou = iou.to(model_dtype)
+        return _Decoded(hs, src.expand(b, -1, -1), h, w, iou)
+
+    def _token_dtype(self, tokens: torch.Tensor, image_embeddings: torch.Tensor) -> torch.dtype:
+        """The dtype the prompt tokens flow in through the decoder: the model's, except in bf16 CPU
+        inference on a few tokens (one or two prompts), where it is fp32 with fp32 copies of the
+        token-side weights (``common.fp32_param``), while the image tokens stay bf16.
+
+        oneDNN's bf16 GEMM costs ~50 us a call on a few rows, whatever their size, against ~20 us for
+        the same fp32 GEMM (a 7 x 256 x 256 linear), and a one-point prediction makes ~45 token-side
+        GEMMs; the image side, thousands of rows, is where bf16 pays. The fp32 tokens round to bf16
+        where they meet the image tokens (the folded queries, keys and values), so the token side is
+        more precise than in bf16, not less. Calls with more tokens keep bf16 (there the bf16 GEMMs
+        are the faster ones: 56 rows, 55 against 82 us)."""
+        dtype = tokens.dtype
+        if (
+            dtype == torch.bfloat16
+            and image_embeddings.dtype == dtype
+            and tokens.device.type == "cpu"
+            and tokens.shape[0] * tokens.shape[1] <= _FP32_TOKEN_ROWS
+            and not torch.is_grad_enabled()
+            and not _autocast_on("cpu")
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        ):
+            return torch.float32
+        return dtype
 
     def _masks(
         self, decoded: _Decoded, rows: torch.Tensor | None = None, tokens: slice = slice(None)
@@ -319,7 +350,7 @@ class MaskDecoder(nn.Module):
             return self._masks_from_tokens(src, hyper_in, h, w)
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         _, c_up, h_up, w_up = upscaled.shape
-        return (hyper_in @ upscaled.view(b, c_up, h_up * w_up)).view(b, -1, h_up, w_up)
+        return (hyper_in.to(upscaled.dtype) @ upscaled.view(b, c_up, h_up * w_up)).view(b, -1, h_up, w_up)
 
     def _upscales_as_gemms(self) -> bool:
         conv1, _, act1, conv2, act2 = self.output_upscaling
@@ -390,3 +421,4 @@ class MaskDecoder(nn.Module):
 
 
 _UPSCALE_TOKENS = 4096  # image tokens per block of the CPU mask upscaling (see _masks_from_tokens)
+_FP32_TOKEN_ROWS = 16  # bf16 CPU inference on at most this many prompt tokens runs them in fp32

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.allocator import allocator_tuned
-from .common import MLPBlock, flush_subnormal_probs
+from .common import MLPBlock, flush_subnormal_probs, fp32_param, token_linear, token_norm
 
 
 class Attention(nn.Module):
@@ -70,14 +70,18 @@ class Attention(nn.Module):
         # q before k and v, as always: the order the graph is built in fixes the order in which
         # autograd sums the gradients of a tensor used twice (self-attention's q and k), so it is
         # part of what makes training reproducible.
-        qh = self._heads(self.q_proj(q))
+        qh = self._heads(token_linear(q, self.q_proj))
         if kv_cache is not None and "kv" in kv_cache:
             kh, vh = kv_cache["kv"]
         else:
-            kh, vh = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+            kh, vh = self._heads(token_linear(k, self.k_proj)), self._heads(token_linear(v, self.v_proj))
             if kv_cache is not None:
                 kv_cache["kv"] = kh, vh
         bv = vh.shape[0]
+        if qh.dtype != kh.dtype and not (torch.is_grad_enabled() or _autocast_on(qh.device.type)):
+            # fp32 tokens (MaskDecoder._token_dtype) and 16-bit image tokens: attend in 16 bits.
+            low = kh.dtype if qh.dtype == torch.float32 else qh.dtype
+            qh, kh, vh = qh.to(low), kh.to(low), vh.to(low)
         if bq > 1 and bk == 1 and bv == 1:
             # Many prompts' tokens attend to the same image: one attention over all their queries.
             heads, nq, d = qh.shape[1:]
@@ -88,13 +92,17 @@ class Attention(nn.Module):
             qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
             out = F.scaled_dot_product_attention(qh, kh, vh)
         b, _, n, _ = out.shape
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        out = token_linear(out.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj)
         return out if residual is None else residual + out
 
-    def _per_head(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """A projection's weight as heads x head_dim x C and bias as heads x head_dim."""
+    def _per_head(self, linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight as heads x head_dim x C and bias as heads x head_dim, in ``dtype`` (the
+        tokens': fp32 copies of 16-bit weights for the decoder's fp32 token stream)."""
         d = self.internal_dim // self.num_heads
-        return linear.weight.view(self.num_heads, d, -1), linear.bias.view(self.num_heads, d)
+        weight, bias = linear.weight, linear.bias
+        if dtype == torch.float32 != weight.dtype:
+            weight, bias = fp32_param(weight), fp32_param(bias)
+        return weight.view(self.num_heads, d, -1), bias.view(self.num_heads, d)
 
     def _few_queries(
         self,
@@ -113,9 +121,9 @@ class Attention(nn.Module):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        qh = self._heads(self.q_proj(q)).expand(b, -1, -1, -1)  # B x h x Nq x d
-        wk, bk = self._per_head(self.k_proj)
-        wv, bv = self._per_head(self.v_proj)
+        qh = self._heads(token_linear(q, self.q_proj)).expand(b, -1, -1, -1)  # B x h x Nq x d
+        wk, bk = self._per_head(self.k_proj, qh.dtype)
+        wv, bv = self._per_head(self.v_proj, qh.dtype)
         if k_pe is not None and (torch.is_grad_enabled() or _autocast_on(q.device.type)):
             k, k_pe = k + k_pe, None
         if torch.is_grad_enabled() or _autocast_on(q.device.type):
@@ -127,6 +135,7 @@ class Attention(nn.Module):
             scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5
         else:
             q_folded = torch.einsum("bhqd,hdc->bhqc", qh * d**-0.5, wk).reshape(b, -1, c)  # B x (h Nq) x C
+            q_folded = q_folded.to(k.dtype)  # (fp32 tokens meet 16-bit image tokens here)
             if k_pe is None:
                 scores = torch.bmm(q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
             else:  # the PE's part: one GEMM for all prompts
@@ -144,9 +153,11 @@ class Attention(nn.Module):
                 attn = flush_subnormal_probs(attn)
             attn = attn.to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
+        if qh.dtype != pooled.dtype and not (torch.is_grad_enabled() or _autocast_on(q.device.type)):
+            pooled = pooled.to(qh.dtype)  # back to the fp32 tokens
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
         nq = out.shape[2]
-        out = self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
+        out = token_linear(out.transpose(1, 2).reshape(b, nq, self.internal_dim), self.out_proj)
         return out if residual is None else residual + out
 
     def _many_queries(
@@ -170,22 +181,32 @@ class Attention(nn.Module):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        kh, vh = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x d
-        wq, bq = self._per_head(self.q_proj)
+        kh = self._heads(token_linear(k, self.k_proj))  # B x h x Nk x d
+        vh = self._heads(token_linear(v, self.v_proj))
+        wq, bq = self._per_head(self.q_proj, kh.dtype)
         k_folded = torch.einsum("bhkd,hdc->bhkc", kh, wq).reshape(b, heads * nk, c)
         k_bias = torch.einsum("bhkd,hd->bhk", kh, bq).reshape(b, 1, heads * nk)
-        wo = self.out_proj.weight.view(c, heads, d)
-        v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo).reshape(b, heads * nk, c)
+        wo = (
+            self.out_proj.weight
+            if vh.dtype == self.out_proj.weight.dtype
+            else fp32_param(self.out_proj.weight)
+        )
+        v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo.view(c, heads, d)).reshape(b, heads * nk, c)
         nq = q.shape[1]
         image_major = torch.is_grad_enabled() or _autocast_on(q.device.type)
+        attn_dtype = v.dtype
+        if k.dtype != q.dtype and not image_major:
+            # fp32 tokens (MaskDecoder._token_dtype): the image side runs in the image tokens' dtype.
+            k_folded, k_bias, v_folded = (t.to(q.dtype) for t in (k_folded, k_bias, v_folded))
+            attn_dtype = q.dtype
         if q_pe is not None and (image_major or q.shape[0] == 1):
             q, q_pe = q + q_pe, None
         if image_major:
-            attn = self._image_major_attention(q, k_folded, k_bias).to(v.dtype)
+            attn = self._image_major_attention(q, k_folded, k_bias).to(attn_dtype)
         elif q_pe is not None:  # per-prompt image tokens plus the shared PE's part, one GEMM for all
             pe_scores = torch.addmm(k_bias.view(-1, 1), k_folded.reshape(-1, c), q_pe[0].t())
             scores = torch.baddbmm(pe_scores.view(b, -1, nq), k_folded, q.transpose(1, 2))
-            attn = _softmax_keys(scores.view(b, heads, nk, nq), d**-0.5).to(v.dtype)
+            attn = _softmax_keys(scores.view(b, heads, nk, nq), d**-0.5).to(attn_dtype)
             attn = attn.view(b, heads * nk, nq).transpose(1, 2)
         else:
             # Scores key-major, B x (h Nk) x Nq: each head's softmax over its Nk keys then runs over
@@ -195,7 +216,7 @@ class Attention(nn.Module):
                 scores = torch.addmm(k_bias.view(-1, 1), k_folded.reshape(-1, c), q[0].t())
             else:
                 scores = torch.baddbmm(k_bias.view(b, -1, 1), k_folded, q.expand(b, -1, -1).transpose(1, 2))
-            attn = _softmax_keys(scores.view(b, heads, nk, nq), d**-0.5).to(v.dtype)
+            attn = _softmax_keys(scores.view(b, heads, nk, nq), d**-0.5).to(attn_dtype)
             attn = attn.view(b, heads * nk, nq).transpose(1, 2)  # B x Nq x (h Nk)
         if residual is None:
             return torch.baddbmm(self.out_proj.bias.view(1, 1, c), attn, v_folded)
@@ -372,13 +393,13 @@ class TwoWayAttentionBlock(nn.Module):
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+        queries = token_norm(queries, self.norm1)
 
         if pe_apart(keys, key_pe):
             # 16-bit per-prompt image tokens: the PE's part of the attention as GEMMs, no sum.
             attn = self.cross_attn_token_to_image(queries + query_pe, keys, keys, k_pe=key_pe)
-            queries = self.norm2(queries + attn)
-            queries = self.norm3(queries + self.mlp(queries))
+            queries = token_norm(queries + attn, self.norm2)
+            queries = token_norm(queries + self.mlp(queries), self.norm3)
             attn = self.cross_attn_image_to_token(
                 keys, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, q_pe=key_pe
             )
@@ -391,8 +412,8 @@ class TwoWayAttentionBlock(nn.Module):
         else:
             keys_pe = cache["keys_pe"] = keys + key_pe
         attn = self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys, kv_cache=cache)
-        queries = self.norm2(queries + attn)
-        queries = self.norm3(queries + self.mlp(queries))
+        queries = token_norm(queries + attn, self.norm2)
+        queries = token_norm(queries + self.mlp(queries), self.norm3)
         # A shared (batch 1) residual: the per-prompt sum goes to a workspace buffer.
         b = queries.shape[0]
         out = work.buffer(keys, b, keys, keys_pe) if work is not None and keys.shape[0] == 1 < b else None
@@ -476,4 +497,4 @@ class TwoWayTransformer(nn.Module):
             attn = self.final_attn_token_to_image(queries + point_embedding, keys, keys, k_pe=key_pe)
         else:
             attn = self.final_attn_token_to_image(queries + point_embedding, _add(keys, key_pe, work), keys)
-        return self.norm_final_attn(queries + attn), keys
+        return token_norm(queries + attn, self.norm_final_attn), keys
