@@ -578,6 +578,31 @@ def test_bf16_cpu_inference_runs_a_few_tokens_in_fp32(tiny_model, monkeypatch, p
     assert error <= 1.2 * bf16_error
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_built_under_inference_mode_predicts_like_any_other(tiny_model, photo, dtype):
+    """Inference tensors count no versions: the caches keyed by weight versions (the dense PE, the
+    fp32 token weights, the encoder fingerprint) skip them instead of failing ("Inference tensors do
+    not track version counter"), and the predictions equal a normally built model's."""
+    from samkit.utils.embeddings import encoder_fingerprint
+
+    normal = copy.deepcopy(tiny_model).to(dtype)
+    with torch.inference_mode():
+        frozen = build_model("vit_tiny")
+        frozen.load_state_dict(tiny_model.state_dict())
+        frozen.to(dtype)
+    assert frozen.mask_decoder.mask_tokens.weight.is_inference()
+    kwargs = dict(point_coords=np.array([[200, 150]]), point_labels=np.array([1]))
+    results = []
+    for model in (normal, frozen, frozen):  # the second call of the frozen one: nothing kept
+        predictor = SamPredictor(model)
+        predictor.set_image(photo)
+        results.append(predictor.predict(**kwargs))
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            assert np.array_equal(a, b)
+    assert encoder_fingerprint(frozen) == encoder_fingerprint(normal)
+
+
 def test_fp32_copies_of_16_bit_weights_follow_every_change(tiny_model):
     """The fp32 token stream's weight copies (common.fp32_param) are refreshed when a weight changes
     in place (load_state_dict, an optimizer step) or is replaced: the decoder's outputs then equal a

@@ -50,6 +50,15 @@ def flush_subnormal_probs(p: torch.Tensor) -> torch.Tensor:
 _FP32_ONEDNN_MIN_ROWS = 64  # below this many rows fp32 linears take the plain path (see linear_fn)
 
 
+def version_key(t: torch.Tensor) -> tuple | None:
+    """What tells whether ``t`` still holds the data it held: its memory and its version counter (an
+    in-place change bumps it). None for an inference tensor (made under ``torch.inference_mode``,
+    such as a model built there), which counts no versions: a cache must not keep anything of it."""
+    if t.is_inference():
+        return None
+    return (t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride())
+
+
 _FP32_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -59,7 +68,9 @@ def fp32_param(t: torch.Tensor) -> torch.Tensor:
     bumps its version). For the decoder's fp32 token stream (see ``MaskDecoder._token_dtype``)."""
     if t.dtype == torch.float32:
         return t
-    key = (t.data_ptr(), t._version, t.dtype, t.shape, t.stride())
+    key = version_key(t)
+    if key is None:
+        return t.float()
     kept = _FP32_COPIES.get(t)
     if kept is None or kept[0] != key:
         kept = (key, t.float())

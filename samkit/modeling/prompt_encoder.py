@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, version_key
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -105,10 +105,10 @@ class PromptEncoder(nn.Module):
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image embedding grid: 1xCxHxW (cached; it only depends on weights)."""
         gaussian = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (gaussian.data_ptr(), gaussian._version, gaussian.device, self._dtype)
+        key = version_key(gaussian), self._dtype
         if self._dense_pe_cache is None or self._dense_pe_cache[0] != key or torch.is_grad_enabled():
             pe = self.pe_layer(self.image_embedding_size).unsqueeze(0).to(self._dtype)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or key[0] is None:
                 return pe
             self._dense_pe_cache = (key, pe)
         return self._dense_pe_cache[1]

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import SamkitError
+from ..modeling.common import version_key
 
 FORMAT = "samkit.image_embedding"
 VERSION = 1
@@ -55,7 +56,7 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
     """
     encoder = getattr(model, "image_encoder", model)
     state = encoder.state_dict()
-    stamp = tuple((name, t.data_ptr(), t._version, str(t.dtype)) for name, t in state.items())
+    stamp = tuple((name, version_key(t)) for name, t in state.items())
     cached = _FINGERPRINTS.get(encoder)
     if cached is not None and cached[0] == stamp:
         return cached[1]
@@ -65,7 +66,8 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     digest = h.hexdigest()
-    _FINGERPRINTS[encoder] = (stamp, digest)
+    if all(key is not None for _, key in stamp):  # inference tensors count no versions: not kept
+        _FINGERPRINTS[encoder] = (stamp, digest)
     return digest
 
 
