@@ -259,6 +259,39 @@ def test_decoder_modules_with_meta_arguments():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shared_image", [False, True], ids=["image-per-prompt", "shared-image"])
+def test_transformer_gradients_match_meta(shared_image):
+    """Training's attention (folded projections, key-major softmax) differentiates like Meta's plain one:
+    same outputs, same gradients for every weight and for the image and prompt tokens."""
+    from segment_anything.modeling import TwoWayTransformer as MetaTransformer
+
+    from samkit.modeling import TwoWayTransformer
+
+    args = dict(depth=2, embedding_dim=32, num_heads=2, mlp_dim=48, attention_downsample_rate=2)
+    ours, meta = module_pair(MetaTransformer, TwoWayTransformer, 4, **args)
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(1 if shared_image else 3, 32, 6, 7, generator=g)
+    pe, tokens = torch.randn(1, 32, 6, 7, generator=g), torch.randn(3, 5, 32, generator=g)
+    weights = [torch.randn(3, 5, 32, generator=g), torch.randn(3, 42, 32, generator=g)]
+    grads = []
+    for model in (ours, meta):
+        model.zero_grad(set_to_none=True)
+        inputs = [t.clone().requires_grad_() for t in (image, tokens)]
+        # Meta's transformer takes one image per prompt.
+        img = inputs[0] if not shared_image or model is ours else inputs[0].expand(3, -1, -1, -1)
+        outs = model(img, pe, inputs[1])
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        grads.append(([o.detach() for o in outs], [t.grad for t in inputs], dict(model.named_parameters())))
+    (out_a, in_a, par_a), (out_b, in_b, par_b) = grads
+    for a, b in zip(out_a + in_a, out_b + in_b):
+        assert a.shape == b.shape and rel_diff(b, a) < 1e-5
+    # Some gradients are zero but for rounding (a key bias shifts every score of a softmax alike):
+    # errors are measured against the largest gradient.
+    scale = max(p.grad.abs().max() for p in par_b.values())
+    for name, p in par_b.items():
+        assert (p.grad - par_a[name].grad).abs().max() <= 1e-5 * scale, name
+
+
 def test_image_encoder_helpers_match_meta():
     from segment_anything.modeling import image_encoder as meta_enc
 

@@ -193,7 +193,7 @@ class Attention(nn.Module):
         )
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo.view(c, heads, d)).reshape(b, heads * nk, c)
         nq = q.shape[1]
-        image_major = torch.is_grad_enabled() or _autocast_on(q.device.type)
+        image_major = _autocast_on(q.device.type)
         attn_dtype = v.dtype
         if k.dtype != q.dtype and not image_major:
             # fp32 tokens (MaskDecoder._token_dtype): the image side runs in the image tokens' dtype.
@@ -240,8 +240,7 @@ class Attention(nn.Module):
     def _image_major_attention(
         self, q: torch.Tensor, k_folded: torch.Tensor, k_bias: torch.Tensor
     ) -> torch.Tensor:
-        """``_many_queries``' attention B x Nq x (h Nk) with image-major scores, in training (the
-        computation training always had: same models from the same seeds) and under autocast (there
+        """``_many_queries``' attention B x Nq x (h Nk) with image-major scores, under autocast (there
         the GEMMs run in bf16, and oneDNN rounds a bf16 product by the shape of its operands; in this
         layout chunks of prompts give one batch's result)."""
         b, hk, c = k_folded.shape
@@ -252,13 +251,10 @@ class Attention(nn.Module):
             scores = q.expand(b, -1, -1) @ k_folded.transpose(1, 2)
         scores = (scores + k_bias.view(b, 1, hk)) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
-        x = scores.view(b, nq, heads, hk // heads)
-        if torch.is_grad_enabled() and x.requires_grad:
-            attn = x.float().softmax(dim=-1)
-        else:  # over runs of Nk floats the generic kernel is slow on the CPU
-            e = (x.float() - x.amax(dim=-1, keepdim=True).float()).exp_()
-            attn = e.div_(e.sum(dim=-1, keepdim=True))
-        return attn.view(b, nq, hk)
+        # The softmax runs key-major (each head's Nk keys over rows of Nq contiguous image tokens): over
+        # runs of Nk (~7) floats the CPU's softmax is ~20x slower than the copy this costs.
+        x = scores.view(b, nq, heads, hk // heads).permute(0, 2, 3, 1).contiguous()
+        return _softmax_keys(x, 1.0).view(b, hk, nq).transpose(1, 2)
 
 
 def pe_apart(keys: torch.Tensor, key_pe: torch.Tensor) -> bool:
@@ -342,9 +338,14 @@ _NORM_ROWS = 1024  # rows per block of _norm's in-place layer norm (1 MiB of vit
 
 
 def _softmax_keys(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(x * scale) over dim 2 (a few keys) of B x h x Nk x Nq scores, in fp32 (inference:
-    in place, not differentiable)."""
-    x = x.float().mul_(scale) if x.dtype == torch.float32 else x.float() * scale
+    """softmax(x * scale) over dim 2 (a few keys) of B x h x Nk x Nq scores, in fp32 (in place
+    where nothing needs its gradient)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return (x.float() * scale if scale != 1.0 else x.float()).softmax(dim=2)
+    if scale == 1.0:
+        x = x.float() if x.dtype != torch.float32 else x
+    else:
+        x = x.float().mul_(scale) if x.dtype == torch.float32 else x.float() * scale
     e = x.sub_(x.amax(dim=2, keepdim=True)).exp_()
     return e.div_(e.sum(dim=2, keepdim=True))
 
