@@ -17,7 +17,6 @@ with the medians, and records are matched by prompt point and predicted IoU to c
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from common import (
     add_common_flags,
     apply_common_flags,
+    command_line,
     host_speed,
     machine,
     samkit_sam,
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "identical_records": match_records(ref, records[name]),
             }
     result = {
-        "command": "python benchmarks/amg.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("amg.py", argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "date": time.strftime("%Y-%m-%d"),

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,20 @@ def samkit_sam(name: str, state: dict[str, torch.Tensor], dtype: torch.dtype = t
     model = build_model(name)
     model.load_state_dict(state)
     return model.to(dtype)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The command a result was made with, for BENCHMARKS.md: ``--note`` left out (the note is
+    recorded, and shown, on its own)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return f"python benchmarks/{script} " + shlex.join(kept)
 
 
 def write_result(path: str | None, result: dict[str, Any]) -> None:

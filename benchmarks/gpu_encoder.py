@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shlex
 import statistics
 import sys
 import time
 
 import torch
-from common import meta_sam, write_result
+from common import command_line, meta_sam, write_result
 
 from samkit.build import build_model
 
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": name_gpu,
         "torch": torch.__version__,
-        "command": "python benchmarks/gpu_encoder.py " + shlex.join(argv),
+        "command": command_line("gpu_encoder.py", argv),
         "rows": rows,
     }
     if args.note:

@@ -19,7 +19,6 @@ compared by IoU with samkit's fp32 masks).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from common import (
     add_common_flags,
     apply_common_flags,
+    command_line,
     host_speed,
     machine,
     samkit_sam,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             bf16_iou[t] = {"mean": float(np.mean(ious)), "min": float(np.min(ious)), "masks": len(ious)}
     result = {
         "machine": machine(),
-        "command": "python benchmarks/prompts.py " + shlex.join(argv),
+        "command": command_line("prompts.py", argv),
         "model": args.model,
         "samkit_dtype": args.dtype,
         "image": f"skimage.data.coffee() {h}x{w}",

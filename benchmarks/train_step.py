@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import shared_random_weights, write_result
+from common import command_line, shared_random_weights, write_result
 
 from samkit.build import ENCODER_CONFIGS
 from samkit.training.config import config_from_dict
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": "python benchmarks/train_step.py " + shlex.join(argv),
+        "command": command_line("train_step.py", argv),
         "device": device,
         "model": args.model,
         "amp": args.amp,
