@@ -28,6 +28,7 @@ from samkit.training.modes.point import (
     mask_only_rounds,
     noisy_box,
     object_rng,
+    random_pixel,
     sample_click,
 )
 from samkit.training.modes.point_eval import interior_point, next_click
@@ -100,6 +101,27 @@ def test_correction_clicks_come_from_the_error_region():
     # Uniform over the error pixels: both halves drawn in proportion to their areas (equal here).
     positive = sum(sample_click(target, pred, np.random.default_rng(i))[2] for i in range(400))
     assert 150 < positive < 250
+
+
+def test_random_pixel_is_the_drawn_true_pixel_in_row_major_order():
+    """The pick is the k-th True pixel in row-major order with k = rng.integers(count): the same
+    clicks as listing every True pixel, on masks sparse, dense, one-pixel, one-row and empty."""
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.rand(64, 48, generator=g) > t for t in (0.0, 0.6, 0.995)]
+    masks += [torch.zeros(5, 9, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)]
+    masks += [torch.zeros(0, 4, dtype=torch.bool), torch.rand(1, 300, generator=g) > 0.9]
+    corner = torch.zeros(30, 20, dtype=torch.bool)
+    corner[29, 19] = True
+    masks.append(corner)
+    for mask in masks:
+        flat = mask.reshape(-1).nonzero()[:, 0]
+        for seed in range(25):
+            got = random_pixel(mask, np.random.default_rng(seed))
+            if flat.numel() == 0:
+                assert got is None
+                continue
+            pick = int(flat[int(np.random.default_rng(seed).integers(flat.numel()))])
+            assert got == (pick % mask.shape[1], pick // mask.shape[1])
 
 
 def test_noisy_box_and_mask_only_rounds():
@@ -324,18 +346,17 @@ def point_config(data, work_dir, checkpoint, **overrides) -> dict:
 def test_point_fine_tuning_lifts_click_miou_and_lowers_noc(shapes_model, build_threads, tmp_path):
     """Point fine-tuning (3 rounds: a click inside the mask, then two correction clicks, logits fed
     back) of the shapes-trained tiny model (it knows single clicks, never saw a mask input) on
-    generated COCO-format data, 6 epochs (24 steps), bf16, embedding cache; evaluated interactively
+    generated COCO-format data, 9 epochs (36 steps), bf16, embedding cache; evaluated interactively
     (eval_prompt point, every held-out object: 16 with this data) before and by the loop after.
 
-    Measured (1024 frame, before -> after), this build of the start model (key 3af84250c491039d,
-    the same weights as ada0cb68867621ec before it): mIoU after 3 clicks 25.6 -> 64.9, after 10 clicks
-    27.9 -> 64.1, best of the first click's 3 masks 59.2 -> 65.6, NoC@85 18.8 -> 16.4. With only 6
-    held-out objects (2 per image, as before) NoC@85 moved in steps of ~0.5-3 clicks and builds that
-    differ only in float rounding measured NoC@85 -6.3, -2.5, -3.2 and 0.0 and the best first mask +15,
-    +9.2, +8.7 and +3.1: most objects never reach 85% IoU within 20 clicks on this tiny model, so a
-    few objects decided both. The first click's mask as the IoU head picks it is only reported (24
+    Measured (1024 frame, before -> after) on two builds of the start model that differ only in float
+    rounding (training's softmax layout, 50f1a4c): mIoU after 3 clicks 25.5 -> 65.2 and 32.6 -> 59.3,
+    after 10 clicks 28.2 -> 65.1 and 34.3 -> 64.3, best of the first click's 3 masks +6.6 and +3.8,
+    NoC@85 -4.5 and -2.2. With 6 epochs the second build gained only +10.5 after 3 clicks (the first
+    +39): how fast a start model moves is a matter of its rounding, hence the epochs and margins of
+    about half the smaller gain. The first click's mask as the IoU head picks it is only reported (the
     steps do not settle the head's choice; tests/test_shapes_model.py).
-    Asserted: +20 points or more after 3 and after 10 clicks at both frames, +3 for the best first-click
+    Asserted: +15 points or more after 3 and after 10 clicks at both frames, +2 for the best first-click
     mask, NoC@85 lower by one click or more.
     """
     start = tmp_path / "shapes.pth"
@@ -358,13 +379,13 @@ def test_point_fine_tuning_lifts_click_miou_and_lowers_noc(shapes_model, build_t
     assert zero["objects_1024_click1"] == tuned["objects_1024_click1"] >= 9
     for frame in ("1024", "original"):
         for clicks in (3, 10):
-            assert tuned[f"miou_{frame}_click{clicks}"] > zero[f"miou_{frame}_click{clicks}"] + 20
-        assert tuned[f"miou_{frame}_click1_oracle"] > zero[f"miou_{frame}_click1_oracle"] + 3
+            assert tuned[f"miou_{frame}_click{clicks}"] > zero[f"miou_{frame}_click{clicks}"] + 15
+        assert tuned[f"miou_{frame}_click1_oracle"] > zero[f"miou_{frame}_click1_oracle"] + 2
     assert tuned["noc85"] <= zero["noc85"] - 1
     assert tuned["miou_1024_click1_oracle"] >= tuned["miou_1024_click1"]
 
 
-EPOCHS = 6
+EPOCHS = 9
 EVAL_OBJECTS_PER_IMAGE = 6  # make_shapes_image draws at most 6
 
 

@@ -46,13 +46,21 @@ def object_rng(
 
 
 def random_pixel(region: torch.Tensor, rng: np.random.Generator) -> Optional[tuple[int, int]]:
-    """(x, y) of a pixel drawn uniformly from the True pixels of an HxW mask; None when it has none."""
-    flat = region.reshape(-1).nonzero().squeeze(1)
-    if flat.numel() == 0:
+    """(x, y) of a pixel drawn uniformly from the True pixels of an HxW mask; None when it has none.
+
+    The k-th True pixel in row-major order, k drawn by ``rng.integers(count)``: found from the per-row
+    counts and one row's pixels (listing every True pixel of a 1024x1024 mask cost ~2 ms)."""
+    region = region.reshape(-1, region.shape[-1])
+    per_row = region.sum(dim=1)
+    ends = per_row.cumsum(0)
+    count = int(ends[-1]) if len(ends) else 0
+    if count == 0:
         return None
-    pick = int(flat[int(rng.integers(flat.numel()))])
-    width = region.shape[-1]
-    return pick % width, pick // width
+    k = int(rng.integers(count))
+    y = int(torch.searchsorted(ends, k, right=True))
+    before = k - (int(ends[y - 1]) if y > 0 else 0)
+    x = int(region[y].nonzero()[before, 0])
+    return x, y
 
 
 def sample_click(target: torch.Tensor, pred: torch.Tensor, rng: np.random.Generator) -> Optional[Click]:
