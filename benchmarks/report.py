@@ -244,7 +244,23 @@ def prompts() -> list[str]:
             f"{labels[t]}: samkit fp32 masks equal Meta's on {r['fp32_mask_pixel_agreement_vs_meta'][t]:.6f} of pixels"
             for t in tasks
         )
-        lines += ["", f"Targets (the issue's, for this 2-core CPU): {targets}.", "", f"Agreement: {agree}."]
+        lines += ["", f"Targets (the issue's, for this 2-core CPU): {targets}."]
+        row = r.get("one_point_in_a_row")
+        if row:
+            timed = ", ".join(
+                f"{impl} {ms:.1f} ms ({row['speedup_vs_meta'][impl]:.2f}x)"
+                for impl, ms in row["median_ms"].items()
+            )
+            met = ", ".join(
+                f"{impl} <= {_prompt_target(r['targets_ms']['one_point'], impl):g} ms {'met' if ok else 'missed'}"
+                for impl, ok in row["targets_met"].items()
+            )
+            lines += [
+                "",
+                f"One point, {row['calls_per_turn']} more calls in a row after each timed one (a user's clicks on "
+                f"one image; medians): {timed}; target {met}.",
+            ]
+        lines += ["", f"Agreement: {agree}."]
         if r.get("bf16_mask_iou_vs_fp32"):
             ious = "; ".join(
                 f"{labels[t]}: mean {v['mean']:.4f}, min {v['min']:.4f} over {v['masks']} masks"
