@@ -367,6 +367,23 @@ def test_bad_inputs_and_checkpoint_exit_2_before_writing(photos, tmp_path):
         assert not out.exists()
 
 
+def test_output_picture_that_is_the_input_image_is_refused(photos, tmp_path):
+    """``--output`` naming the input image (directly, through ``..`` or a link) would overwrite it."""
+    image = tmp_path / "cat.png"
+    image.write_bytes(photos.chelsea.read_bytes())
+    (tmp_path / "link.png").symlink_to(image)
+    before = image.read_bytes()
+    for output in (image, tmp_path / "sub" / ".." / "cat.png", tmp_path / "link.png"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        rc, stdout, stderr = amg("--input", image, "--output", output, *photos.model)
+        assert rc == 2 and stdout == "", stderr
+        assert (
+            stderr
+            == f"error: --output: {output} is the input image; writing the result there would overwrite it\n"
+        )
+    assert image.read_bytes() == before
+
+
 def test_picture_or_directory():
     with pytest.raises(SamkitError, match="not found"):
         plan_job("missing.png", None)

@@ -270,6 +270,17 @@ def test_output_dir_that_is_a_file(files, tmp_path, capsys):
     assert_one_line_error(rc, err, f"--output-dir {tmp_path / 'taken'}: exists and is not a directory")
 
 
+def test_a_picture_named_like_the_input_is_refused(files, tmp_path, capsys):
+    """``box.png`` in the output directory is the input image: writing the box picture would lose it."""
+    image = tmp_path / "box.png"
+    image.write_bytes(Path(files.astronaut).read_bytes())
+    before = image.read_bytes()
+    args = base_args(files, tmp_path, **{"--input": image, "--prompt-type": "box"})
+    rc, stdout, err = predict(capsys, *args)
+    assert_one_line_error(rc, err, f"--output-dir: {image} is the input image")
+    assert stdout == "" and image.read_bytes() == before and os.listdir(tmp_path) == ["box.png"]
+
+
 # ------------------------------------------------------------------ the console script itself
 
 

@@ -40,7 +40,7 @@ from ..utils.amg_output import (
     write_mask_folder,
 )
 from . import folder_jobs
-from .base import add_model_arguments, check_device, checkpoint_or_none
+from .base import add_model_arguments, check_device, check_not_input, checkpoint_or_none
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_PICTURE = "./amg_test.jpg"  # the seed's --output
@@ -216,6 +216,7 @@ def plan_job(input_path: str, output: Optional[str], overlay: bool = False) -> J
         output = DEFAULT_PICTURE if output is None else output
         if os.path.isdir(output):
             raise SamkitError(f"--output {output}: is a directory")
+        check_not_input([output], input_path, "--output")
         return Job([input_path], output, picture=True)
     if output is None:
         raise SamkitError(f"--input {input_path} is a folder: give --output DIR for its results")

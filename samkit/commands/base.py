@@ -143,3 +143,13 @@ def check_output_dir(path: str, flag: str = "--output-dir") -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise SamkitError(f"{flag} {path}: exists and is not a directory")
     return path
+
+
+def check_not_input(outputs: list[str], input_path: str, flag: str) -> None:
+    """Refuse to write a result over the input image (``samkit amg --input a.png --output a.png``, or a
+    picture named like the input in the output directory): the input would be lost."""
+    for path in outputs:
+        if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
+            raise SamkitError(
+                f"{flag}: {path} is the input image; writing the result there would overwrite it"
+            )

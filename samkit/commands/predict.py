@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import PromptError, SamkitError
-from .base import add_model_arguments, check_device, check_output_dir, checkpoint_or_none
+from .base import add_model_arguments, check_device, check_not_input, check_output_dir, checkpoint_or_none
 from .prompt_args import Box, Point, check_boxes, check_points, parse_box, parse_point
 
 PROMPT_TYPES: tuple[str, ...] = ("point", "box", "point_box", "batch_point", "batch_box", "batch_point_box")
@@ -271,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     checkpoint = checkpoint_or_none(args)
     output_dir = check_output_dir(args.output_dir)
+    names = [f"{t}.png" for t in types] + (["point_followup.png"] if "point" in types else [])
+    check_not_input([os.path.join(output_dir, n) for n in names], args.input, "--output-dir")
 
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
