@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -256,6 +257,17 @@ def test_bad_input_one_line_nothing_written(tmp_path, tiny_checkpoint, exported,
     )
     assert "--overwrite" in err
     assert {n: os.path.getmtime(exported / n) for n in os.listdir(exported)} == before
+    # --overwrite replaces a previous export only: a folder that also holds the checkpoint stays whole.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(exported, mixed)
+    shutil.copy(tiny_checkpoint, mixed / "tiny.pth")
+    before = sorted(os.listdir(mixed))
+    err = _refused(
+        capsys, ["--model-type", "vit_tiny", "--checkpoint", str(mixed / "tiny.pth"), "--output", str(mixed), "--overwrite"]
+    )  # fmt: skip
+    assert f"--output {mixed}: holds files other than a previous export's (tiny.pth)" in err
+    assert sorted(os.listdir(mixed)) == before
+    shutil.rmtree(mixed)
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="fp32 (default), fp16 or int8"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output that holds a previous export (and nothing else)",
+    )
     parser.add_argument(
         "--encoder-preprocess",
         action="store_true",

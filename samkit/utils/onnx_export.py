@@ -192,9 +192,20 @@ def check_output(output_dir: str, overwrite: bool) -> None:
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
             raise SamkitError(f"--output {output_dir}: exists and is not a directory")
-        if os.listdir(output_dir) and not overwrite:
+        names = os.listdir(output_dir)
+        if names and not overwrite:
             raise SamkitError(
                 f"--output {output_dir}: exists and is not empty (pass --overwrite to replace it)"
+            )
+        # The folder is replaced as a whole: only a previous export's files may go with it (not, say,
+        # the checkpoint being exported, kept beside it).
+        ours = set(MODEL_FILES) | {f"{name}.data" for name in MODEL_FILES}
+        foreign = sorted(n for n in names if n not in ours)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise SamkitError(
+                f"--output {output_dir}: holds files other than a previous export's ({shown}); --overwrite "
+                "replaces the folder as a whole, so give a new or empty folder"
             )
     parent = os.path.dirname(output_dir)
     while not os.path.exists(parent):
