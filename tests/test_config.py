@@ -111,6 +111,26 @@ def test_bad_keys_and_types_name_the_key(override, key):
     assert key in message and "\n" not in message
 
 
+def test_errors_name_the_override_or_the_file_at_fault(tmp_path):
+    """A valid file with a bad ``-o``: the message names the override (the file does not hold the
+    value); a bad file: the file, and the overrides given with it."""
+    coco = ROOT / "configs/coco_box_finetune.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(coco, ["amp=bf16", "epochs=-1"])
+    assert (
+        str(err.value)
+        == f"config key epochs must be at least 1, got -1 in -o amp=bf16 -o epochs=-1 (on {coco})"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(coco.read_text() + "batch_size: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, ["epochs=-1"])
+    assert str(err.value).endswith(f"in {bad} with -o epochs=-1")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value) == f"config key batch_size must be at least 1, got 0 in {bad}"
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

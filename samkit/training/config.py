@@ -11,6 +11,7 @@ bf16 on CPU and fp16 on GPUs, as the seed ran O2 in fp16) and ``network.model.<k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -173,10 +174,19 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")
+    source = path
+    if overrides:
+        # Name what is at fault: the overrides when the file alone is a valid config, else both.
+        shown = "-o " + " -o ".join(overrides)
+        try:
+            validate(_build(TrainConfig, _rename_seed_keys(copy.deepcopy(raw)), prefix="", source=path), path)
+            source = f"{shown} (on {path})"
+        except ConfigError:
+            source = f"{path} with {shown}"
     for item in overrides:
         _apply_override(raw, item)
-    cfg = _build(TrainConfig, _rename_seed_keys(raw), prefix="", source=path)
-    validate(cfg, source=path)
+    cfg = _build(TrainConfig, _rename_seed_keys(raw), prefix="", source=source)
+    validate(cfg, source=source)
     return cfg
 
 
