@@ -153,6 +153,23 @@ def test_resize_slice_matches_the_seeds_three_channel_resize():
     assert flat.shape == (16, 16, 3) and not flat.any()
 
 
+@pytest.mark.parametrize("shape", [(48, 48), (37, 61), (1, 5), (64, 64), (90, 70)])
+def test_resize_slice_equals_skimage_resize_up_and_down(shape):
+    """Upsampling runs as matrix products and index lookups: the same values as skimage's resize
+    (image to 1e-12, labels exactly); downsampling (90 -> 64, anti-aliased) calls resize itself."""
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, shape).astype(np.uint8)
+    label = rng.integers(0, 14, shape).astype(np.uint8)
+    out, out_label = ctp.resize_slice(image, label, 64)
+    ref = resize(image, (64, 64), order=3, mode="constant", preserve_range=True, anti_aliasing=True)
+    ref = (ref - ref.min()) / max(ref.max() - ref.min(), 1e-8)
+    np.testing.assert_allclose(out, np.repeat(ref[:, :, None], 3, axis=2), rtol=0, atol=1e-12)
+    ref_label = resize(label, (64, 64), order=0, mode="constant", preserve_range=True, anti_aliasing=False)
+    np.testing.assert_array_equal(out_label, ref_label.astype(np.uint8))
+
+
 def test_load_nifti_zyx_rows_are_y(tmp_path):
     xyz = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
     write_nifti(tmp_path / "v.nii.gz", xyz)

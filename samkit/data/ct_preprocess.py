@@ -33,6 +33,7 @@ differ, is named on one line and skipped; the run then ends with status 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -179,12 +180,45 @@ def resize_slice(
     from skimage.transform import resize
 
     size = (image_size, image_size)
-    resized = resize(image, size, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
+    if image.ndim == 2 and image.size and max(image.shape) <= image_size:
+        # Upsampling: no anti-aliasing filter applies, and the spline interpolation is linear and
+        # separable, so it is two matrix products (1e-13 from resize's; 48 -> 1024: 115 -> 6 ms).
+        rows, cols = (_upsampling_matrix(n, image_size) for n in image.shape)
+        resized = np.clip(rows @ image.astype(np.float64) @ cols.T, image.min(), image.max())
+    else:
+        resized = resize(image, size, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
     lo, hi = resized.min(), resized.max()
     resized = (resized - lo) / max(hi - lo, 1e-8)  # a constant slice becomes all zeros
     image_out = np.repeat(resized[:, :, None], 3, axis=2)
+    if label.ndim == 2 and label.size and max(label.shape) <= image_size:  # nearest: an index per axis
+        rows, cols = (_nearest_indices(n, image_size) for n in label.shape)
+        return image_out, label[rows[:, None], cols[None, :]].astype(np.uint8)
     label_out = resize(label, size, order=0, mode="constant", preserve_range=True, anti_aliasing=False)
     return image_out, label_out.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _upsampling_matrix(n: int, size: int) -> np.ndarray:
+    """The (size, n) matrix of skimage's order-3 ``resize`` from n to size >= n samples along one axis
+    (mode "constant", no clipping): column j is the resized unit impulse at j. Along the other axis
+    the identity keeps its n samples (a spline reproduces the values it interpolates)."""
+    from skimage.transform import resize
+
+    impulses = resize(np.eye(n), (size, n), order=3, mode="constant", preserve_range=True, clip=False)
+    impulses.setflags(write=False)
+    return impulses
+
+
+@functools.lru_cache(maxsize=8)
+def _nearest_indices(n: int, size: int) -> np.ndarray:
+    """The source index of each of the size >= n samples of skimage's order-0 ``resize`` along one axis."""
+    from skimage.transform import resize
+
+    ramp = np.arange(n, dtype=np.float64)[:, None]
+    indices = resize(ramp, (size, 1), order=0, mode="constant", preserve_range=True, anti_aliasing=False)
+    indices = np.rint(indices[:, 0]).astype(np.intp)
+    indices.setflags(write=False)
+    return indices
 
 
 # ---------------------------------------------------------------------------------------------------
