@@ -230,6 +230,44 @@ def test_protocol_clicks_are_the_most_interior_points():
     assert next_click(target, target) is None
 
 
+def test_protocol_stops_clicking_objects_done_after_the_last_reported_click(monkeypatch):
+    """After click 10 (the last reported one) only the objects still below IoU 0.90 are decoded again;
+    the numbers are those worked out by hand for the scripted masks: a 20x20 square with rows cut
+    off (k rows: IoU (20 - k) / 20) as a function of the object and its number of clicks."""
+    from samkit.training.metrics import MiouAccumulator
+    from samkit.training.modes import point_eval
+
+    batch = hand_batch()
+    targets = batch.targets.bool()
+    rows_cut = {
+        0: lambda clicks: 10 if clicks == 1 else 0,  # 0.5, then exact: NoC 2
+        1: lambda clicks: 15,  # 0.25 forever: NoC 20
+        2: lambda clicks: 4 if clicks < 12 else 1,  # 0.8, then 0.95 from click 12: NoC 12
+    }
+    objects_of = {(0, 0): 0, (0, 2): 1, (1, 1): 2}
+    decoded: list[list[int]] = []
+
+    def scripted(mode, embeddings, objects, clicks, boxes, mask_input, multimask):
+        ids = [objects_of[o] for o in objects]
+        decoded.append(ids)
+        masks = targets[ids].clone()
+        for row, (i, c) in enumerate(zip(ids, clicks)):
+            top = int(masks[row].any(dim=1).nonzero()[0])
+            masks[row, top : top + rows_cut[i](len(c))] = False
+        low_res = logits_of(masks, 3 if multimask else 1)
+        return Prediction(low_res, torch.zeros(low_res.shape[:2]))
+
+    monkeypatch.setattr(point_eval, "decode_clicks", scripted)
+    acc = MiouAccumulator()
+    point_eval.evaluate_batch(None, batch, torch.zeros(2, 1), acc)
+    assert decoded == [[0, 1, 2]] * 10 + [[1, 2]] * 2 + [[1]] * 8
+    out = acc.compute()
+    assert out["miou_1024_click1"] == pytest.approx(100 * (0.5 + 0.25 + 0.8) / 3)
+    for clicks in (3, 5, 10):
+        assert out[f"miou_1024_click{clicks}"] == pytest.approx(100 * (1 + 0.25 + 0.8) / 3)
+    assert out["noc85"] == out["noc90"] == pytest.approx((2 + 20 + 12) / 3)
+
+
 def whole_frame_click(target: np.ndarray, pred: np.ndarray):
     """The protocol's correction click computed over the whole frame (next_click works on the
     errors' bounding box)."""

@@ -98,13 +98,23 @@ def evaluate_batch(
     for target in targets_np:
         xy = interior_point(target)
         clicks.append([(xy[0], xy[1], 1)] if xy is not None else [])
-    no_box = [None] * len(objects)
     mask_input = None
     ious = np.zeros((len(objects), MAX_CLICKS))
+    # The objects still clicked on: all of them up to the last reported click, then those that have
+    # not reached the highest NoC threshold (the others' later clicks change no reported number).
+    active = np.arange(len(objects))
     for count in range(1, MAX_CLICKS + 1):
-        pred = decode_clicks(mode, embeddings, objects, clicks, no_box, mask_input, count == 1)
+        pred = decode_clicks(
+            mode,
+            embeddings,
+            [objects[i] for i in active],
+            [clicks[i] for i in active],
+            [None] * len(active),
+            mask_input,
+            count == 1,
+        )
         low_res = pred.low_res.float()
-        rows = torch.arange(len(objects), device=low_res.device)
+        rows = torch.arange(len(active), device=low_res.device)
         if count == 1:
             candidates = greater(upsample_logits(low_res.flatten(0, 1), size), 0.0).view(
                 *low_res.shape[:2], size, size
@@ -112,16 +122,24 @@ def evaluate_batch(
             true_iou = mask_iou(candidates, targets[:, None].expand_as(candidates))
             score_objects(acc, low_res[rows, true_iou.argmax(dim=1)], batch, key="_click1_oracle")
         logits = low_res[rows, pred.iou.argmax(dim=1)]
-        mask_input = logits[:, None]
         masks = greater(upsample_logits(logits, size), 0.0)
-        ious[:, count - 1] = mask_iou(masks, targets).cpu().numpy()
-        if count in REPORTED_CLICKS:
+        ious[active, count - 1] = (
+            mask_iou(masks, targets[torch.from_numpy(active).to(targets.device)]).cpu().numpy()
+        )
+        if count in REPORTED_CLICKS:  # every object is still active here
             score_objects(acc, logits, batch, key=f"_click{count}")
-        if count >= max(REPORTED_CLICKS) and (ious[:, :count] >= max(NOC_THRESHOLDS) / 100).any(axis=1).all():
-            break  # every object reached the highest threshold: the rest changes no reported number
+        keep = np.ones(len(active), dtype=bool)
+        if count >= max(REPORTED_CLICKS):
+            keep = ~(ious[active, :count] >= max(NOC_THRESHOLDS) / 100).any(axis=1)
+            if not keep.any():
+                break
+        if not keep.all():
+            kept = torch.from_numpy(keep).to(logits.device)
+            active, logits, masks = active[keep], logits[kept], masks[kept]
+        mask_input = logits[:, None]
         masks_np = masks.cpu().numpy()
-        for i in range(len(objects)):
-            click = next_click(targets_np[i], masks_np[i])
+        for row, i in enumerate(active):
+            click = next_click(targets_np[i], masks_np[row])
             if click is not None:
                 clicks[i] = clicks[i] + [click]
     for threshold in NOC_THRESHOLDS:
