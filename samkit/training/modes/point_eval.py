@@ -7,8 +7,8 @@ most interior point of the largest error region (connected, 4-neighbour) between
 one. Clicks accumulate, the previous logits are fed back as the mask input (the 3 masks of the first
 click: the one with the highest predicted IoU), up to 20 clicks. Clicks and IoUs are computed at the
 padded SxS input frame; after the 10th click an object that has reached IoU 0.90 is no longer
-clicked (nothing reported depends on its later clicks). Ties go to the first pixel in raster order, so a checkpoint always gets the
-same numbers.
+clicked (nothing reported depends on its later clicks). Ties go to the first pixel in raster
+order, so a checkpoint always gets the same numbers.
 
 Reported (means over objects, x100 for IoU): ``miou_{1024,original}_click{1,3,5,10}`` (and Dice),
 ``miou_{1024,original}_click1_oracle`` (the best of the first click's 3 masks by true IoU; the
