@@ -15,7 +15,7 @@ import torch
 
 from samkit.build import ENCODER_CONFIGS, build_model
 from samkit.modeling import Sam
-from samkit.utils.allocator import allocator_tuned, tune_cpu_allocator
+from samkit.fast.allocator import allocator_tuned, tune_cpu_allocator
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ class DenseBias(torch.nn.Module):
         self.encoder = encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from samkit.modeling import rel_pos_attention
+        from samkit.fast import rel_pos_kernel as rel_pos_attention
 
         saved, rel_pos_attention.ENABLED = rel_pos_attention.ENABLED, False
         try:

@@ -43,7 +43,7 @@ _LAZY: dict[str, str] = {
     "sam_model_registry": "build_sam",
     "download_checkpoint": "utils.download",
     "load_image": "utils.image",
-    "tune_cpu_allocator": "utils.allocator",
+    "tune_cpu_allocator": "fast.allocator",
 }
 
 
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .build import build_model, build_sam_vit_tiny, load_checkpoint
     from .build_sam import build_sam, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l, sam_model_registry
     from .predictor import SamPredictor
-    from .utils.allocator import tune_cpu_allocator
+    from .fast.allocator import tune_cpu_allocator
     from .utils.download import download_checkpoint
     from .utils.image import load_image
 

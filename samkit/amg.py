@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fast.decoder import decode_above_iou
 from .modeling import Sam
 from .predictor import SamPredictor
 from .utils.amg import (
@@ -198,11 +199,11 @@ class SamAutomaticMaskGenerator:
         )
         labels = torch.ones(len(points), 1, dtype=torch.int, device=dev)
         sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
-        decoder_args = (predictor.features, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        decoder_args = (predictor.features, predictor.dense_pe(), sparse, dense, True)
         if self.pred_iou_thresh > 0.0:
             # Predicted IoU needs no pixels: the decoder computes masks only for the candidates above
             # the threshold (and upsampling below touches nothing else).
-            low_res, iou, flat = model.mask_decoder.forward_above_iou(*decoder_args, self.pred_iou_thresh)
+            low_res, iou, flat = decode_above_iou(model.mask_decoder, *decoder_args, self.pred_iou_thresh)
             point_idx = flat // model.mask_decoder.num_multimask_outputs
             low_res, iou = low_res.float(), iou.float()
         else:

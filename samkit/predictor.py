@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from . import fast
 from .errors import PromptError
 from .modeling import Sam
 from .utils.image import to_rgb_uint8
@@ -24,9 +25,13 @@ from .utils.transforms import ResizeLongestSide, upscale_masks
 
 
 class SamPredictor:
-    def __init__(self, sam_model: Sam, *, text_encoder: Any = None) -> None:
+    def __init__(self, sam_model: Sam, *, text_encoder: Any = None, accelerate: bool = True) -> None:
         """``text_encoder``: a feature encoder (:func:`samkit.text.build_feature_encoder`) whose text
-        features the model's text branch takes, for ``predict(text=...)`` on a text-prompt model."""
+        features the model's text branch takes, for ``predict(text=...)`` on a text-prompt model.
+        ``accelerate``: swap samkit's fast modules into the model (:func:`samkit.fast.accelerate`, in
+        place; same parameters and results); False leaves the model as it is."""
+        if accelerate and not fast.is_accelerated(sam_model):
+            fast.accelerate(sam_model)
         self.model = sam_model
         self.text_encoder = text_encoder
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
@@ -248,9 +253,7 @@ class SamPredictor:
             sparse, dense = model.prompt_encoder(points, boxes, mask_input)
         else:
             sparse, dense = model.prompt_encoder(points, boxes, mask_input, text=text_features)
-        low_res, iou = model.mask_decoder(
-            features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
-        )
+        low_res, iou = model.mask_decoder(features, self.dense_pe(), sparse, dense, multimask_output)
         low_res, iou = low_res.float(), iou.float()
         threshold = None if return_logits else model.mask_threshold
         masks = upscale_masks(low_res, model.image_encoder.img_size, input_size, original_size, threshold)
@@ -284,6 +287,13 @@ class SamPredictor:
         )
 
     # ------------------------------------------------------------------ state
+    def dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid (1xCxHxW), computed once per
+        image (it depends on a fixed buffer only)."""
+        if self._dense_pe is None:
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        return self._dense_pe
+
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding: 1x256x64x64 (Bx... after ``set_image_batch``)."""
         self._require_image()
@@ -296,6 +306,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features: torch.Tensor | None = None
+        self._dense_pe: torch.Tensor | None = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size: tuple[int, ...] | None = None
         self.input_size: tuple[int, ...] | None = None

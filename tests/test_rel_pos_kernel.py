@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samkit.modeling import rel_pos_attention as fused
+from samkit.fast import rel_pos_kernel as fused
 from samkit.modeling.image_encoder import Attention
 
 pytest.importorskip("triton")
@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 INTERPRETED = textwrap.dedent(
     r"""
     import json, torch, torch.nn.functional as F
-    from samkit.modeling import rel_pos_attention as fused
+    from samkit.fast import rel_pos_kernel as fused
     from samkit.modeling.image_encoder import Attention
 
     results = {}

@@ -15,7 +15,6 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import CheckpointError, SamkitError
-from ..utils.allocator import tune_cpu_allocator
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -59,7 +58,6 @@ def run_standalone(
 
 def guarded(command: Callable[[], Optional[int]]) -> int:
     """Call ``command``; turn user mistakes into one ``error:`` line on stderr and exit status 2."""
-    tune_cpu_allocator()
     try:
         return int(command() or 0)
     except SystemExit as exit_:  # --help and --version end through SystemExit(0)

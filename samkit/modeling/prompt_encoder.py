@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d, version_key
+from .common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -96,22 +96,14 @@ class PromptEncoder(nn.Module):
             # one average mask for all of them (measured on the tests' named shapes).
             nn.init.normal_(self.text_proj.weight)
             nn.init.zeros_(self.text_proj.bias)
-        self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def _dtype(self) -> torch.dtype:
         return self.no_mask_embed.weight.dtype
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid: 1xCxHxW (cached; it only depends on weights)."""
-        gaussian = self.pe_layer.positional_encoding_gaussian_matrix
-        key = version_key(gaussian), self._dtype
-        if self._dense_pe_cache is None or self._dense_pe_cache[0] != key or torch.is_grad_enabled():
-            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0).to(self._dtype)
-            if torch.is_grad_enabled() or key[0] is None:
-                return pe
-            self._dense_pe_cache = (key, pe)
-        return self._dense_pe_cache[1]
+        """Positional encoding of the image embedding grid: 1xCxHxW in the model's dtype."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0).to(self._dtype)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points.float() + 0.5  # shift to the pixel centre

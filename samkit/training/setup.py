@@ -44,7 +44,14 @@ def build_data(data: DataConfig, *, image_size: int, seed: int, for_eval: bool) 
 
 def build_sam(cfg: TrainConfig) -> Sam:
     """The model to train: ``model.type`` from ``model.checkpoint``; in text mode with the text branch
-    (``text.feature_dim``), whose parameters start fresh when the checkpoint is a plain SAM."""
+    (``text.feature_dim``), whose parameters start fresh when the checkpoint is a plain SAM. With
+    samkit's fast modules (:func:`samkit.fast.accelerate`: same parameters and state-dict keys)."""
+    from ..fast import accelerate
+
+    return accelerate(_build_sam(cfg))
+
+
+def _build_sam(cfg: TrainConfig) -> Sam:
     from ..build import IMAGE_SIZE, build_model, checkpoint_image_size, load_checkpoint, read_checkpoint
 
     size, checkpoint = cfg.model.image_size, cfg.model.checkpoint

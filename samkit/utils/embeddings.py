@@ -37,7 +37,6 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import SamkitError
-from ..modeling.common import version_key
 
 FORMAT = "samkit.image_embedding"
 VERSION = 1
@@ -46,6 +45,15 @@ SUFFIX = ".pt"
 
 class EmbeddingError(SamkitError, ValueError):
     """An embedding file is unreadable, of another format, or was computed by another encoder."""
+
+
+def version_key(t: torch.Tensor) -> tuple | None:
+    """What tells whether ``t`` still holds the data it held: its memory and its version counter (an
+    in-place change bumps it). None for an inference tensor (made under ``torch.inference_mode``),
+    which counts no versions: a cache must not keep anything of it."""
+    if t.is_inference():
+        return None
+    return (t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride())
 
 
 def encoder_fingerprint(model: torch.nn.Module) -> str:

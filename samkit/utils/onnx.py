@@ -9,9 +9,8 @@ Outputs ``masks`` 1xCxHxW logits at ``orig_im_size``, ``iou_predictions`` 1xC, `
 (C = 4, or 1 with ``return_single_mask``); with ``return_extra_metrics``: masks, iou_predictions,
 stability_scores, areas, low_res_masks.
 
-samkit's modules pick fused CPU kernels (oneDNN linears, blocked attention bias) when autograd is off;
-those do not trace. The wrappers run the model with autograd on and the weights requiring gradients,
-which selects the plain PyTorch compositions (same function) that the ONNX exporter understands.
+The wrappers trace the reference modules (:mod:`samkit.modeling`): a model accelerated by
+:func:`samkit.fast.accelerate` is restored for the trace and accelerated again after it.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fast import accelerate, is_accelerated, restore
 from ..modeling import Sam
 from ..modeling.common import LayerNorm2d
 from .amg import calculate_stability_score  # noqa: F401  (a name Meta's module has)
@@ -55,11 +55,10 @@ class _StaticLayerNorm2d(nn.Module):
 
 @contextlib.contextmanager
 def traceable(model: nn.Module) -> Iterator[None]:
-    """Autograd on, every weight requiring a gradient, LayerNorm2d with a constant shape (all restored
-    after): samkit's modules then take their plain, exportable code paths instead of the fused CPU
-    kernels, and compute the same function."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
+    """The reference modules and LayerNorm2d with a constant shape in ``model`` (a Sam), all restored
+    after."""
+    fast = is_accelerated(model)
+    restore(model)
     swapped = [
         (parent, name, child)
         for parent in model.modules()
@@ -69,22 +68,12 @@ def traceable(model: nn.Module) -> Iterator[None]:
     try:
         for parent, name, child in swapped:
             setattr(parent, name, _StaticLayerNorm2d(child))
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
+        yield
     finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
         for parent, name, child in swapped:
             setattr(parent, name, child)
-
-
-def stability_score(masks: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
-    """IoU of the masks thresholded at ``mask_threshold + offset`` and ``- offset`` (...xHxW -> ...)."""
-    high = (masks > (mask_threshold + offset)).sum(-1, dtype=torch.int32).sum(-1, dtype=torch.int32)
-    low = (masks > (mask_threshold - offset)).sum(-1, dtype=torch.int32).sum(-1, dtype=torch.int32)
-    return high / low
+        if fast:
+            accelerate(model)
 
 
 class SamOnnxModel(nn.Module):
@@ -180,7 +169,7 @@ class SamOnnxModel(nn.Module):
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_masks(mask_input, has_mask_input)
         image_pe = self.model.prompt_encoder.get_dense_pe()
-        masks, scores = self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+        masks, scores = self.model.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
         threshold = self.model.mask_threshold
         if self.use_stability_score:
             scores = stability_score(masks, threshold, self.stability_score_offset)

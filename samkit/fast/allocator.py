@@ -3,12 +3,13 @@
 SAM's CPU passes allocate and free tensors of tens to hundreds of MB many times per image (attention
 biases, per-prompt image tokens, upscaled masks). glibc serves every block above 32 MB with a fresh
 ``mmap`` and unmaps it when freed, so each such tensor pays page faults that zero its memory first.
-Raising the mmap and trim thresholds keeps those blocks in the heap: measured on vit_b's decoder with
-64 boxes, fp32 3.6 s -> 2.5 s (bf16 2.6 -> 1.5 s) at the same batch, with no change in results.
-The price: the process keeps its peak memory instead of returning it to the system.
-
-The command-line tools call :func:`tune_cpu_allocator` once at start; library users may call it
-themselves. ``SAMKIT_TUNE_MALLOC=0`` in the environment turns it off.
+Raising the mmap and trim thresholds keeps those blocks in the heap. The price: the process keeps
+its peak memory instead of returning it to the system. It is an opt-in for library users and the
+benchmarks (``--tuned-allocator``); no samkit module reads whether it is on, and the commands leave the
+allocator alone: with the decoder's own reused buffers (``samkit.fast.transformer._Workspace``) the
+tuned allocator no longer gives a gain in the results of BENCHMARKS.md. After tuning, pass
+``tuned_allocator=True`` to :func:`samkit.fast.accelerate` (chunks of 16 prompts, no buffers of its own).
+``SAMKIT_TUNE_MALLOC=0`` in the environment turns it off.
 """
 
 from __future__ import annotations
