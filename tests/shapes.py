@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from skimage import draw
 
 from samkit import build_model
+from samkit.fast import accelerate
 from samkit.modeling import Sam
 from samkit.training.numerics import flush_subnormals
 from samkit.utils.transforms import ResizeLongestSide
@@ -304,7 +305,7 @@ def train_tiny_shapes_model(
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = build_model("vit_tiny")
+    model = accelerate(build_model("vit_tiny"))  # trained on the fast modules, as samkit's training is
     rng = np.random.default_rng(seed)
     _tie_cross_attention(model)
     data = _embed_training_images(model, rng, min(TRAIN_IMAGES, max(4, steps // 20)))

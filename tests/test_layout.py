@@ -171,3 +171,52 @@ def test_importing_samkit_or_its_onnx_runtime_does_not_import_torch():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+MODELING = sorted(name for name in MODULES if name.startswith("samkit.modeling"))
+
+
+def test_modeling_imports_only_modeling():
+    """The reference modules compute from their inputs and parameters: they import no helpers
+    (utils), no speed layer (fast) and nothing else of samkit."""
+    graph = import_graph()
+    for name in MODELING:
+        outside = sorted(t for t in graph[name] if not t.startswith("samkit.modeling"))
+        assert not outside, f"{name} imports {outside}"
+
+
+def _module_level_mutables(tree: ast.Module) -> list[str]:
+    """Names bound at module level to a mutable value (list, dict, set, their comprehensions, or a
+    call that is not a plain constructor of an immutable), and ``global`` statements anywhere."""
+    found = []
+    for node in tree.body:
+        targets, value = [], None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        mutable = isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp))
+        if isinstance(value, ast.Call):
+            func = value.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            mutable = name not in {"frozenset", "tuple", "TypeVar", "namedtuple", "NamedTuple"}
+        if mutable:
+            found += [ast.unparse(t) for t in targets if ast.unparse(t) != "__all__"]
+    found += [f"global {', '.join(n.names)}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    return found
+
+
+@pytest.mark.parametrize("name", MODELING)
+def test_modeling_keeps_no_module_level_state(name):
+    """No caches or flags at module level, no ``global`` and no private torch ops in samkit.modeling."""
+    source = MODULES[name].read_text()
+    tree = ast.parse(source)
+    assert not _module_level_mutables(tree), f"{name}: {_module_level_mutables(tree)}"
+    for banned in ("torch.ops.", "_version", "data_ptr", "weakref", "__getstate__", "is_grad_enabled",
+                   "is_compiling", "is_autocast", "__dict__"):  # fmt: skip
+        assert banned not in source, f"{name} uses {banned}: process or memory state belongs in samkit.fast"
+
+
+def test_the_state_check_finds_state():
+    tree = ast.parse("A = {}\nB = (1, 2)\nC = list()\nD: dict = dict()\ndef f():\n    global E\n")
+    assert _module_level_mutables(tree) == ["A", "C", "D", "global E"]
