@@ -14,15 +14,16 @@ from typing import Any
 import torch
 
 from samkit.build import ENCODER_CONFIGS, build_model
-from samkit.modeling import Sam
+from samkit.fast import accelerate
 from samkit.fast.allocator import allocator_tuned, tune_cpu_allocator
+from samkit.modeling import Sam
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tuned-allocator",
         action="store_true",
-        help="keep freed memory for reuse (samkit.tune_cpu_allocator, what samkit's commands do) for the "
+        help="keep freed memory for reuse (samkit.tune_cpu_allocator, an opt-in since the commands stopped tuning it) for the "
         "whole process: Meta's code runs under it too, so the ratio compares the libraries alone",
     )
 
@@ -111,9 +112,11 @@ def shared_random_weights(name: str, seed: int = 1, scale: float = 0.02):
 
 
 def samkit_sam(name: str, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Sam:
+    """samkit's model with ``state``, accelerated as SamPredictor does (with the tuned allocator's
+    decoder settings under ``--tuned-allocator``)."""
     model = build_model(name)
     model.load_state_dict(state)
-    return model.to(dtype)
+    return accelerate(model.to(dtype), tuned_allocator=allocator_tuned())
 
 
 def command_line(script: str, argv: list[str]) -> str:

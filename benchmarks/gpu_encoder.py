@@ -19,6 +19,7 @@ import torch
 from common import command_line, meta_sam, write_result
 
 from samkit.build import build_model
+from samkit.fast import accelerate
 
 
 def meta_encoder(name: str):
@@ -122,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             for p in meta.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=g, device=dev))
         state = {f"image_encoder.{k}": v for k, v in meta.state_dict().items()}
-        sam = build_model(name).to(dev)
+        sam = accelerate(build_model(name).to(dev))
         sam.load_state_dict({**sam.state_dict(), **state})
         ours32 = sam.image_encoder.eval()
-        ours16 = build_model(name).image_encoder.to(dev).eval()
+        ours16 = accelerate(build_model(name)).image_encoder.to(dev).eval()
         ours16.load_state_dict(ours32.state_dict())
         ours16.to(torch.bfloat16)
         x1 = torch.randn(1, 3, 1024, 1024, device=dev, generator=g)

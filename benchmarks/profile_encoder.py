@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from samkit.build import build_model
+from samkit.fast import accelerate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    encoder = build_model(args.model).image_encoder.to(dev, dtype).eval()
+    encoder = accelerate(build_model(args.model)).image_encoder.to(dev, dtype).eval()
     with torch.no_grad():
         for p in encoder.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -198,7 +198,13 @@ def _module_level_mutables(tree: ast.Module) -> list[str]:
         mutable = isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp))
         if isinstance(value, ast.Call):
             func = value.func
-            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            name = (
+                func.id
+                if isinstance(func, ast.Name)
+                else func.attr
+                if isinstance(func, ast.Attribute)
+                else ""
+            )
             mutable = name not in {"frozenset", "tuple", "TypeVar", "namedtuple", "NamedTuple"}
         if mutable:
             found += [ast.unparse(t) for t in targets if ast.unparse(t) != "__all__"]

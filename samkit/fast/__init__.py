@@ -61,7 +61,9 @@ def _swap(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     new = cls.__new__(cls)
     # Containers copied (their contents shared), so that a later change to one module's children
     # (an adapter wrapping a layer) does not reach the other.
-    new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
+    new.__dict__.update(
+        {k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()}
+    )
     for name in _SETTINGS:
         new.__dict__.pop(name, None)
     return new

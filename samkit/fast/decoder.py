@@ -19,7 +19,6 @@ from torch import nn
 
 from ..modeling.common import MLP, LayerNorm2d
 from ..modeling.mask_decoder import MaskDecoder
-from .ops import autocast_on as _autocast_on
 from .ops import linear, linear_fn, plain
 from .transformer import FastTwoWayTransformer
 
@@ -107,7 +106,11 @@ class FastMaskDecoder(MaskDecoder):
         """
         if not isinstance(self.transformer, FastTwoWayTransformer):
             return super().forward(
-                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                multimask_output,
             )
         sel = slice(1, None) if multimask_output else slice(0, 1)
         after = slice(None)
@@ -285,12 +288,16 @@ class FastMaskDecoder(MaskDecoder):
         if len(self.output_upscaling) != 5 or type(self.output_upscaling[1]) is not LayerNorm2d:
             return False
         conv1, _, act1, conv2, act2 = self.output_upscaling
-        return plain(conv1, conv2) and all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (act1, act2)) and all(
-            conv.kernel_size == (2, 2)
-            and conv.stride == (2, 2)
-            and conv.padding == (0, 0)
-            and conv.bias is not None
-            for conv in (conv1, conv2)
+        return (
+            plain(conv1, conv2)
+            and all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (act1, act2))
+            and all(
+                conv.kernel_size == (2, 2)
+                and conv.stride == (2, 2)
+                and conv.padding == (0, 0)
+                and conv.bias is not None
+                for conv in (conv1, conv2)
+            )
         )
 
     def _masks_from_tokens(self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:

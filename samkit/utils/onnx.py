@@ -76,6 +76,13 @@ def traceable(model: nn.Module) -> Iterator[None]:
             accelerate(model)
 
 
+def stability_score(masks: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """IoU of the masks thresholded at ``mask_threshold + offset`` and ``- offset`` (...xHxW -> ...)."""
+    high = (masks > (mask_threshold + offset)).sum(-1, dtype=torch.int32).sum(-1, dtype=torch.int32)
+    low = (masks > (mask_threshold - offset)).sum(-1, dtype=torch.int32).sum(-1, dtype=torch.int32)
+    return high / low
+
+
 class SamOnnxModel(nn.Module):
     """Prompt encoder + mask decoder + mask postprocessing in one traceable module (Meta's interface)."""
 
