@@ -59,11 +59,10 @@ def _swap(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """A module of class ``cls`` holding ``module``'s state: the same parameters, buffers, children,
     hooks and attributes (the classes add no state of their own)."""
     new = cls.__new__(cls)
-    # Containers copied (their contents shared), so that a later change to one module's children
-    # (an adapter wrapping a layer) does not reach the other.
-    new.__dict__.update(
-        {k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()}
-    )
+    new.__dict__.update(module.__dict__)
+    # Its own table of children (an adapter wrapping a layer of one does not reach the other); the
+    # hook tables stay shared, so that a hook's handle still removes it.
+    new._modules = module._modules.copy()
     for name in _SETTINGS:
         new.__dict__.pop(name, None)
     return new
@@ -87,7 +86,7 @@ def accelerate(
 
     ``prompt_chunk``: prompts the mask decoder takes at a time on the CPU (default: as many as fit in
     16 MiB of image tokens). ``tuned_allocator``: the caller has tuned glibc's allocator
-    (:func:`samkit.commands.allocator.tune_cpu_allocator`), so freed memory is reused as it is: the
+    (:func:`samkit.fast.allocator.tune_cpu_allocator`), so freed memory is reused as it is: the
     decoder then takes chunks of 16 prompts and no buffers of its own. Calling it again only updates
     these settings.
     """

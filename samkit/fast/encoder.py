@@ -182,8 +182,10 @@ class FastAttention(Attention):
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global attention over x: BxHxWxC."""
+    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+        """Attention over x: BxHxWxC, within window x window tiles when ``window`` > 0."""
+        if window > 0:
+            return self.forward_windowed(x, window)
         b, h, w, _ = x.shape
         qkv = linear(x, self.qkv).view(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = self.attend(qkv[0], qkv[1], qkv[2], (h, w))
@@ -230,6 +232,6 @@ class FastBlock(Block):
         if not isinstance(self.attn, FastAttention):
             return super().forward(x)
         y = self.norm1(x)
-        y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn(y)
+        y = self.attn(y, self.window_size)
         x = x + y
         return x + self.mlp(self.norm2(x))

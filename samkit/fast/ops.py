@@ -23,9 +23,14 @@ _FP32_MIN_NORMAL_BITS = 0x00800000
 def plain(*layers: nn.Module) -> bool:
     """Whether every layer is exactly ``nn.Linear`` (or ``nn.ConvTranspose2d``), so that reading its
     ``weight`` and ``bias`` is the same as calling it. A wrapped layer (a LoRA adapter of ``peft``,
-    a quantised layer, a subclass) is not: the fast modules then call the reference code, which calls
-    the layer."""
-    return all(type(layer) in (nn.Linear, nn.ConvTranspose2d) for layer in layers)
+    a quantised layer, a subclass, a parametrised layer) is not: the fast modules then call the reference code, which calls
+    the layer. A layer with forward hooks is not plain either: they run only when it is called."""
+    return all(
+        type(layer) in (nn.Linear, nn.ConvTranspose2d)
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+        for layer in layers
+    )
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
