@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .fast.decoder import decode_above_iou
+from .maskgen.grids import OUTPUT_MODES, generator_point_grids, image_crop_boxes  # noqa: F401
 from .modeling import Sam
 from .predictor import SamPredictor
 from .utils.amg import (
@@ -23,7 +24,6 @@ from .utils.amg import (
     area_from_rle,
     batched_mask_to_box,
     box_xyxy_to_xywh,
-    build_all_layer_point_grids,
     coco_encode_rle,
     is_box_near_crop_edge,
     mask_to_rle,
@@ -33,11 +33,9 @@ from .utils.amg import (
     uncrop_masks,
     uncrop_points,
 )
-from .utils.amg_common import image_crop_boxes
 from .utils.image import to_rgb_uint8
 from .utils.nms import batched_nms, box_area
 
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Full-resolution pixels (masks x H x W) handled at once: bounds memory for big images and crops.
 _PIXELS_PER_CHUNK = 32 * 1024 * 1024
 
@@ -74,25 +72,13 @@ class SamAutomaticMaskGenerator:
         smaller than this many pixels (needs OpenCV). output_mode: "binary_mask" (HxW bool),
         "uncompressed_rle" or "coco_rle" (needs pycocotools).
         """
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("give exactly one of points_per_side and point_grids")
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
+        self.point_grids = generator_point_grids(
+            points_per_side, point_grids, crop_n_layers, crop_n_points_downscale_factor, output_mode
+        )
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
-        if point_grids is not None and len(point_grids) != crop_n_layers + 1:
-            raise ValueError(
-                f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), got {len(point_grids)}"
-            )
-        if output_mode == "coco_rle":
-            import pycocotools.mask  # noqa: F401  (fail now, with the missing package's name)
         if min_mask_region_area > 0:
-            import cv2  # noqa: F401
-        self.point_grids = (
-            point_grids
-            if point_grids is not None
-            else build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
-        )
+            import cv2  # noqa: F401  (fail now, with the missing package's name)
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh

@@ -76,7 +76,7 @@ def test_images_smaller_than_the_crop_grid_skip_empty_crops(tiny_model):
     usual size keep every crop."""
     from segment_anything.utils.amg import generate_crop_boxes as meta_crop_boxes
 
-    from samkit.utils.amg_common import generate_crop_boxes, image_crop_boxes
+    from samkit.maskgen.grids import generate_crop_boxes, image_crop_boxes
 
     for size in [(480, 640), (7, 300), (1500, 2250)]:
         assert image_crop_boxes(size, 2, 512 / 1500) == generate_crop_boxes(size, 2, 512 / 1500)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.amg_common import (
+from ..maskgen.grids import (
     OUTPUT_MODES,
     build_point_grid,
     coco_encode_rle,
@@ -21,6 +21,8 @@ from ..utils.amg_common import (
     image_crop_boxes,
     rle_to_mask,
 )
+from ..maskgen.nms import nms
+from ..maskgen.rle import mask_to_rle
 from .predictor import OnnxPredictor
 
 # Earlier names of the shared helpers, kept for callers of samkit.onnx.amg.
@@ -36,36 +38,6 @@ def mask_to_box(masks: np.ndarray) -> np.ndarray:
         if len(rows):
             boxes[i] = [cols[0], rows[0], cols[-1], rows[-1]]
     return boxes
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndarray:
-    """Indices of the boxes kept by greedy NMS (highest score first), as torchvision.ops.nms."""
-    boxes = boxes.astype(np.float64)
-    order = np.argsort(-scores, kind="stable")
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    keep = []
-    suppressed = np.zeros(len(boxes), dtype=bool)
-    for i in order:
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        xy0 = np.maximum(boxes[i, :2], boxes[:, :2])
-        xy1 = np.minimum(boxes[i, 2:], boxes[:, 2:])
-        inter = np.clip(xy1 - xy0, 0, None).prod(axis=1)
-        iou = inter / np.maximum(areas[i] + areas - inter, 1e-12)
-        suppressed |= iou > iou_thresh
-    return np.array(keep, dtype=np.int64)
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """HxW bool -> uncompressed RLE (column-major counts starting with a run of zeros)."""
-    h, w = mask.shape
-    seq = mask.T.reshape(-1)
-    edges = np.flatnonzero(seq[1:] != seq[:-1]) + 1
-    counts = np.diff(np.concatenate([[0], edges, [h * w]])).tolist()
-    if seq[0]:
-        counts = [0] + counts
-    return {"size": [h, w], "counts": counts}
 
 
 class OnnxAutomaticMaskGenerator:

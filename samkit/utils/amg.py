@@ -15,14 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The torch-free helpers live in amg_common (samkit.onnx uses them too); Meta's names are here.
-from .amg_common import (  # noqa: F401  (re-exported under Meta's names)
+# The torch-free helpers live in samkit.maskgen (samkit.onnx uses them too); Meta's names are here.
+from ..maskgen.grids import (  # noqa: F401  (re-exported under Meta's names)
     build_all_layer_point_grids,
     build_point_grid,
     coco_encode_rle,
     generate_crop_boxes,
     rle_to_mask,
 )
+from ..maskgen.rle import area_from_rle, masks_to_rle  # noqa: F401  (area_from_rle: Meta's name)
 
 
 class MaskData:
@@ -183,63 +184,13 @@ def box_xyxy_to_xywh(box_xyxy: torch.Tensor) -> torch.Tensor:
 
 
 def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """BxHxW bool -> uncompressed RLEs, computed for the whole batch at once (one host transfer).
-
-    Runs change where a pixel differs from the one before it in column-major order: from the pixel
-    above it, or at the top of a column from the bottom of the previous column. The row-wise
-    differences are found without transposing the masks, 8 pixels per 64-bit word.
-    """
-    b, h, w = masks.shape
-    if b == 0:
-        return []
-    masks = masks.contiguous()
-    dev = masks.device
-    none = torch.zeros(0, dtype=torch.long, device=dev)
-    k_parts, pos_parts = [none], [none]
-    if h > 1:
-        padded_w = -(-w // 8) * 8
-        diff = torch.zeros(b, h - 1, padded_w, dtype=torch.bool, device=dev)
-        torch.ne(masks[:, 1:], masks[:, :-1], out=diff[..., :w])
-        words = diff.view(torch.int64)  # b x (h-1) x padded_w/8
-        k, y, word = words.nonzero().unbind(1)
-        k, y, x = _expand_word_bits(diff.view(b, h - 1, -1, 8)[k, y, word], k, y, word)
-        k_parts.append(k)
-        pos_parts.append(x * h + y + 1)
-    if w > 1:
-        k, x = (masks[:, 0, 1:] != masks[:, h - 1, :-1]).nonzero().unbind(1)
-        k_parts.append(k)
-        pos_parts.append((x + 1) * h)
-    k, pos = torch.cat(k_parts), torch.cat(pos_parts)
-    order = torch.argsort(k * (h * w) + pos)
-    mask_idx, pos = k[order].cpu().numpy(), pos[order].cpu().numpy()
-    starts_with_one = masks[:, 0, 0].cpu().numpy()
-    splits = np.searchsorted(mask_idx, np.arange(1, b))
-    out = []
-    for i, bounds in enumerate(np.split(pos, splits)):
-        edges = np.concatenate([[0], bounds, [h * w]])
-        counts = np.diff(edges).tolist()
-        if starts_with_one[i]:
-            counts = [0] + counts
-        out.append({"size": [h, w], "counts": counts})
-    return out
-
-
-def _expand_word_bits(
-    groups: torch.Tensor, k: torch.Tensor, y: torch.Tensor, word: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mask, row, column) of each set byte of the Nx8 ``groups`` (byte j of word n: column 8*word+j)."""
-    n, j = groups.nonzero().unbind(1)
-    return k[n], y[n], word[n] * 8 + j
+    """BxHxW bool -> uncompressed RLEs (:func:`samkit.maskgen.rle.masks_to_rle` on the host)."""
+    return masks_to_rle(masks.detach().cpu().numpy())
 
 
 def mask_to_rle_pytorch(tensor: torch.Tensor) -> list[dict[str, Any]]:
     """Meta's name for :func:`mask_to_rle`: BxHxW bool -> uncompressed RLEs."""
     return mask_to_rle(tensor)
-
-
-def area_from_rle(rle: dict[str, Any]) -> int:
-    """Foreground pixels of an uncompressed RLE."""
-    return int(sum(rle["counts"][1::2]))
 
 
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:

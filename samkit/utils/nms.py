@@ -11,8 +11,9 @@ other devices, then sorted by score).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from ..maskgen.nms import nms as numpy_nms
 
 # Past this many box coordinates batched_nms runs one NMS per class (as torchvision does).
 _PER_CLASS_NUMEL = {"cpu": 4000}
@@ -26,32 +27,9 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Indices (int64, on the boxes' device) of the Nx4 XYXY ``boxes`` kept by greedy NMS, highest
-    score first (equal scores: lower index first): each kept box suppresses the later boxes whose
-    IoU with it is above ``iou_threshold``."""
-    device = boxes.device
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    order = torch.sort(scores, stable=True, descending=True)[1].cpu().numpy()
-    b = boxes.detach().cpu().numpy()
-    x1, y1, x2, y2 = (np.ascontiguousarray(b[order, k]) for k in range(4))
-    areas = (x2 - x1) * (y2 - y1)
-    zero = b.dtype.type(0)
-    alive = np.ones(len(order), dtype=bool)
-    keep = []
-    with np.errstate(
-        divide="ignore", invalid="ignore"
-    ):  # 0 / 0 for empty boxes: NaN, kept as torchvision does
-        for i in range(len(order)):
-            if not alive[i]:
-                continue
-            keep.append(order[i])
-            rest = slice(i + 1, None)
-            w = np.maximum(zero, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-            h = np.maximum(zero, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-            inter = w * h
-            iou = inter / (areas[i] + areas[rest] - inter)
-            alive[rest] &= ~(iou.astype(np.float64) > iou_threshold)
-    return torch.as_tensor(np.array(keep, dtype=np.int64), device=device)
+    score first (equal scores: lower index first); :func:`samkit.maskgen.nms.nms` on the host."""
+    keep = numpy_nms(boxes.detach().cpu().numpy(), scores.detach().cpu().numpy(), iou_threshold)
+    return torch.as_tensor(keep, device=boxes.device)
 
 
 def batched_nms(

@@ -1,6 +1,6 @@
-"""Automatic mask generation helpers without PyTorch, shared by :mod:`samkit.amg` (through
-:mod:`samkit.utils.amg`, which re-exports them under Meta's names) and the torch-free :mod:`samkit.onnx`:
-point grids, crop boxes, RLE decoding and the mask generators' argument checks.
+"""Point grids, crop boxes, RLE decoding and the mask generators' argument checks (numpy only), shared by
+:mod:`samkit.amg` (through :mod:`samkit.utils.amg`, which re-exports them under Meta's names) and the
+torch-free :mod:`samkit.onnx`.
 
 Grids are Nx2 XY in [0, 1]; crop boxes are XYXY with exclusive ends; RLEs are COCO's uncompressed form
 ``{"size": [H, W], "counts": [...]}`` over the column-major pixel sequence, starting with a run of zeros.
@@ -94,6 +94,8 @@ def generator_point_grids(
         raise ValueError("give exactly one of points_per_side and point_grids")
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
+    if output_mode == "coco_rle":
+        import pycocotools.mask  # noqa: F401  (fail now, with the missing package's name)
     if point_grids is not None:
         if len(point_grids) != crop_n_layers + 1:
             raise ValueError(
