@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from ..errors import SamkitError
 from .base import checkpoint_or_none, run_standalone
+from .outputs import check_output as check_writable_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     # Every mistake is found before the model is built or anything is written.
     require_onnx()
     check_opset(args.opset)
+    checkpoint = checkpoint_or_none(args)
     check_output(args.output, args.overwrite)
+    check_writable_output(args.output, "--output", {"the checkpoint": checkpoint}, directory=True)
     if args.verify and (args.return_single_mask or args.use_stability_score or args.return_extra_metrics):
         raise SamkitError("--verify checks the default decoder: leave out the Meta decoder options to verify")
-    checkpoint = checkpoint_or_none(args)
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
     model = build_model(args.model_type, checkpoint).float().eval()
