@@ -180,23 +180,24 @@ def build_model(
     if model_type not in sam_model_registry:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(sam_model_registry)}")
     builder = sam_model_registry[model_type]
-    if checkpoint is None or image_size is not None:
-        return builder(
-            checkpoint=checkpoint,
-            text_feature_dim=text_feature_dim,
-            image_size=IMAGE_SIZE if image_size is None else image_size,
-        )
-    state = read_checkpoint(checkpoint)  # read once: for its size, then to load
-    ckpt_size = identify_model_size(state)
-    wanted = "vit_h" if model_type == "default" else model_type
-    if (
-        ckpt_size in ENCODER_CONFIGS and ckpt_size != wanted
-    ):  # found before building a model of the wrong size
-        raise CheckpointError(f"checkpoint is {ckpt_size}, model is {wanted}: {os.fspath(checkpoint)}")
-    size = checkpoint_image_size(state) or IMAGE_SIZE
+    if checkpoint is None:
+        size = IMAGE_SIZE if image_size is None else image_size
+        return builder(text_feature_dim=text_feature_dim, image_size=size)
+    state = read_checkpoint(checkpoint)  # read once: for its sizes, then to load
+    check_checkpoint_size(state, model_type, os.fspath(checkpoint))
+    size = image_size if image_size is not None else (checkpoint_image_size(state) or IMAGE_SIZE)
     sam = builder(text_feature_dim=text_feature_dim, image_size=size)
     load_checkpoint(sam, state, source=os.fspath(checkpoint))
     return sam
+
+
+def check_checkpoint_size(state: Mapping[str, torch.Tensor], model_type: str, source: str) -> None:
+    """Refuse a state dict of another model size than ``model_type`` before that model is built
+    (a random vit_h takes seconds to build): one line naming both sizes and ``source``."""
+    ckpt_size = identify_model_size(state)
+    wanted = "vit_h" if model_type == "default" else model_type
+    if ckpt_size != wanted and ckpt_size is not None:
+        raise CheckpointError(f"checkpoint is {ckpt_size}, model is {wanted}: {source}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -400,6 +401,7 @@ __all__ = [
     "build_sam_vit_h",
     "build_sam_vit_l",
     "build_sam_vit_tiny",
+    "check_checkpoint_size",
     "check_image_size",
     "checkpoint_image_size",
     "load_checkpoint",

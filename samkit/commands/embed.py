@@ -22,7 +22,7 @@ from ..errors import SamkitError
 from . import folder_jobs
 from .amg import IMAGE_EXTENSIONS, check_unique_stems, folder_images, image_stem
 from .base import add_model_arguments, check_device, checkpoint_or_none, one_line
-from .outputs import check_output, make_dirs
+from .outputs import check_not_input, check_output, make_dirs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,9 +49,11 @@ def plan(input_path: str, output: str, checkpoint: str | None = None) -> list[st
     """The images to embed, sorted; raises :class:`SamkitError` for a bad --input/--output."""
     if not os.path.exists(input_path):
         raise SamkitError(f"--input {input_path}: not found")
-    check_output(output, "--output", {"the input": input_path, "the checkpoint": checkpoint}, directory=True)
+    given = {"the input": input_path, "the checkpoint": checkpoint}
+    check_output(output, "--output", given, directory=True)
     inputs = folder_images(input_path) if os.path.isdir(input_path) else [input_path]
     check_unique_stems(inputs, lambda path: os.path.basename(embedding_path(output, path)))
+    check_not_input([embedding_path(output, path) for path in inputs], given, "--output")
     return inputs
 
 

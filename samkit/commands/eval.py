@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..errors import ConfigError
 from .base import run_standalone
 from .outputs import check_output
 from .train import add_arguments as add_arguments
@@ -21,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training.evaluate import run as evaluate_config
 
     cfg = load_config(args.config, args.override_cfg)
+    if cfg.eval_data is None:
+        raise ConfigError(f"{args.config} has no eval_data section to evaluate on")
     # Checked before the model loads: the metrics must not land on an input, nor somewhere unwritable.
     flag = "eval_output" if cfg.eval_output else "work_dir"
     check_output(output_path(cfg), flag, config_inputs(cfg, args.config), directory=False)
