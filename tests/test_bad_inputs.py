@@ -29,6 +29,8 @@ import yaml
 from PIL import Image
 
 from samkit import build_model
+from samkit.utils.mindspore_ckpt import write_mindspore_checkpoint
+from samkit.utils.mindspore_names import torch_to_mindspore_names
 
 from .datagen import make_coco_dataset
 from .text_helpers import save_tiny_clip
@@ -105,7 +107,11 @@ def make_world(root: Path, tiny_checkpoint: str) -> SimpleNamespace:
     shutil.copy(tiny_checkpoint, w.ckpt)
     torch.manual_seed(0)
     w.text_ckpt = i / "sam_text.pth"
-    torch.save(build_model("vit_tiny", text_feature_dim=CLIP_DIM).state_dict(), w.text_ckpt)
+    text_sam = build_model("vit_tiny", text_feature_dim=CLIP_DIM)
+    torch.save(text_sam.state_dict(), w.text_ckpt)
+    # A fine-tuned file of the seed's port: MindSpore names, with the text branch every one carries.
+    w.seed_ckpt = i / "sam_008_coco_box.ckpt"
+    write_mindspore_checkpoint(torch_to_mindspore_names(text_sam.state_dict()), w.seed_ckpt)
     w.clip = save_tiny_clip(i / "clip")
     w.notes = i / "notes.txt"
     w.notes.write_text("model: vit_b\nlr: 0.001\n")
@@ -387,7 +393,7 @@ def battery(tmp_path_factory, tiny_checkpoint):
         for kind, by_command in kinds.items()
         for command, (line, _) in by_command.items()
     ]
-    spec_cases += folder_contract_cases(w)
+    spec_cases += folder_contract_cases(w) + seed_checkpoint_cases(w)
     spec = {"repo": str(REPO), "cwd": str(w.cwd), "watch": [str(root)], "cases": spec_cases}
     spec_path, results_path = (
         root.parent / f"{root.name}_spec.json",
@@ -562,3 +568,34 @@ def test_folder_of_unreadable_images_leaves_no_folder(battery, command):
     assert err.splitlines()[-1] == "error: 3 of 3 images could not be read", err
     assert not (battery.world.out / command).exists()
     assert set(result["after"]) == set(result["before"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The seed's fine-tuned .ckpt files (text branch in every one) work in the plain and the text commands
+
+
+def seed_checkpoint_cases(w: SimpleNamespace) -> list[dict]:
+    return [
+        {
+            "id": f"seed|{command}",
+            "argv": command_line(command, w, checkpoint=w.seed_ckpt, output=w.root / "ok" / command),
+        }
+        for command in ("box", "text")
+    ]
+
+
+def test_seed_checkpoint_runs_in_a_plain_command_with_one_note(battery):
+    result = battery.results["seed|box"]
+    assert result["rc"] == 0, result["stderr"]
+    assert result["stderr"].splitlines() == [
+        f"note: {battery.world.seed_ckpt} has a text-prompt branch (text features of size {CLIP_DIM}); this "
+        f"plain SAM leaves it out (text prompts: text_inference.py, or build_model(..., "
+        f"text_feature_dim={CLIP_DIM}))"
+    ]
+    assert sorted(os.listdir(battery.world.root / "ok" / "box")) == ["photo_infer.png", "photo_masks.npz"]
+
+
+def test_seed_checkpoint_gives_the_text_command_its_text_branch(battery):
+    result = battery.results["seed|text"]
+    assert result["rc"] == 0 and result["stderr"] == "", result["stderr"]
+    assert sorted(os.listdir(battery.world.root / "ok" / "text")) == ["photo_infer.png", "photo_masks.npz"]
