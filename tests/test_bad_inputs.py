@@ -37,7 +37,18 @@ from .text_helpers import save_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-COMMANDS = ("point", "box", "text", "amg-file", "amg-folder", "embed", "export-onnx", "eval")
+COMMANDS = ("predict", "point", "box", "text", "amg-file", "amg-folder", "embed", "export-onnx", "eval")
+# Commands whose only file-system risk is their output folder: in the output kinds of the battery.
+OUTPUT_ONLY_COMMANDS = ("train", "preprocess-ct")
+OUTPUT_FLAGS = {
+    "predict": "--output-dir",
+    "point": "--output-dir",
+    "box": "--output-dir",
+    "text": "--output-dir",
+    "eval": "eval_output",
+    "train": "work_dir",
+    "preprocess-ct": "--output-dir",
+}
 CLIP_DIM = 12  # tests/text_helpers.py's tiny CLIP
 # Results named after the image (photo.png) or fixed: a checkpoint there under that name is an input.
 CLASHES = {
@@ -137,10 +148,14 @@ def make_world(root: Path, tiny_checkpoint: str) -> SimpleNamespace:
         "progress": False,
     }
     w.config.write_text(yaml.safe_dump(config))
+    w.train_config = i / "train.yaml"
+    w.train_config.write_text(yaml.safe_dump({**config, "train_data": config["eval_data"], "epochs": 1}))
     w.empty_config = i / "empty.yaml"
     w.empty_config.write_text("")
     w.read_only = _read_only_folder(root)
     # A checkpoint named like a result, in the folder given as output: "output is an input".
+    (i / "clash_predict").mkdir()
+    shutil.copy(w.image, i / "clash_predict" / "box.png")
     for command, name in CLASHES.items():
         (i / f"clash_{command}").mkdir()
         shutil.copy(w.text_ckpt if command == "text" else w.ckpt, i / f"clash_{command}" / name)
@@ -172,6 +187,10 @@ def command_line(
         }[command]
         ckpt = w.text_ckpt if command == "text" else w.ckpt
         line = [*flags, "--image-path", image or w.image, "--output-dir", output or out]
+    elif command == "predict":
+        line = ["-m", "samkit", "predict", "--prompt-type", "box", "--input", image or w.image]
+        line += ["--output-dir", output or out]
+        ckpt = w.ckpt
     elif command in ("amg-file", "amg-folder", "embed"):
         name = "embed" if command == "embed" else "amg"
         default_input = w.folder if command == "amg-folder" else w.image
@@ -182,6 +201,13 @@ def command_line(
     elif command == "export-onnx":
         line = ["-m", "samkit", "export-onnx", "--output", output or out]
         ckpt = w.ckpt
+    elif command == "train":
+        return [str(a) for a in [REPO / "train.py", "-c", w.train_config, "-o", f"work_dir={output or out}"]]
+    elif command == "preprocess-ct":
+        return [
+            str(a)
+            for a in ["-m", "samkit", "preprocess-ct", "--input-dir", w.a_dir, "--output-dir", output or out]
+        ]
     elif command == "eval":
         overrides = [f"model.type={model_type}", f"eval_output={output or out / 'metrics.json'}"]
         if checkpoint is not None:
@@ -197,12 +223,12 @@ def command_line(
 
 def cases(w: SimpleNamespace) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
     """kind -> command -> (command line, what the one error line must contain)."""
-    image_commands = ("point", "box", "text", "amg-file", "embed")
+    image_commands = ("predict", "point", "box", "text", "amg-file", "embed")
     kinds: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
 
-    def each(kind: str, make) -> None:
+    def each(kind: str, make, also: tuple[str, ...] = ()) -> None:
         kinds[kind] = {}
-        for command in COMMANDS:
+        for command in COMMANDS + also:
             made = make(command)
             if made is not None:
                 kinds[kind][command] = made
@@ -270,7 +296,7 @@ def cases(w: SimpleNamespace) -> dict[str, dict[str, tuple[list[str], list[str]]
     del kinds["truncated"]["amg-folder"], kinds["corrupt"]["amg-folder"]  # see test_folder_contract
 
     def directory_for_file(command: str):
-        if command in ("point", "box", "text"):
+        if command in ("predict", "point", "box", "text"):
             return command_line(command, w, image=w.a_dir), [str(w.a_dir), "directory"]
         if command == "eval":
             return command_line(command, w, image=w.a_dir), [str(w.a_dir)]
@@ -306,6 +332,11 @@ def cases(w: SimpleNamespace) -> dict[str, dict[str, tuple[list[str], list[str]]
         folder = w.inputs / f"clash_{command}"
         if command == "amg-file":
             return command_line(command, w, output=w.image), [f"--output: {w.image} is the input image"]
+        if command == "predict":  # box.png, its picture, is the image
+            image = folder / "box.png"
+            return command_line(command, w, image=image, output=folder), [
+                f"--output-dir: {image} is the input image"
+            ]
         elif command == "amg-folder":
             line = command_line(command, w, output=w.folder, extra=("--overlay",))
             return line, [f"--output {w.folder} is the input folder"]
@@ -334,15 +365,10 @@ def cases(w: SimpleNamespace) -> dict[str, dict[str, tuple[list[str], list[str]]
         target = (
             w.image / "sub" / ("x.png" if command == "amg-file" else "x.json" if command == "eval" else "d")
         )
-        flag = {
-            "point": "--output-dir",
-            "box": "--output-dir",
-            "text": "--output-dir",
-            "eval": "eval_output",
-        }.get(command, "--output")
+        flag = OUTPUT_FLAGS.get(command, "--output")
         return command_line(command, w, output=target), [f"{flag} {target}", f"{w.image} is a file"]
 
-    each("output under a file", output_under_file)
+    each("output under a file", output_under_file, OUTPUT_ONLY_COMMANDS)
 
     def read_only_output(command: str):
         target = (
@@ -352,7 +378,7 @@ def cases(w: SimpleNamespace) -> dict[str, dict[str, tuple[list[str], list[str]]
         )
         return command_line(command, w, output=target), [str(target), "cannot write in"]
 
-    each("read-only output", read_only_output)
+    each("read-only output", read_only_output, OUTPUT_ONLY_COMMANDS)
 
     def file_where_folder_goes(command: str):
         if command == "eval":
@@ -361,7 +387,7 @@ def cases(w: SimpleNamespace) -> dict[str, dict[str, tuple[list[str], list[str]]
             return None  # an --output without a picture extension is its results folder
         return command_line(command, w, output=w.notes), [str(w.notes), "exists and is not a directory"]
 
-    each("file where a folder goes", file_where_folder_goes)
+    each("file where a folder goes", file_where_folder_goes, OUTPUT_ONLY_COMMANDS)
     each(
         "unknown flag",
         lambda c: (command_line(c, w, extra=("--colour", "red")), ["unrecognized arguments: --colour red"]),
@@ -456,7 +482,9 @@ def _ids(kind: str) -> list[str]:
         "truncated": [c for c in COMMANDS if c != "amg-folder"],
         "output is an input": [c for c in COMMANDS if c != "eval"]
         + [f"eval ({x})" for x in ("config", "checkpoint", "annotation file", "data folder")],
-        "file where a folder goes": [c for c in COMMANDS if c != "amg-file"],
+        "output under a file": list(COMMANDS + OUTPUT_ONLY_COMMANDS),
+        "read-only output": list(COMMANDS + OUTPUT_ONLY_COMMANDS),
+        "file where a folder goes": [c for c in COMMANDS + OUTPUT_ONLY_COMMANDS if c != "amg-file"],
         "text model of another kind": ["text"],
     }
     return by_kind.get(kind, list(COMMANDS))

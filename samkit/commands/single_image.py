@@ -105,14 +105,11 @@ def result_paths(output_dir: str, image_path: str) -> tuple[str, str]:
     return os.path.join(output_dir, f"{stem}_infer.png"), os.path.join(output_dir, f"{stem}_masks.npz")
 
 
-def prepare_outputs(
-    args: argparse.Namespace, **more_inputs: Optional[str]
-) -> tuple[Optional[str], str, tuple[str, str]]:
+def prepare_outputs(args: argparse.Namespace) -> tuple[Optional[str], str, tuple[str, str]]:
     """The checked checkpoint (None: download or random weights), output directory and result paths:
-    a folder that can be written, results that overwrite none of the inputs (the image, the
-    checkpoint, ``more_inputs`` labelled as the error line names them)."""
+    a folder that can be written, results that overwrite neither the image nor the checkpoint."""
     checkpoint = checkpoint_or_none(args)
-    inputs = {"the input image": args.image_path, "the checkpoint": checkpoint, **more_inputs}
+    inputs = {"the input image": args.image_path, "the checkpoint": checkpoint}
     output_dir = check_output(args.output_dir, "--output-dir", inputs, directory=True)
     paths = result_paths(output_dir, args.image_path)
     check_not_input(paths, inputs, "--output-dir")
