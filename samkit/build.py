@@ -342,16 +342,10 @@ def load_checkpoint(
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
     if keep_new_text_branch and _TEXT_PROJ_WEIGHT not in state:
         state.update({k: v for k, v in expected.items() if k.startswith(_TEXT_BRANCH_PREFIXES)})
+    left_out = None  # the text feature size of a text branch a plain model leaves out
     if _TEXT_PROJ_WEIGHT in state and _TEXT_PROJ_WEIGHT not in expected:
-        dim = state[_TEXT_PROJ_WEIGHT].shape[1]
+        left_out = state[_TEXT_PROJ_WEIGHT].shape[1]
         state = {k: v for k, v in state.items() if not k.startswith(_TEXT_BRANCH_PREFIXES)}
-        warnings.warn(
-            SamkitNote(
-                f"{source} has a text-prompt branch (text features of size {dim}); this plain SAM leaves it "
-                f"out (text prompts: text_inference.py, or build_model(..., text_feature_dim={dim}))"
-            ),
-            stacklevel=2,
-        )
     _check_text_branch(state, expected, source)
     ckpt_size, model_size = identify_model_size(state), model_size_name(model)
     if ckpt_size != model_size and ckpt_size is not None:
@@ -373,6 +367,14 @@ def load_checkpoint(
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(f"{source} does not match a {model_size} SAM ({'; '.join(parts)})")
     model.load_state_dict(state, strict=True)
+    if left_out is not None:  # after the last check: an error stays the only line a command prints
+        warnings.warn(
+            SamkitNote(
+                f"{source} has a text-prompt branch (text features of size {left_out}); this plain SAM leaves "
+                f"it out (text prompts: text_inference.py, or build_model(..., text_feature_dim={left_out}))"
+            ),
+            stacklevel=2,
+        )
 
 
 def _check_text_branch(
