@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from functools import partial
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SamkitNote
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 PROMPT_EMBED_DIM = 256
@@ -179,17 +180,24 @@ def build_model(
     if model_type not in sam_model_registry:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(sam_model_registry)}")
     builder = sam_model_registry[model_type]
-    if checkpoint is None or image_size is not None:
-        return builder(
-            checkpoint=checkpoint,
-            text_feature_dim=text_feature_dim,
-            image_size=IMAGE_SIZE if image_size is None else image_size,
-        )
-    state = read_checkpoint(checkpoint)  # read once: for its size, then to load
-    size = checkpoint_image_size(state) or IMAGE_SIZE
+    if checkpoint is None:
+        size = IMAGE_SIZE if image_size is None else image_size
+        return builder(text_feature_dim=text_feature_dim, image_size=size)
+    state = read_checkpoint(checkpoint)  # read once: for its sizes, then to load
+    check_checkpoint_size(state, model_type, os.fspath(checkpoint))
+    size = image_size if image_size is not None else (checkpoint_image_size(state) or IMAGE_SIZE)
     sam = builder(text_feature_dim=text_feature_dim, image_size=size)
     load_checkpoint(sam, state, source=os.fspath(checkpoint))
     return sam
+
+
+def check_checkpoint_size(state: Mapping[str, torch.Tensor], model_type: str, source: str) -> None:
+    """Refuse a state dict of another model size than ``model_type`` before that model is built
+    (a random vit_h takes seconds to build): one line naming both sizes and ``source``."""
+    ckpt_size = identify_model_size(state)
+    wanted = "vit_h" if model_type == "default" else model_type
+    if ckpt_size != wanted and ckpt_size is not None:
+        raise CheckpointError(f"checkpoint is {ckpt_size}, model is {wanted}: {source}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,8 +267,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if looks_like_mindspore_checkpoint(path):
         state = mindspore_to_torch_names(read_mindspore_checkpoint(path))
     else:
+        _check_torch_file(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # torch warns about pickle protocols and TorchScript archives: the error below says it all.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for bad files; all mean the same to a user
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if "weights_only" in str(err) or "Unsupported global" in str(err):
@@ -276,6 +288,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not _is_tensor_dict(state):
         raise CheckpointError(f"{path} is not a SAM checkpoint (no tensor state dict found)")
     return clean_state_dict(state)
+
+
+def _check_torch_file(path: str) -> None:
+    """A file torch.load cannot be (empty, text, other bytes) is named as not a checkpoint at all,
+    before torch reports it as a pickle it cannot read."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch's zip format, or a pickle
+        return
+    if not head:
+        what = "the file is empty"
+    elif b"\0" not in head and _is_text(head):
+        what = "it is a text file"
+    else:
+        what = "not a PyTorch (.pth) or MindSpore (.ckpt) file"
+    raise CheckpointError(f"cannot read checkpoint {path}: {what}, not a checkpoint")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut by the 512-byte read is still text
+        return err.start >= len(head) - 3
+    return True
 
 
 def _is_tensor_dict(state: Mapping) -> bool:
@@ -295,14 +331,21 @@ def load_checkpoint(
 
     ``keep_new_text_branch=True`` loads a plain SAM checkpoint (e.g. Meta's ``.pth``) into a text-prompt
     model and keeps the model's freshly initialised ``text_proj``/``text_embeddings`` (the start of
-    text fine-tuning); everything else is still strict.
+    text fine-tuning); everything else is still strict. A text-prompt checkpoint (the seed's fine-tuned
+    ``.ckpt`` files all carry ``text_proj``/``text_embeddings``) loads into a plain model with its text
+    branch left out, and a :class:`~samkit.errors.SamkitNote` warning says so.
     """
-    source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    if source is None:
+        source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     state = clean_state_dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
     if keep_new_text_branch and _TEXT_PROJ_WEIGHT not in state:
         state.update({k: v for k, v in expected.items() if k.startswith(_TEXT_BRANCH_PREFIXES)})
+    left_out = None  # the text feature size of a text branch a plain model leaves out
+    if _TEXT_PROJ_WEIGHT in state and _TEXT_PROJ_WEIGHT not in expected:
+        left_out = state[_TEXT_PROJ_WEIGHT].shape[1]
+        state = {k: v for k, v in state.items() if not k.startswith(_TEXT_BRANCH_PREFIXES)}
     _check_text_branch(state, expected, source)
     ckpt_size, model_size = identify_model_size(state), model_size_name(model)
     if ckpt_size != model_size and ckpt_size is not None:
@@ -324,19 +367,22 @@ def load_checkpoint(
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(f"{source} does not match a {model_size} SAM ({'; '.join(parts)})")
     model.load_state_dict(state, strict=True)
+    if left_out is not None:  # after the last check: an error stays the only line a command prints
+        warnings.warn(
+            SamkitNote(
+                f"{source} has a text-prompt branch (text features of size {left_out}); this plain SAM leaves "
+                f"it out (text prompts: text_inference.py, or build_model(..., text_feature_dim={left_out}))"
+            ),
+            stacklevel=2,
+        )
 
 
 def _check_text_branch(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
 ) -> None:
-    """A text-prompt checkpoint and a plain model (or the reverse) get one line saying what to pass."""
+    """A plain checkpoint and a text model, or two text feature sizes, get one line saying what to pass."""
     ckpt_dim = state[_TEXT_PROJ_WEIGHT].shape[1] if _TEXT_PROJ_WEIGHT in state else None
     model_dim = expected[_TEXT_PROJ_WEIGHT].shape[1] if _TEXT_PROJ_WEIGHT in expected else None
-    if ckpt_dim is not None and model_dim is None:
-        raise CheckpointError(
-            f"{source} is a text-prompt SAM (text features of size {ckpt_dim}); "
-            f"build the model with text_feature_dim={ckpt_dim}"
-        )
     if ckpt_dim is None and model_dim is not None:
         raise CheckpointError(
             f"{source} has no text-prompt parameters but the model was built with "
@@ -357,6 +403,7 @@ __all__ = [
     "build_sam_vit_h",
     "build_sam_vit_l",
     "build_sam_vit_tiny",
+    "check_checkpoint_size",
     "check_image_size",
     "checkpoint_image_size",
     "load_checkpoint",

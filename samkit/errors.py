@@ -27,3 +27,8 @@ class DatasetError(SamkitError, ValueError):
 
 class ConfigError(SamkitError, ValueError):
     """A config file or ``-o key=value`` override names an unknown key or has a wrong type."""
+
+
+class SamkitNote(UserWarning):
+    """Something samkit did that the user should know (a text branch left out of a plain SAM); the command
+    line prints it as one ``note: ...`` line."""

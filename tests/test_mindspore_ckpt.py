@@ -495,3 +495,61 @@ def test_full_seed_style_round_trip_through_file(tmp_path, sam_vit_b):
         back = mindspore_to_torch_names(read_mindspore_checkpoint(path))
     assert list(back) == names
     assert all(torch.equal(back[n], state[n]) for n in names)
+
+
+# ----------------------------------------------------------------------------- the seed's fine-tuned files
+
+PORT_TEXT_NAMES = (
+    "prompt_encoder.text_proj.weight",
+    "prompt_encoder.text_proj.bias",
+    "prompt_encoder.text_embeddings.embedding_table",
+)
+
+
+def port_checkpoint_state(model: torch.nn.Module, layernorm: str) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the port's names: nn.LayerNorm as ``gamma``/``beta`` (MindSpore's
+    nn.LayerNorm) or ``weight``/``bias`` (the other spelling its files carry), embeddings as
+    ``embedding_table``."""
+    state = torch_to_mindspore_names(model.state_dict())
+    if layernorm == "weight/bias":
+        leaf = {"gamma": "weight", "beta": "bias"}
+        state = {
+            (
+                k.rpartition(".")[0] + "." + leaf[k.rpartition(".")[2]] if k.rpartition(".")[2] in leaf else k
+            ): v
+            for k, v in state.items()
+        }
+    return state
+
+
+@pytest.mark.parametrize("layernorm", ["gamma/beta", "weight/bias"])
+def test_seed_fine_tuned_ckpt_with_text_branch_loads_into_plain_and_text_sam(tmp_path, layernorm):
+    """The port saves text_proj and text_embeddings in every training checkpoint (box and point
+    fine-tunes too): a plain SAM loads it with the branch left out and one note; a text SAM gets it."""
+    from samkit import build_model
+    from samkit.errors import SamkitNote
+
+    torch.manual_seed(5)
+    trained = build_model("vit_tiny", text_feature_dim=256)
+    state = port_checkpoint_state(trained, layernorm)
+    assert set(PORT_TEXT_NAMES) <= set(state)
+    norm = "image_encoder.blocks.0.norm1." + ("gamma" if layernorm == "gamma/beta" else "weight")
+    assert norm in state and "mask_decoder.iou_token.embedding_table" in state
+    path = tmp_path / "sam_008_coco_box.ckpt"
+    write_mindspore_checkpoint(state, path)
+    expected = trained.state_dict()
+
+    with pytest.warns(SamkitNote) as notes:
+        plain = build_model("vit_tiny", path)
+    assert len(notes) == 1
+    assert f"{path} has a text-prompt branch (text features of size 256)" in str(notes[0].message)
+    got = plain.state_dict()
+    assert not any("text" in k for k in got)
+    assert all(torch.equal(v, expected[k]) for k, v in got.items())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note: nothing is left out
+        text = build_model("vit_tiny", path, text_feature_dim=256)
+    got = text.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in got.items())

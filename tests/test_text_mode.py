@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from samkit import SamPredictor, build_model, load_checkpoint
-from samkit.errors import CheckpointError, PromptError
+from samkit.errors import CheckpointError, PromptError, SamkitNote
 from samkit.utils.mindspore_ckpt import write_mindspore_checkpoint
 from samkit.utils.mindspore_names import torch_to_mindspore_names
 
@@ -77,14 +77,19 @@ def test_text_checkpoint_round_trip_pth(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k]), k
 
 
-def test_text_checkpoint_into_plain_model_says_what_to_pass(tmp_path):
+def test_text_checkpoint_into_plain_model_leaves_the_branch_out_with_a_note(tmp_path):
+    model = text_model(24)
     path = tmp_path / "text.pth"
-    torch.save(text_model(24).state_dict(), path)
+    torch.save(model.state_dict(), path)
+    with pytest.warns(SamkitNote, match=r"text\.pth has a text-prompt branch \(text features of size 24\)"):
+        plain = build_model("vit_tiny", path)
+    state = plain.state_dict()
+    assert not TEXT_KEYS & set(state)
+    for k, v in state.items():
+        assert torch.equal(v, model.state_dict()[k]), k
     with pytest.raises(CheckpointError, match=r"text_feature_dim=24") as info:
-        build_model("vit_tiny", path)
-    assert "\n" not in str(info.value)
-    with pytest.raises(CheckpointError, match=r"text_feature_dim=24"):
         build_model("vit_tiny", path, text_feature_dim=32)
+    assert "\n" not in str(info.value)
 
 
 def test_plain_checkpoint_into_text_model(tmp_path, tiny_model):
@@ -115,7 +120,7 @@ def test_seed_mindspore_text_ckpt_loads(tmp_path):
     loaded = build_model("vit_tiny", path, text_feature_dim=768)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    with pytest.raises(CheckpointError, match="text_feature_dim=768"):
+    with pytest.warns(SamkitNote, match="text features of size 768"):
         build_model("vit_tiny", path)
 
 

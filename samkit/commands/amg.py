@@ -40,7 +40,8 @@ from ..utils.amg_output import (
     write_mask_folder,
 )
 from . import folder_jobs
-from .base import add_model_arguments, check_device, check_not_input, checkpoint_or_none
+from .base import add_model_arguments, check_device, checkpoint_or_none
+from .outputs import check_output, make_dirs
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_PICTURE = "./amg_test.jpg"  # the seed's --output
@@ -202,10 +203,14 @@ def list_images(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def plan_job(input_path: str, output: Optional[str], overlay: bool = False) -> Job:
-    """Check ``--input``/``--output`` and decide what is written; raises :class:`SamkitError`."""
+def plan_job(
+    input_path: str, output: Optional[str], overlay: bool = False, checkpoint: Optional[str] = None
+) -> Job:
+    """Check ``--input``/``--output`` (and that no result lands on ``--input`` or ``checkpoint``) and
+    decide what is written; raises :class:`SamkitError`."""
     if not os.path.exists(input_path):
         raise SamkitError(f"--input {input_path}: not found")
+    inputs = {"the input image": input_path, "the checkpoint": checkpoint}
     is_folder = os.path.isdir(input_path)
     looks_like_picture = (
         output is not None
@@ -214,9 +219,7 @@ def plan_job(input_path: str, output: Optional[str], overlay: bool = False) -> J
     )
     if not is_folder and (output is None or looks_like_picture):
         output = DEFAULT_PICTURE if output is None else output
-        if os.path.isdir(output):
-            raise SamkitError(f"--output {output}: is a directory")
-        check_not_input([output], input_path, "--output")
+        check_output(output, "--output", inputs, directory=False)
         return Job([input_path], output, picture=True)
     if output is None:
         raise SamkitError(f"--input {input_path} is a folder: give --output DIR for its results")
@@ -224,18 +227,17 @@ def plan_job(input_path: str, output: Optional[str], overlay: bool = False) -> J
         raise SamkitError(
             f"--output {output}: a folder input writes one result per image into a directory, not a picture"
         )
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise SamkitError(f"--output {output}: exists and is not a directory")
+    check_output(output, "--output", inputs, directory=True)
     if is_folder:
-        inputs = folder_images(input_path)
+        images = folder_images(input_path)
         if overlay and os.path.isdir(output) and os.path.samefile(output, input_path):
             raise SamkitError(
                 f"--output {output} is the input folder: --overlay pictures would become inputs of the next run"
             )
     else:
-        inputs = [input_path]
-    check_unique_stems(inputs, lambda path: f"the results named {image_stem(path)!r}")
-    return Job(inputs, output, picture=False)
+        images = [input_path]
+    check_unique_stems(images, lambda path: f"the results named {image_stem(path)!r}")
+    return Job(images, output, picture=False)
 
 
 def folder_images(input_path: str) -> list[str]:
@@ -286,13 +288,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the model is built or a file is written.
     settings = generator_settings(args)
-    job = plan_job(args.input, args.output, args.overlay)
+    checkpoint = checkpoint_or_none(args)
+    job = plan_job(args.input, args.output, args.overlay, checkpoint)
     device = check_device(folder_jobs.process_device(args.device))
     dtype = getattr(torch, args.dtype)
     # Masks stay run-length encoded until written, one at a time: memory does not grow with masks x H x W.
     output_mode = "coco_rle" if args.convert_to_rle and not job.picture else "uncompressed_rle"
     _check_packages(output_mode, settings)
-    checkpoint = checkpoint_or_none(args)
     # A single image file is read now (unreadable: a user mistake); a folder's images one by one later.
     first_image = load_image(job.inputs[0]) if not os.path.isdir(args.input) else None
 
@@ -388,16 +390,10 @@ def _run_batch(
     workers: folder_jobs.Workers,
     outcome: folder_jobs.Outcome,
 ) -> int:
-    try:
-        os.makedirs(job.output, exist_ok=True)
-    except OSError as err:
-        if not workers.distributed:
-            raise SamkitError(f"--output {job.output}: cannot create: {err.strerror or err}") from None
-        outcome.error = outcome.error or f"--output {job.output}: cannot create: {err.strerror or err}"
-
     def work(path: str) -> dict[str, Any]:
         image = first_image if first_image is not None else load_image(path)
         records = generator.generate(image)
+        make_dirs(job.output, "--output")  # only now: unreadable images leave no empty folder behind
         try:
             write_results(job, path, image, records, args.convert_to_rle, args.overlay, args.overwrite)
         except OSError as err:

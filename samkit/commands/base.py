@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
-from ..errors import CheckpointError, SamkitError
+from ..errors import CheckpointError, SamkitError, SamkitNote
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -57,9 +58,12 @@ def run_standalone(
 
 
 def guarded(command: Callable[[], Optional[int]]) -> int:
-    """Call ``command``; turn user mistakes into one ``error:`` line on stderr and exit status 2."""
+    """Call ``command``; turn user mistakes into one ``error:`` line on stderr and exit status 2, and
+    samkit's notes (:class:`~samkit.errors.SamkitNote` warnings) into one ``note:`` line each."""
     try:
-        return int(command() or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_notes_as_lines(warnings.showwarning)
+            return int(command() or 0)
     except SystemExit as exit_:  # --help and --version end through SystemExit(0)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except SamkitError as err:
@@ -68,6 +72,16 @@ def guarded(command: Callable[[], Optional[int]]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
+    def show_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, SamkitNote):
+            print(f"note: {one_line(message)}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return show_warning
 
 
 def one_line(err: BaseException) -> str:
@@ -135,19 +149,3 @@ def checkpoint_or_none(args: argparse.Namespace) -> str | None:
             f"file from {checkpoint_url(args.model_type)}"
         )
     return None  # a model without released weights (vit_tiny) runs with random ones
-
-
-def check_output_dir(path: str, flag: str = "--output-dir") -> str:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SamkitError(f"{flag} {path}: exists and is not a directory")
-    return path
-
-
-def check_not_input(outputs: list[str], input_path: str, flag: str) -> None:
-    """Refuse to write a result over the input image (``samkit amg --input a.png --output a.png``, or a
-    picture named like the input in the output directory): the input would be lost."""
-    for path in outputs:
-        if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
-            raise SamkitError(
-                f"{flag}: {path} is the input image; writing the result there would overwrite it"
-            )

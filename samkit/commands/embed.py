@@ -22,6 +22,7 @@ from ..errors import SamkitError
 from . import folder_jobs
 from .amg import IMAGE_EXTENSIONS, check_unique_stems, folder_images, image_stem
 from .base import add_model_arguments, check_device, checkpoint_or_none, one_line
+from .outputs import check_not_input, check_output, make_dirs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def plan(input_path: str, output: str) -> list[str]:
+def plan(input_path: str, output: str, checkpoint: str | None = None) -> list[str]:
     """The images to embed, sorted; raises :class:`SamkitError` for a bad --input/--output."""
     if not os.path.exists(input_path):
         raise SamkitError(f"--input {input_path}: not found")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise SamkitError(f"--output {output}: exists and is not a directory")
+    given = {"the input": input_path, "the checkpoint": checkpoint}
+    check_output(output, "--output", given, directory=True)
     inputs = folder_images(input_path) if os.path.isdir(input_path) else [input_path]
     check_unique_stems(inputs, lambda path: os.path.basename(embedding_path(output, path)))
+    check_not_input([embedding_path(output, path) for path in inputs], given, "--output")
     return inputs
 
 
@@ -65,10 +67,16 @@ def run(args: argparse.Namespace) -> int:
     """Precompute image embeddings (DIR/<stem>.pt per image) for prompting without the encoder."""
     import torch
 
-    inputs = plan(args.input, args.output)
+    from ..utils.image import load_image
+
+    checkpoint = checkpoint_or_none(args)
+    inputs = plan(args.input, args.output, checkpoint)
     device = check_device(folder_jobs.process_device(args.device))
     dtype = getattr(torch, args.dtype)
-    checkpoint = checkpoint_or_none(args)
+    # A single image file is read now, as samkit amg does (unreadable: a user mistake, exit 2); a
+    # folder's images one by one later (each unreadable one a warning).
+    if not os.path.isdir(args.input):
+        load_image(args.input)
 
     workers = folder_jobs.join()
     share = folder_jobs.take_share(
@@ -84,12 +92,9 @@ def run(args: argparse.Namespace) -> int:
     embedder = None
     try:
         if share:
-            os.makedirs(args.output, exist_ok=True)
             embedder = _Embedder(args, checkpoint, device, dtype, workers)
     except Exception as err:
         if not workers.distributed:
-            if isinstance(err, OSError):
-                raise SamkitError(f"--output {args.output}: cannot create: {err.strerror or err}") from None
             raise
         outcome.error = f"cannot start: {one_line(err)}"
     if outcome.error is None and embedder is not None:
@@ -153,6 +158,7 @@ class _Embedder:
         )
         self.predictor.reset_image()
         target = embedding_path(self.args.output, path)
+        make_dirs(self.args.output, "--output")  # only now: unreadable images leave no empty folder behind
         try:
             save_embedding(target, record)
         except OSError as err:

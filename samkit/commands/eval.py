@@ -7,17 +7,27 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..errors import ConfigError
 from .base import run_standalone
+from .outputs import check_output
 from .train import add_arguments as add_arguments
+from .train import config_inputs
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (zero-shot or fine-tuned) on a config's eval_data: box, point (click) or text
     (crop features; on COCO also category names) protocol."""
     from ..training.config import load_config
+    from ..training.evaluate import output_path
     from ..training.evaluate import run as evaluate_config
 
-    metrics = evaluate_config(load_config(args.config, args.override_cfg))
+    cfg = load_config(args.config, args.override_cfg)
+    if cfg.eval_data is None:
+        raise ConfigError(f"{args.config} has no eval_data section to evaluate on")
+    # Checked before the model loads: the metrics must not land on an input, nor somewhere unwritable.
+    flag = "eval_output" if cfg.eval_output else "work_dir"
+    check_output(output_path(cfg), flag, config_inputs(cfg, args.config), directory=False)
+    metrics = evaluate_config(cfg)
     if "output" in metrics:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
         objects = next((v for k, v in sorted(metrics.items()) if k.startswith("objects_1024")), "?")

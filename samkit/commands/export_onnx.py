@@ -10,11 +10,14 @@ shapes, five prompt kinds), prints a table and exits with status 1 when a figure
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 from ..errors import SamkitError
 from .base import checkpoint_or_none, run_standalone
+from .outputs import check_not_input
+from .outputs import check_output as check_writable_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,15 +77,19 @@ def run(args: argparse.Namespace) -> int:
     """Export SAM to ONNX (encoder + decoder with Meta's interface), optionally verify against PyTorch."""
     from ..build import build_model
     from ..utils.download import download_checkpoint
-    from ..utils.onnx_export import check_output, export_onnx, require_onnx
+    from ..utils.onnx_export import MODEL_FILES, check_output, export_onnx, require_onnx
 
     # Every mistake is found before the model is built or anything is written.
     require_onnx()
     check_opset(args.opset)
+    checkpoint = checkpoint_or_none(args)
+    inputs = {"the checkpoint": checkpoint}
+    check_writable_output(args.output, "--output", inputs, directory=True)
+    written = [os.path.join(args.output, n + extra) for n in MODEL_FILES for extra in ("", ".data")]
+    check_not_input(written, inputs, "--output")  # --overwrite replaces the folder's export files
     check_output(args.output, args.overwrite)
     if args.verify and (args.return_single_mask or args.use_stability_score or args.return_extra_metrics):
         raise SamkitError("--verify checks the default decoder: leave out the Meta decoder options to verify")
-    checkpoint = checkpoint_or_none(args)
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
     model = build_model(args.model_type, checkpoint).float().eval()

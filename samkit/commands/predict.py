@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import PromptError, SamkitError
-from .base import add_model_arguments, check_device, check_not_input, check_output_dir, checkpoint_or_none
+from .base import add_model_arguments, check_device, checkpoint_or_none
+from .outputs import check_not_input, check_output
 from .prompt_args import Box, Point, check_boxes, check_points, parse_box, parse_point
 
 PROMPT_TYPES: tuple[str, ...] = ("point", "box", "point_box", "batch_point", "batch_box", "batch_point_box")
@@ -270,9 +271,10 @@ def run(args: argparse.Namespace) -> int:
         plan_prompts(t, *_prompts_for(t, args.prompt_type, points, boxes), image.shape[:2]) for t in types
     ]
     checkpoint = checkpoint_or_none(args)
-    output_dir = check_output_dir(args.output_dir)
+    inputs = {"the input image": args.input, "the checkpoint": checkpoint}
+    output_dir = check_output(args.output_dir, "--output-dir", inputs, directory=True)
     names = [f"{t}.png" for t in types] + (["point_followup.png"] if "point" in types else [])
-    check_not_input([os.path.join(output_dir, n) for n in names], args.input, "--output-dir")
+    check_not_input([os.path.join(output_dir, n) for n in names], inputs, "--output-dir")
 
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)

@@ -17,6 +17,7 @@ from ..data.ct_preprocess import (
     preprocess_ct_dataset,
 )
 from .base import run_standalone
+from .outputs import check_output
 
 INTERRUPTED = 130  # 128 + SIGINT
 
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Turn FLARE22-style CT/MR NIfTI volumes into SAM-ready 2D .npy slices split into train and val."""
     names = [flags[0][2:].replace("-", "_") for flags, _ in OPTIONS]
+    check_output(args.output_dir, "--output-dir", {"the input folder": args.input_dir}, directory=True)
     try:
         counts = preprocess_ct_dataset(
             **{name: getattr(args, name) for name in names},

@@ -33,10 +33,10 @@ from .base import (
     Run,
     add_model_arguments,
     check_device,
-    check_output_dir,
     checkpoint_or_none,
     run_standalone,
 )
+from .outputs import check_not_input, check_output, make_dirs
 
 AMP_LEVELS: tuple[str, ...] = ("O0", "O1", "O2")
 DEFAULT_OUTPUT_DIR = "."
@@ -106,10 +106,14 @@ def result_paths(output_dir: str, image_path: str) -> tuple[str, str]:
 
 
 def prepare_outputs(args: argparse.Namespace) -> tuple[Optional[str], str, tuple[str, str]]:
-    """The checked checkpoint (None: download or random weights), output directory and result paths."""
+    """The checked checkpoint (None: download or random weights), output directory and result paths:
+    a folder that can be written, results that overwrite neither the image nor the checkpoint."""
     checkpoint = checkpoint_or_none(args)
-    output_dir = check_output_dir(args.output_dir)
-    return checkpoint, output_dir, result_paths(output_dir, args.image_path)
+    inputs = {"the input image": args.image_path, "the checkpoint": checkpoint}
+    output_dir = check_output(args.output_dir, "--output-dir", inputs, directory=True)
+    paths = result_paths(output_dir, args.image_path)
+    check_not_input(paths, inputs, "--output-dir")
+    return checkpoint, output_dir, paths
 
 
 def build_sam(
@@ -172,8 +176,8 @@ def write_results(
     """Create ``output_dir``, save the results (:func:`save_results`), then print ``lines`` and the
     ``wrote ...`` lines. A file-system error is one :class:`SamkitError` line."""
     picture_path, masks_path = paths
+    make_dirs(output_dir, "--output-dir")
     try:
-        os.makedirs(output_dir, exist_ok=True)
         save_results(picture_path, masks_path, arrays, draw)
     except OSError as err:
         raise SamkitError(f"cannot write results to {output_dir}: {err.strerror or err}") from None

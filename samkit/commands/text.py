@@ -155,7 +155,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict one mask per text prompt on one image; save a picture and the masks."""
-    from ..build import build_model, checkpoint_image_size, load_checkpoint, read_checkpoint
+    from ..build import (
+        build_model,
+        check_checkpoint_size,
+        checkpoint_image_size,
+        load_checkpoint,
+        read_checkpoint,
+    )
     from ..predictor import SamPredictor
     from ..text import build_feature_encoder
     from ..text.features import DEFAULT_MODELS
@@ -175,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image_path)
     checkpoint, output_dir, paths = si.prepare_outputs(args)
     state = None if checkpoint is None else read_checkpoint(checkpoint)
+    if state is not None:
+        check_checkpoint_size(state, args.model_type, checkpoint)
     encoder = build_feature_encoder(args.text_model_type, args.text_model, device=device)
     dim = encoder.feature_dim
     if state is not None:

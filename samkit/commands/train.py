@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .base import run_standalone
+from .outputs import Inputs, check_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +30,24 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import load_config
     from ..training.train import train
 
-    result = train(load_config(args.config, args.override_cfg))
+    cfg = load_config(args.config, args.override_cfg)
+    check_output(cfg.work_dir, "work_dir", config_inputs(cfg, args.config), directory=True)
+    result = train(cfg)
     return 143 if result.get("interrupted") else 0
+
+
+def config_inputs(cfg: Any, config_path: str) -> Inputs:
+    """The files and folders a config's run reads, labelled as an error line names them."""
+    inputs: dict[str, Optional[str]] = {
+        "the config (-c)": config_path,
+        "the checkpoint (model.checkpoint)": cfg.model.checkpoint,
+    }
+    for section in ("train_data", "eval_data"):
+        data = getattr(cfg, section, None)
+        if data is not None:
+            inputs[f"the annotation file ({section}.annotation_path)"] = data.annotation_path
+            inputs[f"the data folder ({section}.data_dir)"] = data.data_dir or None
+    return inputs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

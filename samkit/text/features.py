@@ -54,7 +54,7 @@ def _load(cls, name: str, what: str):
     transformers_logging.disable_progress_bar()
     try:
         return cls.from_pretrained(os.fspath(name))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FeatureModelError(
             f"cannot load {what} {name!r} ({first[:200]}); it must be in the Hugging Face cache "
@@ -80,6 +80,7 @@ class FeatureEncoder(nn.Module):
     feature_dim_key: str  # the model config's key of the feature size
     text_config_key: str  # the model config's sub-config of the text side (its max_position_embeddings)
     label: str  # how errors name the model
+    config_model_types: tuple[str, ...]  # the model_type of its config.json
 
     def __init__(self, model: nn.Module, tokenizer=None) -> None:
         super().__init__()
@@ -93,8 +94,28 @@ class FeatureEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike) -> FeatureEncoder:
         tf = _transformers()
+        cls._check_model_type(name)
         model = _load(getattr(tf, cls.model_class), name, f"{cls.label} model")
         return cls(model, _load(tf.AutoTokenizer, name, f"{cls.label} tokenizer"))
+
+    @classmethod
+    def _check_model_type(cls, name: str | os.PathLike) -> None:
+        """A local folder of another kind of model (a CLIP folder loaded as BLIP-2) is one error line
+        before transformers tries, fails and logs a page of mismatched weights."""
+        import json
+
+        config = os.path.join(os.fspath(name), "config.json")
+        if not os.path.isfile(config):
+            return
+        try:
+            with open(config, encoding="utf-8") as f:
+                found = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return  # transformers names an unreadable config itself
+        if isinstance(found, str) and found not in cls.config_model_types:
+            kind = next((k for k, c in FEATURE_ENCODERS.items() if found in c.config_model_types), None)
+            hint = f" (text model type {kind})" if kind else ""
+            raise FeatureModelError(f"{os.fspath(name)} holds a {found!r} model{hint}, not a {cls.label} one")
 
     def train(self, mode: bool = True) -> FeatureEncoder:
         # Frozen: dropout and the like stay off even inside a model put in train mode.
@@ -159,6 +180,7 @@ class ClipFeatureEncoder(FeatureEncoder):
     feature_dim_key = "projection_dim"
     text_config_key = "text_config"
     label = "CLIP"
+    config_model_types = ("clip",)
 
     def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         return _pooled(self.model.get_image_features(pixel_values=pixels))
@@ -175,6 +197,7 @@ class Blip2FeatureEncoder(FeatureEncoder):
     feature_dim_key = "image_text_hidden_size"
     text_config_key = "qformer_config"
     label = "BLIP-2"
+    config_model_types = ("blip-2", "blip_2")
 
     def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         m = self.model

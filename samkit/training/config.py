@@ -171,6 +171,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path} is not valid YAML{where}") from None
+    except UnicodeDecodeError:  # eval.py -c picture.png
+        raise ConfigError(f"{path} is not a YAML config (not UTF-8 text)") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")

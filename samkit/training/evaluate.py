@@ -133,13 +133,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             processes=env.world_size,
         )
         if env.is_main:
-            out = cfg.eval_output or os.path.join(cfg.work_dir, f"eval_{_stem(cfg.model.checkpoint)}.json")
+            out = output_path(cfg)
             write_json(metrics, out)
             metrics["output"] = out
         distributed.finish()
         return metrics
     finally:
         distributed.cleanup()
+
+
+def output_path(cfg: TrainConfig) -> str:
+    """Where the metrics go: ``eval_output``, else ``<work_dir>/eval_<checkpoint stem>.json``."""
+    return cfg.eval_output or os.path.join(cfg.work_dir, f"eval_{_stem(cfg.model.checkpoint)}.json")
 
 
 def _stem(path: Optional[str]) -> str:

@@ -52,12 +52,21 @@ def build_sam(cfg: TrainConfig) -> Sam:
 
 
 def _build_sam(cfg: TrainConfig) -> Sam:
-    from ..build import IMAGE_SIZE, build_model, checkpoint_image_size, load_checkpoint, read_checkpoint
+    from ..build import (
+        IMAGE_SIZE,
+        build_model,
+        check_checkpoint_size,
+        checkpoint_image_size,
+        load_checkpoint,
+        read_checkpoint,
+    )
 
     size, checkpoint = cfg.model.image_size, cfg.model.checkpoint
     if cfg.prompt_mode != "text":
         return build_model(cfg.model.type, checkpoint, image_size=size)
     state = None if checkpoint is None else read_checkpoint(checkpoint)
+    if state is not None:
+        check_checkpoint_size(state, cfg.model.type, str(checkpoint))
     if size is None:
         size = (state is not None and checkpoint_image_size(state)) or IMAGE_SIZE
     sam = build_model(cfg.model.type, text_feature_dim=cfg.text.feature_dim, image_size=size)
