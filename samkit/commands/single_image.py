@@ -19,15 +19,14 @@ Results go to ``<output-dir>/<image stem>_infer.png`` (the masks and prompts ove
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import secrets
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..errors import SamkitError
+from ..utils.files import atomic_write
 from .base import (
     AddArguments,
     Run,
@@ -153,17 +152,9 @@ def save_results(
     The archive waits under a temporary name until the picture is in place: a failure leaves neither
     file new.
     """
-    directory, name = os.path.split(os.path.abspath(masks_path))
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.part")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez_compressed(f, **arrays)
-        draw(picture_path)
-        os.replace(tmp, masks_path)
-    except BaseException:  # KeyboardInterrupt included: never leave a partial file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(masks_path) as f:
+        np.savez_compressed(f, **arrays)
+        draw(picture_path)  # inside the block: the archive is renamed into place only after it
 
 
 def write_results(

@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 
 from ..errors import DatasetError
+from ..utils.files import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_INPUT_DIR = "./datasets/FLARE22Train"
@@ -315,16 +315,11 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "xb") as f:
+        with atomic_write(path) as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException as err:  # KeyboardInterrupt included: nothing half-written stays behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):  # a full disk or a read-only folder: the user's to fix
-            raise DatasetError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
+    except OSError as err:  # a full disk or a read-only folder: the user's to fix
+        raise DatasetError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------------------------------------------

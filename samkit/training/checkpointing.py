@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..utils.files import atomic_write
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -33,19 +33,8 @@ def checkpoint_path(work_dir: str, step: int) -> str:
 def save_atomically(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: a kill at any moment
     leaves either the old file or the complete new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, fsync=True, make_parents=True) as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(work_dir: str) -> list[str]:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from ..utils.files import atomic_write
 
 
 def image_key(image: torch.Tensor) -> str:
@@ -134,13 +135,5 @@ class EmbeddingCache:
             path = self._path(key)
             if os.path.isfile(path):
                 continue
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(embedding.clone(), f)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            with atomic_write(path, make_parents=True) as f:
+                torch.save(embedding.clone(), f)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.files import atomic_write
 from . import distributed
 from .config import TrainConfig, resolve_amp
 from .metrics import MiouAccumulator
@@ -158,18 +158,9 @@ def write_json(obj: dict[str, Any], path: str) -> None:
 
     A NaN or infinite number (a metric over no objects) is written as null: Python's ``NaN`` is not
     JSON, and strict readers (jq, browsers, most languages) refuse the whole file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", make_parents=True) as f:
+        json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def _strict_json(value: Any) -> Any:

@@ -7,15 +7,15 @@ JSON, and pictures, all written under a hidden temporary name and renamed into p
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import json
 import os
-import secrets
 import shutil
 import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from .files import atomic_write, hidden_sibling
 
 METADATA_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
@@ -65,7 +65,7 @@ def write_mask_folder(path: str, records: list[dict[str, Any]]) -> None:
     The folder is built as ``.<name>.tmp-XXXX`` next to ``path`` and renamed into place when complete;
     an existing ``path`` is replaced.
     """
-    tmp = _unused_name(path, "tmp")
+    tmp = hidden_sibling(path, "tmp")
     os.mkdir(tmp)
     try:
         for i, r in enumerate(records):
@@ -86,15 +86,8 @@ def save_mask_png(path: str, mask: np.ndarray) -> None:
 
 def write_json(path: str, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file renamed into place."""
-    tmp = _unused_name(path, "tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
 
 
 def save_image(path: str, image: np.ndarray) -> None:
@@ -107,21 +100,8 @@ def save_image(path: str, image: np.ndarray) -> None:
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    tmp = _unused_name(path, "tmp")
-    try:
-        with open(tmp, "xb") as f:
-            Image.fromarray(image).save(f, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _unused_name(path: str, kind: str) -> str:
-    """A hidden sibling of ``path``: ``.<name>.<kind>-<random>``. Random, so two writers never collide."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{kind}-{secrets.token_hex(4)}")
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
 def _move_into_place(tmp: str, path: str) -> None:
@@ -129,7 +109,7 @@ def _move_into_place(tmp: str, path: str) -> None:
     if not os.path.lexists(path):
         os.rename(tmp, path)
         return
-    old = _unused_name(path, "old")
+    old = hidden_sibling(path, "old")
     os.rename(path, old)
     try:
         os.rename(tmp, path)

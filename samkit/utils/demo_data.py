@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 from ..errors import SamkitError
+from .files import atomic_write
 
 # name -> the skimage.data function that returns it (all RGB photos, public domain or CC0)
 PHOTOS: dict[str, str] = {
@@ -34,15 +34,7 @@ def write_photo(path: str | os.PathLike, name: str = DEFAULT_PHOTO) -> str:
 
     path = os.path.abspath(os.fspath(path))
     image = Image.fromarray(load_photo(name))
-    directory, base = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.part")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format=Image.registered_extensions().get(os.path.splitext(base)[1].lower(), "PNG"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    with atomic_write(path, make_parents=True) as f:
+        image.save(f, format=fmt)
     return path

@@ -26,10 +26,8 @@ file computed by another encoder (other weights or dtype): its masks would be wr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import secrets
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -37,6 +35,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import SamkitError
+from .files import atomic_write
 
 FORMAT = "samkit.image_embedding"
 VERSION = 1
@@ -136,17 +135,8 @@ class ImageEmbedding:
 
 def save_embedding(path: str | os.PathLike, record: ImageEmbedding) -> None:
     """Write ``record`` to ``path`` atomically (hidden temporary sibling, then rename)."""
-    path = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(record.to_dict(), f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(record.to_dict(), f)
 
 
 def _load_dict(path: str, mmap: bool = False) -> dict[str, Any]:

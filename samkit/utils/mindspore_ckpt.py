@@ -46,6 +46,8 @@ import torch
 
 from samkit.errors import CheckpointError
 
+from .files import atomic_write
+
 # The SAM name mapping (seed <-> Meta) lives in its own module; importable from here too.
 from .mindspore_names import mindspore_to_torch_names, torch_to_mindspore_names
 
@@ -458,7 +460,7 @@ def write_mindspore_checkpoint(
     Names are written unchanged (see :func:`torch_to_mindspore_names`). Tensors over 512 MiB are
     split into several same-named entries as MindSpore does; 0-d tensors get ``dims = []`` as in
     current MindSpore. With ``crc_check`` the MindSpore CRC trailer is appended. The file is
-    written to ``path + ".tmp"`` and renamed into place, so a failed write leaves no partial file.
+    written to a hidden temporary file and renamed into place, so a failed write leaves no partial file.
 
     Raises:
         TypeError: a name is not a string or a value is not a tensor, array or NumPy scalar.
@@ -473,31 +475,24 @@ def write_mindspore_checkpoint(
             raise TypeError(f"tensor names must be strings, got {key!r}")
         prepared.append((key, *_raw_bytes(key, value, name)))
 
-    tmp = name + ".tmp"
     crc = 0
-    try:
-        with open(tmp, "wb") as f:
-            for key, dims, ms_dtype, raw, itemsize in prepared:
-                tag = key.encode("utf-8")
-                type_bytes = ms_dtype.encode("ascii")
-                dims_bytes = b"".join(b"\x08" + _varint(d) for d in dims)
-                step = max(itemsize, _SLICE_BYTES // itemsize * itemsize)
-                starts = range(0, raw.size, step) if raw.size else [0]
-                for start in starts:
-                    piece = raw[start : start + step]
-                    tensor_head = dims_bytes + _len_field(2, len(type_bytes)) + type_bytes
-                    tensor_head += _len_field(3, piece.size)
-                    tensor_len = len(tensor_head) + piece.size
-                    value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
-                    head = _len_field(1, len(value_head) + tensor_len) + value_head + tensor_head
-                    f.write(head)
-                    f.write(piece.data)
-                    if crc_check:
-                        crc = zlib.crc32(piece.data, zlib.crc32(head, crc))
-            if crc_check:
-                f.write(_CRC_MAGIC + crc.to_bytes(10, "big"))
-        os.replace(tmp, name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(name) as f:
+        for key, dims, ms_dtype, raw, itemsize in prepared:
+            tag = key.encode("utf-8")
+            type_bytes = ms_dtype.encode("ascii")
+            dims_bytes = b"".join(b"\x08" + _varint(d) for d in dims)
+            step = max(itemsize, _SLICE_BYTES // itemsize * itemsize)
+            starts = range(0, raw.size, step) if raw.size else [0]
+            for start in starts:
+                piece = raw[start : start + step]
+                tensor_head = dims_bytes + _len_field(2, len(type_bytes)) + type_bytes
+                tensor_head += _len_field(3, piece.size)
+                tensor_len = len(tensor_head) + piece.size
+                value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
+                head = _len_field(1, len(value_head) + tensor_len) + value_head + tensor_head
+                f.write(head)
+                f.write(piece.data)
+                if crc_check:
+                    crc = zlib.crc32(piece.data, zlib.crc32(head, crc))
+        if crc_check:
+            f.write(_CRC_MAGIC + crc.to_bytes(10, "big"))

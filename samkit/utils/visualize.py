@@ -8,11 +8,12 @@ bool, points XY pixels with labels 1 (foreground, green star) and 0 (background,
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import numpy as np
+
+from .files import atomic_write
 
 # Distinct, saturated colours that are neither the green nor the red of the point markers.
 MASK_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -225,20 +226,8 @@ def _mask_corner(mask: np.ndarray) -> tuple[float, float] | None:
 
 
 def _save_atomically(fig: Any, path: str, dpi: int) -> None:
-    directory, name = os.path.split(os.path.abspath(path))
-    # A random suffix keeps two writers of the same picture apart; the same directory makes
-    # os.replace an atomic rename. Opening with "xb" (not mkstemp) keeps the usual umask permissions.
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.part")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a partial picture behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
 
 
 __all__ = [
