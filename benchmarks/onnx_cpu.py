@@ -33,8 +33,8 @@ from common import (
 
 from samkit import SamPredictor
 from samkit.build import ENCODER_CONFIGS
+from samkit.export.onnx import export_onnx
 from samkit.onnx import OnnxPredictor
-from samkit.utils.onnx_export import export_onnx
 
 
 def session_options():

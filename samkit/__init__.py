@@ -41,7 +41,7 @@ _LAZY: dict[str, str] = {
     "build_sam_vit_h": "build_sam",
     "build_sam_vit_l": "build_sam",
     "sam_model_registry": "build_sam",
-    "download_checkpoint": "utils.download",
+    "download_checkpoint": "checkpoints.download",
     "load_image": "utils.image",
     "tune_cpu_allocator": "fast.allocator",
 }
@@ -64,9 +64,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .automatic_mask_generator import SamAutomaticMaskGenerator
     from .build import build_model, build_sam_vit_tiny, load_checkpoint
     from .build_sam import build_sam, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l, sam_model_registry
+    from .checkpoints.download import download_checkpoint
     from .fast.allocator import tune_cpu_allocator
     from .predictor import SamPredictor
-    from .utils.download import download_checkpoint
     from .utils.image import load_image
 
 __all__ = [

@@ -255,7 +255,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``_orig_mod.`` prefixes), samkit's training checkpoints and the seed's MindSpore ``.ckpt``.
     Pickled code never runs (``weights_only=True``).
     """
-    from .utils.mindspore_ckpt import (
+    from .checkpoints.mindspore import (
         looks_like_mindspore_checkpoint,
         mindspore_to_torch_names,
         read_mindspore_checkpoint,

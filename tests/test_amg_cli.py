@@ -162,7 +162,7 @@ def test_convert_to_rle_writes_sa1b_json(photos, tmp_path):
 def test_sa1b_json_holds_an_empty_masks_nan_stability_as_null():
     """An empty mask's stability score is 0/0 (NaN, as Meta's generator gives; kept when
     stability_score_thresh is 0): the SA-1B file writes null there, so strict JSON parsers read it."""
-    from samkit.utils.amg_output import sa1b_annotation
+    from samkit.maskgen.output import sa1b_annotation
 
     record = {
         "segmentation": {"size": [2, 3], "counts": "6"},
@@ -285,7 +285,7 @@ def test_sigterm_is_handled_like_an_interrupt(photos, tmp_path, monkeypatch):
 
 
 def test_interrupt_while_writing_leaves_no_partial_result(photos, tmp_path, monkeypatch):
-    import samkit.utils.amg_output as amg_output
+    import samkit.maskgen.output as amg_output
     from samkit.amg import SamAutomaticMaskGenerator
 
     monkeypatch.setattr(SamAutomaticMaskGenerator, "generate", _fake_generate(0, _raise_interrupt))

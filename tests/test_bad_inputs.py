@@ -29,8 +29,8 @@ import yaml
 from PIL import Image
 
 from samkit import build_model
-from samkit.utils.mindspore_ckpt import write_mindspore_checkpoint
-from samkit.utils.mindspore_names import torch_to_mindspore_names
+from samkit.checkpoints.mindspore import write_mindspore_checkpoint
+from samkit.checkpoints.mindspore_names import torch_to_mindspore_names
 
 from .datagen import make_coco_dataset
 from .text_helpers import save_tiny_clip

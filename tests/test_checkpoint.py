@@ -10,7 +10,7 @@ import torch
 
 from samkit import CheckpointError, build_model, load_checkpoint
 from samkit.build import identify_model_size, read_checkpoint
-from samkit.utils.mindspore_ckpt import torch_to_mindspore_names, write_mindspore_checkpoint
+from samkit.checkpoints.mindspore import torch_to_mindspore_names, write_mindspore_checkpoint
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

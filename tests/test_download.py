@@ -1,4 +1,4 @@
-"""Offline tests for samkit.utils.download against a throwaway HTTP server on 127.0.0.1."""
+"""Offline tests for samkit.checkpoints.download against a throwaway HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Iterator
 
 import pytest
 
+from samkit.checkpoints import download
+from samkit.checkpoints.download import CheckpointInfo, download_checkpoint
 from samkit.errors import DownloadError
-from samkit.utils import download
-from samkit.utils.download import CheckpointInfo, download_checkpoint
 
 DATA = random.Random(0).randbytes(300_000)
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -49,10 +49,10 @@ def test_only_new_files_are_written():
 
 def test_no_module_renames_temporary_files_of_its_own():
     """One helper writes files atomically: os.replace appears only where folders are swapped or a
-    download resumes (download.py, onnx_export.py, amg_output.py's folder move) and in files.py."""
+    download resumes (checkpoints/download.py, export/onnx.py) and in files.py."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "samkit"
-    allowed = {"utils/files.py", "utils/download.py", "utils/onnx_export.py"}
+    allowed = {"utils/files.py", "checkpoints/download.py", "export/onnx.py"}
     found = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "os.replace(" in p.read_text())
     assert set(found) <= allowed, found

@@ -109,9 +109,9 @@ def test_onnx_export_of_a_small_frame_model_verifies(tmp_path):
     """The exported pair carries the frame; the torch-free predictor sizes its inputs (mask_input is
     4x the embedding grid) from it, and verification against samkit passes on every case."""
     pytest.importorskip("onnxruntime")
+    from samkit.export.onnx import export_onnx
+    from samkit.export.verify import verify_onnx
     from samkit.onnx import OnnxPredictor
-    from samkit.utils.onnx_export import export_onnx
-    from samkit.utils.onnx_verify import verify_onnx
 
     torch.manual_seed(1)
     model = build_model("vit_tiny", image_size=256)

@@ -1,4 +1,4 @@
-"""Tests for samkit.utils.mindspore_ckpt: MindSpore .ckpt read/write and SAM name mapping."""
+"""Tests for samkit.checkpoints.mindspore: MindSpore .ckpt read/write and SAM name mapping."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from samkit.errors import CheckpointError
-from samkit.utils import mindspore_ckpt as msc
-from samkit.utils.mindspore_ckpt import (
+from samkit.checkpoints import mindspore as msc
+from samkit.checkpoints.mindspore import (
     looks_like_mindspore_checkpoint,
     mindspore_to_torch_names,
     read_mindspore_checkpoint,
     torch_to_mindspore_names,
     write_mindspore_checkpoint,
 )
+from samkit.errors import CheckpointError
 
 # ----------------------------------------------------------------------------- hand-rolled encoder
 # Independent of the module's writer, to craft files MindSpore (or a hostile user) could produce.

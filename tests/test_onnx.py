@@ -18,10 +18,10 @@ ort = pytest.importorskip("onnxruntime")
 
 from samkit import SamPredictor, build_model  # noqa: E402
 from samkit.commands.export_onnx import main  # noqa: E402
+from samkit.export.onnx import export_onnx  # noqa: E402
+from samkit.export.verify import format_table, verification_image, verify_onnx  # noqa: E402
 from samkit.onnx import OnnxPredictor  # noqa: E402
 from samkit.utils.onnx import SamOnnxModel  # noqa: E402
-from samkit.utils.onnx_export import export_onnx  # noqa: E402
-from samkit.utils.onnx_verify import format_table, verification_image, verify_onnx  # noqa: E402
 from samkit.utils.transforms import ResizeLongestSide  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_external_data_overwrite_and_atomic_failure(tmp_path, model, monkeypatch
     onnx.checker.check_model(str(out / "encoder.onnx"))
     OnnxPredictor(out).set_image(verification_image(100, 120))
 
-    import samkit.utils.onnx_export as export_module
+    import samkit.export.onnx as export_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("tracing failed")
@@ -311,8 +311,8 @@ def test_cli_verify_prints_table_and_fails_out_of_bounds(
 ):
     """--verify's wiring: the table goes to stdout and a row out of bounds makes the exit status 1 (the
     export and the verification themselves are tested above; here both are stand-ins)."""
-    import samkit.utils.onnx_export as export_module
-    import samkit.utils.onnx_verify as verify_module
+    import samkit.export.onnx as export_module
+    import samkit.export.verify as verify_module
 
     calls = []
     monkeypatch.setattr(export_module, "export_onnx", lambda model, output, **kw: calls.append(kw) or {})

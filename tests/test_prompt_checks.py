@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from samkit.errors import PromptError
+from samkit.maskgen.grids import generator_point_grids
 from samkit.onnx import OnnxAutomaticMaskGenerator, OnnxPredictor
 from samkit.onnx import amg as onnx_amg
 from samkit.predictor import SamPredictor
 from samkit.utils import amg as torch_amg
-from samkit.maskgen.grids import generator_point_grids
 from samkit.utils.prompt_checks import check_prompts, prompt_sets
 from samkit.utils.transforms import ResizeLongestSide
 

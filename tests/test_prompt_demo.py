@@ -10,6 +10,7 @@ from PIL import Image
 
 from samkit import SamPredictor
 from samkit.commands.demo_data import main as demo_data_main
+from samkit.commands.demo_photos import PHOTOS, load_photo
 from samkit.commands.predict import (
     PROMPT_TYPES,
     check_boxes,
@@ -20,9 +21,8 @@ from samkit.commands.predict import (
     plan_prompts,
     run_prompt_demo,
 )
+from samkit.commands.visualize import Panel, save_figure, save_masks
 from samkit.errors import PromptError
-from samkit.utils.demo_data import PHOTOS, load_photo
-from samkit.utils.visualize import Panel, save_figure, save_masks
 
 # ------------------------------------------------------------------ parsing
 

@@ -25,11 +25,11 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its TestCli
     from starlette.testclient import TestClient  # noqa: E402
 
 from samkit.amg import SamAutomaticMaskGenerator  # noqa: E402
+from samkit.maskgen.output import decode_segmentation, sa1b_annotation  # noqa: E402
 from samkit.predictor import SamPredictor  # noqa: E402
 from samkit.serve.app import create_app  # noqa: E402
 from samkit.serve.state import Limits, ModelService  # noqa: E402
 from samkit.utils.amg import rle_to_mask  # noqa: E402
-from samkit.utils.amg_output import decode_segmentation, sa1b_annotation  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 H, W = 40, 56

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from samkit import SamPredictor, build_model, load_checkpoint
+from samkit.checkpoints.mindspore import write_mindspore_checkpoint
+from samkit.checkpoints.mindspore_names import torch_to_mindspore_names
 from samkit.errors import CheckpointError, PromptError, SamkitNote
-from samkit.utils.mindspore_ckpt import write_mindspore_checkpoint
-from samkit.utils.mindspore_names import torch_to_mindspore_names
 
 from .text_helpers import WORDS, save_tiny_blip2, save_tiny_clip, save_tiny_tokenizer  # noqa: F401 (importable here)
 

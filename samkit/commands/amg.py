@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import SamkitError
-from ..utils.amg_output import (
+from ..maskgen.output import (
     METADATA_HEADER,
     decode_segmentation,
     distinct_colors,
@@ -358,7 +358,7 @@ def _build_generator(
     """The mask generator (None when this process has no images), with its notes printed once."""
     from ..amg import SamAutomaticMaskGenerator
     from ..build import build_model
-    from ..utils.download import download_checkpoint
+    from ..checkpoints.download import download_checkpoint
 
     if not share:
         return None

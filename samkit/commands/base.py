@@ -130,7 +130,7 @@ def check_device(name: str) -> Any:
 
 def checkpoint_or_none(args: argparse.Namespace) -> str | None:
     """The --checkpoint path (checked to exist), or None when the weights are to be downloaded or random."""
-    from ..utils.download import ALIASES, CHECKPOINTS, checkpoint_url
+    from ..checkpoints.download import ALIASES, CHECKPOINTS, checkpoint_url
 
     if args.checkpoint is not None:
         if not os.path.isfile(args.checkpoint):

@@ -8,8 +8,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import SamkitError
-from ..utils.demo_data import DEFAULT_PHOTO, PHOTOS, write_photo
 from .base import run_standalone
+from .demo_photos import DEFAULT_PHOTO, PHOTOS, write_photo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

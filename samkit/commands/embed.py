@@ -115,8 +115,8 @@ class _Embedder:
         self, args: argparse.Namespace, checkpoint: Any, device: Any, dtype: Any, workers: folder_jobs.Workers
     ) -> None:
         from ..build import build_model
+        from ..checkpoints.download import download_checkpoint
         from ..predictor import SamPredictor
-        from ..utils.download import download_checkpoint
         from ..utils.embeddings import encoder_fingerprint
         from ..version import __version__
 

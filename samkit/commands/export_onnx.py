@@ -23,7 +23,7 @@ from .outputs import check_output as check_writable_output
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ONNX export; the decoder's are those of Meta's ``scripts/export_onnx_model.py``."""
     from ..build import sam_model_registry
-    from ..utils.onnx_export import PRECISIONS
+    from ..export.onnx import PRECISIONS
 
     parser.add_argument(
         "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
@@ -76,8 +76,8 @@ def check_opset(opset: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export SAM to ONNX (encoder + decoder with Meta's interface), optionally verify against PyTorch."""
     from ..build import build_model
-    from ..utils.download import download_checkpoint
-    from ..utils.onnx_export import MODEL_FILES, check_output, export_onnx, require_onnx
+    from ..checkpoints.download import download_checkpoint
+    from ..export.onnx import MODEL_FILES, check_output, export_onnx, require_onnx
 
     # Every mistake is found before the model is built or anything is written.
     require_onnx()
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if not args.verify:
         return 0
-    from ..utils.onnx_verify import format_table, verify_onnx
+    from ..export.verify import format_table, verify_onnx
 
     rows = verify_onnx(model, args.output, args.precision)
     print(format_table(rows, args.precision))

@@ -161,7 +161,7 @@ def run_prompt_demo(
 
 
 def _run_plan(predictor: Any, image: np.ndarray, plan: PromptPlan, output_dir: str) -> list[str]:
-    from ..utils.visualize import Panel, save_figure
+    from .visualize import Panel, save_figure
 
     kind = plan.prompt_type
     path = os.path.join(output_dir, f"{kind}.png")
@@ -256,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..build import build_model
+    from ..checkpoints.download import download_checkpoint
     from ..predictor import SamPredictor
-    from ..utils.download import download_checkpoint
     from ..utils.image import load_image
 
     # Everything a user can get wrong is checked before the model is built or a file is written.

@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..build import build_model
+    from ..checkpoints.download import download_checkpoint
     from ..serve.app import create_app
     from ..serve.state import Limits, ModelService
-    from ..utils.download import download_checkpoint
 
     if not 0 <= args.port <= 65535:
         raise SamkitError(f"--port {args.port}: must be from 0 to 65535")

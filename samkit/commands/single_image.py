@@ -128,7 +128,7 @@ def build_sam(
     import torch
 
     from ..build import build_model
-    from ..utils.download import download_checkpoint
+    from ..checkpoints.download import download_checkpoint
 
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
@@ -179,10 +179,10 @@ def write_results(
 
 
 def draw_panel(image: np.ndarray, **panel: Any) -> Callable[[str], Any]:
-    """A ``draw`` for :func:`save_results`: one :class:`~samkit.utils.visualize.Panel` over ``image``."""
+    """A ``draw`` for :func:`save_results`: one :class:`~samkit.commands.visualize.Panel` over ``image``."""
 
     def draw(picture_path: str) -> Any:
-        from ..utils.visualize import Panel, save_figure
+        from .visualize import Panel, save_figure
 
         return save_figure(picture_path, image, [Panel(**panel)])
 

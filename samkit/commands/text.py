@@ -81,7 +81,7 @@ def draw_prompts(image: np.ndarray, masks: np.ndarray, iou: np.ndarray, prompts:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from ..utils.visualize import Panel, _save_atomically, draw_panel, mask_color
+        from .visualize import Panel, _save_atomically, draw_panel, mask_color
 
         h, w = image.shape[:2]
         aspect = min(max(h / w, 0.25), 4.0)

@@ -26,7 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..utils.amg_output import sa1b_annotation
+from ..maskgen.output import sa1b_annotation
 from .state import EVERYTHING_SETTINGS, ApiError, ModelService, coco_records, object_record
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..amg import SamAutomaticMaskGenerator
+from ..maskgen.output import json_float
 from ..predictor import SamPredictor
 from ..utils.amg import area_from_rle, calculate_stability_score, coco_encode_rle, mask_to_rle
-from ..utils.amg_output import json_float
 
 
 class ApiError(Exception):

@@ -46,7 +46,7 @@ import torch
 
 from samkit.errors import CheckpointError
 
-from .files import atomic_write
+from ..utils.files import atomic_write
 
 # The SAM name mapping (seed <-> Meta) lives in its own module; importable from here too.
 from .mindspore_names import mindspore_to_torch_names, torch_to_mindspore_names

@@ -18,14 +18,14 @@ import torch
 
 from ..errors import SamkitError
 from ..modeling import Sam
-from ..version import __version__
-from .onnx import (
+from ..utils.onnx import (
     DECODER_INPUT_NAMES,
     DECODER_OUTPUT_NAMES,
     EXTRA_METRICS_OUTPUT_NAMES,
     SamOnnxEncoder,
     SamOnnxModel,
 )
+from ..version import __version__
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 MODEL_FILES: tuple[str, ...] = ("encoder.onnx", "decoder.onnx")

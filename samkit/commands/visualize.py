@@ -13,7 +13,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from .files import atomic_write
+from ..utils.files import atomic_write
 
 # Distinct, saturated colours that are neither the green nor the red of the point markers.
 MASK_COLORS: tuple[tuple[int, int, int], ...] = (

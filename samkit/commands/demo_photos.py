@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import SamkitError
-from .files import atomic_write
+from ..utils.files import atomic_write
 
 # name -> the skimage.data function that returns it (all RGB photos, public domain or CC0)
 PHOTOS: dict[str, str] = {
