@@ -334,7 +334,7 @@ class FastMaskDecoder(MaskDecoder):
                 return masks.view(n, rows, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
             # Mask-major, and reordered in two copies: one permutation of this 8-d shape runs over
             # pairs of floats; moving i ahead of x first copies runs of 8 and leaves the caller's copy
-            # runs of 2 along contiguous rows (about 4x faster).
+            # runs of 2 along contiguous rows.
             masks = torch.bmm(hyper.to(y.dtype), y.transpose(1, 2))  # n x M x (y x i j i' j')
             masks = masks.view(n, -1, rows, w, 2, 2, 2, 2).transpose(3, 4).contiguous()  # y i x j i' j'
             return masks.view(n, -1, rows, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7)

@@ -132,7 +132,7 @@ class FastAttention(Attention):
                 scores = torch.baddbmm(pe_scores, q_folded, k.transpose(1, 2))
         if scores.dtype == v.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             # bf16 inference: one kernel that computes in fp32 and rounds once, bit for bit the fp32
-            # softmax and cast below, ~40% faster (56 x 4096 scores: 165 -> 101 us).
+            # softmax and cast below, and faster (BENCHMARKS.md has the decoder's figures).
             attn = scores.softmax(dim=-1)
         else:
             attn = scores.softmax(dim=-1, dtype=torch.float32)
@@ -231,7 +231,7 @@ class FastAttention(Attention):
         scores = (scores + k_bias.view(b, 1, hk)) * d**-0.5  # B x Nq x (h Nk)
         nq = scores.shape[1]
         # The softmax runs key-major (each head's Nk keys over rows of Nq contiguous image tokens): over
-        # runs of Nk (~7) floats the CPU's softmax is ~20x slower than the copy this costs.
+        # runs of Nk (~7) floats the CPU's softmax costs far more than the copy this costs.
         x = scores.view(b, nq, heads, hk // heads).permute(0, 2, 3, 1).contiguous()
         return _softmax_keys(x, 1.0).view(b, hk, nq).transpose(1, 2)
 
@@ -239,8 +239,8 @@ class FastAttention(Attention):
 def pe_apart(keys: torch.Tensor, key_pe: torch.Tensor) -> bool:
     """Whether attention on ``keys + key_pe`` takes the PE's part apart (``q_pe`` / ``k_pe``):
     in 16-bit CPU inference on per-prompt image tokens. There the element-wise sum of B x HW x C
-    tokens (6 ms for 8 prompts of vit_b in bf16 on 2 cores) costs more than one GEMM of every
-    prompt's few folded tokens against the shared PE (~1.3 ms); in fp32 it does not pay."""
+    tokens costs more than one GEMM of every prompt's few folded tokens against the shared PE; in
+    fp32 it does not pay."""
     return (
         keys.shape[0] > 1
         and key_pe.shape[0] == 1
