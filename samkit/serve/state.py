@@ -96,7 +96,7 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     """Uploaded file bytes -> HxWx3 uint8 RGB, refusing oversized, bomb and corrupt files (ApiError 4xx)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from ..utils.image import to_rgb_uint8
+    from ..utils.image import pil_to_array, to_rgb_uint8
 
     if not data:
         raise ApiError(400, "the upload is empty")
@@ -116,9 +116,10 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
                     )
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                if img.mode not in ("RGB", "L", "RGBA"):
-                    img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-                array = np.asarray(img)
+                try:  # the same conversion as load_image: 16-bit grey is scaled, not clipped to white
+                    array = pil_to_array(img)
+                except ValueError as err:
+                    raise ApiError(415, f"unsupported image: {err}") from None
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -162,22 +163,29 @@ class ModelService:
         self.lock = threading.Lock()  # the model and the predictor's state
         self.cache_lock = threading.Lock()  # the two LRUs below
         self.images = LRU(limits.cache_images)  # image id -> OpenImage (embedding included)
-        self.logits = LRU(limits.cache_logits)  # logits id -> Cx1x256x256 low-res logits (float32, CPU)
+        # logits id -> (image id, Cx1x256x256 low-res logits float32 CPU): logits fit only their own image
+        self.logits = LRU(limits.cache_logits)
         self.dtype = next(model.parameters()).dtype
 
     # ---------------------------------------------------------------- images
     def open_image(self, data: bytes, file_name: str) -> tuple[OpenImage, bool]:
-        """Decode, then embed unless the same bytes are cached. Returns the image and whether it was cached."""
+        """Decode, then embed unless the same bytes are cached. Returns the image and whether it was cached.
+
+        The same bytes opened under another name take that name (exports are named after the latest)."""
         image_id = hashlib.sha256(data).hexdigest()
         with self.cache_lock:
             if image_id in self.images:
-                return self.images.get_recent(image_id), True
+                cached = self.images.get_recent(image_id)
+                cached.file_name = file_name
+                return cached, True
         pixels = decode_image(data, self.limits)  # outside the lock: decoding needs no model
         image = OpenImage(image_id=image_id, file_name=file_name, pixels=pixels)
         with self.lock:
             with self.cache_lock:
                 if image_id in self.images:  # another request embedded it meanwhile
-                    return self.images.get_recent(image_id), True
+                    cached = self.images.get_recent(image_id)
+                    cached.file_name = file_name
+                    return cached, True
             start = time.perf_counter()
             stored = self.embeddings.find(image_id, self.model) if self.embeddings is not None else None
             if stored is not None and tuple(stored.original_size) == tuple(pixels.shape[:2]):
@@ -224,6 +232,9 @@ class ModelService:
                 stored = self.logits.get_recent(logits_id) if logits_id in self.logits else None
             if stored is None:
                 raise ApiError(404, f"unknown mask_input id {logits_id[:80]!r} (forgotten: predict again)")
+            owner, stored = stored
+            if owner != image.image_id:
+                raise ApiError(400, "mask_input.logits_id belongs to another image than image_id")
             if not 0 <= index < len(stored):
                 raise ApiError(400, f"mask_input index {index} is out of range (0..{len(stored) - 1})")
             previous = stored[index]
@@ -248,7 +259,7 @@ class ModelService:
             logits = torch.from_numpy(np.asarray(masks, dtype=np.float32))
         logits_id = secrets.token_hex(8)
         with self.cache_lock:
-            self.logits.put(logits_id, np.asarray(low_res, dtype=np.float32)[:, None])
+            self.logits.put(logits_id, (image.image_id, np.asarray(low_res, dtype=np.float32)[:, None]))
         threshold = float(self.model.mask_threshold)
         binary = logits > threshold
         stability = calculate_stability_score(logits, threshold, 1.0)

@@ -334,10 +334,11 @@
     }
     try {
       const reply = await api("/api/export", body, true);
-      const match = /filename="([^"]+)"/.exec(reply.headers.get("content-disposition") || "");
+      const header = reply.headers.get("content-disposition") || "";
+      const exact = /filename\*=UTF-8''([^;]+)/i.exec(header), plain = /filename="([^"]+)"/.exec(header);
       const a = document.createElement("a");
       a.href = URL.createObjectURL(await reply.blob());
-      a.download = match ? match[1] : "export";
+      a.download = exact ? decodeURIComponent(exact[1]) : plain ? plain[1] : "export";
       document.body.appendChild(a); a.click(); a.remove();
       showError(null);
     } catch (err) { showError(err); }
