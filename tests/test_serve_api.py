@@ -591,3 +591,39 @@ def test_concurrent_clients_on_a_real_server_get_their_own_masks(tiny_model):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_everything_takes_the_cached_embedding_and_runs_the_encoder_only_for_crops(client, service, image_id):
+    calls = []
+    encoder = service.model.image_encoder
+    hook = encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        settings = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+        assert client.post("/api/everything", json={"image_id": image_id, **settings}).status_code == 200
+        assert calls == []  # the whole image: its embedding from the upload
+        reply = client.post("/api/everything", json={"image_id": image_id, "crop_n_layers": 1, **settings})
+        assert reply.status_code == 200 and len(calls) == 4  # the 4 crops of layer 1 only
+    finally:
+        hook.remove()
+
+
+def test_a_waiting_or_running_everything_can_be_cancelled(client, service, image_id):
+    import threading
+
+    replies = []
+    body = {"image_id": image_id, "points_per_side": 64, "pred_iou_thresh": 0.0}
+    with service.lock:  # the model is busy: the run waits, then sees its cancel before its first batch
+        worker = threading.Thread(target=lambda: replies.append(client.post("/api/everything", json=body)))
+        worker.start()
+        deadline = time.time() + 30
+        while image_id not in service.cancels:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert client.post("/api/everything/cancel", json={"image_id": image_id}).json() == {"cancelled": 1}
+    worker.join(timeout=60)
+    refused(replies[0], 409, "cancelled")
+    assert service.cancels == {}
+    assert client.post("/api/everything/cancel", json={"image_id": image_id}).json() == {"cancelled": 0}
+    refused(client.post("/api/everything/cancel", json={"image_id": "gone"}), 404)
+    settings = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    assert client.post("/api/everything", json={"image_id": image_id, **settings}).status_code == 200

@@ -364,6 +364,11 @@ def create_app(
         settings = parse_settings(data)
         return JSONResponse(await run_in_threadpool(service.everything, image, settings))
 
+    async def cancel_everything(request: Request) -> Response:
+        data = await read_json(request)
+        image = service.image(data.get("image_id"))
+        return JSONResponse({"cancelled": service.cancel_everything(image.image_id)})
+
     async def export_route(request: Request) -> Response:
         data = await read_json(request)
         return await run_in_threadpool(export, service, data)
@@ -414,6 +419,7 @@ def create_app(
         Route("/api/images/{image_id}/pixels", pixels),
         Route("/api/predict", predict, methods=["POST"]),
         Route("/api/everything", everything, methods=["POST"]),
+        Route("/api/everything/cancel", cancel_everything, methods=["POST"]),
         Route("/api/export", export_route, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

@@ -135,6 +135,45 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         raise ApiError(415, f"unsupported image: {err}") from None
 
 
+class CachedImagePredictor(SamPredictor):
+    """A predictor that takes ``image``'s cached embedding when asked to embed that whole image: the
+    server's 'everything' then runs the encoder only for the smaller crops (``crop_n_layers`` > 0)."""
+
+    def __init__(self, model: torch.nn.Module, image: OpenImage) -> None:
+        super().__init__(model)
+        self.cached = image
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        cached = self.cached
+        if cached.features is None or tuple(image.shape[:2]) != cached.pixels.shape[:2]:
+            super().set_image(image, image_format)  # a crop: smaller than the image, so never the cached one
+            return
+        h, w = cached.pixels.shape[:2]
+        self.reset_image()
+        self.features, self.is_image_set = cached.features, True
+        self.original_size, self.input_size = (h, w), cached.input_size
+        self.original_sizes, self.input_sizes = [(h, w)], [cached.input_size]
+
+
+class Cancelled(Exception):
+    """Raised inside a running 'everything' whose cancel event was set."""
+
+
+class ServedMaskGenerator(SamAutomaticMaskGenerator):
+    """Automatic masks on an opened image: its cached embedding for the whole-image crop, and a
+    ``cancel`` event looked at before every batch of points (a long run stops within one batch)."""
+
+    def __init__(self, model: torch.nn.Module, image: OpenImage, cancel: threading.Event, **settings: Any):
+        super().__init__(model, output_mode="uncompressed_rle", **settings)
+        self.predictor = CachedImagePredictor(model, image)
+        self.cancel = cancel
+
+    def _process_batch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.cancel.is_set():
+            raise Cancelled
+        return super()._process_batch(*args, **kwargs)
+
+
 def rle_of(masks: torch.Tensor) -> list[dict[str, Any]]:
     """KxHxW bool -> uncompressed RLEs in COCO's column-major order (``size`` [H, W], ``counts``)."""
     return mask_to_rle(masks.bool())
@@ -165,6 +204,7 @@ class ModelService:
         self.images = LRU(limits.cache_images)  # image id -> OpenImage (embedding included)
         # logits id -> (image id, Cx1x256x256 low-res logits float32 CPU): logits fit only their own image
         self.logits = LRU(limits.cache_logits)
+        self.cancels: dict[str, list[threading.Event]] = {}  # image id -> its waiting or running 'everything'
         self.dtype = next(model.parameters()).dtype
 
     # ---------------------------------------------------------------- images
@@ -273,13 +313,29 @@ class ModelService:
         }
 
     def everything(self, image: OpenImage, settings: dict[str, Any]) -> dict[str, Any]:
-        """Run automatic mask generation on the image (its own embedding per crop) and keep the records."""
-        generator = SamAutomaticMaskGenerator(self.model, output_mode="uncompressed_rle", **settings)
-        with self.lock:
-            start = time.perf_counter()
-            records = generator.generate(image.pixels)
-            amg_ms = (time.perf_counter() - start) * 1000
-            image.everything, image.everything_settings = records, dict(settings)
+        """Run automatic mask generation on the image and keep the records. The whole image takes the
+        cached embedding; :meth:`cancel_everything` stops it (ApiError 409)."""
+        cancel = threading.Event()
+        with self.cache_lock:
+            self.cancels.setdefault(image.image_id, []).append(cancel)
+        try:
+            generator = ServedMaskGenerator(self.model, image, cancel, **settings)
+            with self.lock:
+                start = time.perf_counter()
+                try:
+                    records = generator.generate(image.pixels)
+                except Cancelled:
+                    raise ApiError(409, "'everything' was cancelled") from None
+                finally:
+                    generator.predictor.reset_image()
+                amg_ms = (time.perf_counter() - start) * 1000
+                image.everything, image.everything_settings = records, dict(settings)
+        finally:
+            with self.cache_lock:
+                waiting = self.cancels[image.image_id]
+                waiting.remove(cancel)
+                if not waiting:
+                    del self.cancels[image.image_id]
         return {
             "masks": [
                 {
@@ -293,6 +349,14 @@ class ModelService:
             ],
             "amg_ms": round(amg_ms, 3),
         }
+
+    def cancel_everything(self, image_id: str) -> int:
+        """Stop the 'everything' runs of ``image_id`` (running or waiting for the model). Returns how many."""
+        with self.cache_lock:
+            events = list(self.cancels.get(image_id, []))
+        for event in events:
+            event.set()
+        return len(events)
 
 
 def coco_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
