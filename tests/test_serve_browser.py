@@ -392,6 +392,19 @@ def test_everything_pick_keep_edit_and_cancel(browser, server, shapes_image, tmp
         page.click("#everything")
         page.wait_for_function(f"window.samkit.state.everything !== null && {idle}", timeout=120_000)
 
+    # The wheel zooms about the pointer; a middle-button drag pans; Fit goes back.
+    page.mouse.move(*at(w // 2, h // 2))
+    page.mouse.wheel(0, -400)
+    page.wait_for_function("window.samkit.state.zoom > 2")
+    left = page.evaluate("document.getElementById('stage').scrollLeft")
+    page.mouse.down(button="middle")
+    page.mouse.move(*at(w // 2 - 20, h // 2), steps=4)
+    page.mouse.up(button="middle")
+    assert page.evaluate("document.getElementById('stage').scrollLeft") > left
+    assert state("s.predictions") == 0 and state("s.history.length") == 1  # neither prompted anything
+    page.click("#zoom-fit")
+    assert state("s.zoom") == 1
+
     # Nothing passes impossible thresholds: "0 masks" and a hint what to change.
     run_everything(points_per_side=4, pred_iou_thresh=1, stability_score_thresh=1)
     assert page.inner_text("#everything-count") == "0 masks" and page.is_visible("#everything-hint")
