@@ -45,6 +45,11 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def local_client(app, **kwargs) -> TestClient:
+    """A test client that names the server as a browser on this machine does (``Host: 127.0.0.1``)."""
+    return TestClient(app, base_url="http://127.0.0.1", **kwargs)
+
+
 def bomb_png(side: int = 100_000) -> bytes:
     """A PNG whose header claims side x side pixels; its data is a few bytes (never decoded)."""
 
@@ -78,7 +83,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(service, folder):
-    return TestClient(create_app(service, images_folder=str(folder)), raise_server_exceptions=False)
+    return local_client(create_app(service, images_folder=str(folder)), raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +155,10 @@ def test_everything_and_exports_equal_the_library(client, image_id, tiny_model):
     generator = SamAutomaticMaskGenerator(tiny_model, output_mode="coco_rle", **settings)
     records = generator.generate(picture())
     assert len(reply["masks"]) == len(records) > 0
-    expected = sa1b_annotation(records, 1, "upload", W, H)
+    # The same bytes opened under another name: the exports take the latest name.
+    headers = {"content-type": "image/png", "x-file-name": "photo.png"}
+    assert client.post("/api/images", content=png(picture()), headers=headers).json()["image_id"] == image_id
+    expected = sa1b_annotation(records, 1, "photo.png", W, H)
     exported = client.post(
         "/api/export", json={"image_id": image_id, "format": "coco", "source": "everything"}
     )
@@ -350,10 +358,10 @@ def test_bad_exports(client, image_id, body, status, words):
 
 
 def test_without_images_folder_and_with_a_token(service):
-    plain = TestClient(create_app(service))
+    plain = local_client(create_app(service))
     refused(plain.post("/api/images/open", json={"name": "one.png"}), 404, "--images")
     assert plain.get("/api/images").json() == {"images": []}
-    guarded = TestClient(create_app(service, token="s3cret"))
+    guarded = local_client(create_app(service, token="s3cret"))
     refused(guarded.get("/api/health"), 401, "token")
     refused(guarded.get("/api/health", headers={"X-Samkit-Token": "wrong"}), 401, "token")
     assert guarded.get("/api/health", headers={"X-Samkit-Token": "s3cret"}).status_code == 200
@@ -362,7 +370,7 @@ def test_without_images_folder_and_with_a_token(service):
 
 
 def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(service, image_id, monkeypatch):
-    client = TestClient(create_app(service), raise_server_exceptions=False)
+    client = local_client(create_app(service), raise_server_exceptions=False)
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
@@ -382,7 +390,7 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(service, image
 
 
 def test_the_embedding_cache_is_a_bounded_lru(tiny_model):
-    client = TestClient(create_app(ModelService(tiny_model, Limits(cache_images=2))))
+    client = local_client(create_app(ModelService(tiny_model, Limits(cache_images=2))))
 
     def upload(seed):
         return client.post(
@@ -454,7 +462,7 @@ def test_a_bfloat16_model_serves_every_endpoint(tiny_model):
 
     import torch
 
-    client = TestClient(create_app(ModelService(copy.deepcopy(tiny_model).to(torch.bfloat16))))
+    client = local_client(create_app(ModelService(copy.deepcopy(tiny_model).to(torch.bfloat16))))
     assert client.get("/api/health").json()["dtype"] == "bfloat16"
     image_id = client.post(
         "/api/images", content=png(picture()), headers={"content-type": "image/png"}
@@ -497,7 +505,7 @@ def test_empty_masks_reply_and_export_strict_json(tiny_model):
         for mlp in model.mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.zero_()
             mlp.layers[-1].bias.fill_(-100.0)
-    client = TestClient(create_app(ModelService(model)), raise_server_exceptions=False)
+    client = local_client(create_app(ModelService(model)), raise_server_exceptions=False)
     image_id = client.post(
         "/api/images", content=png(picture()), headers={"content-type": "image/png"}
     ).json()["image_id"]
@@ -583,3 +591,39 @@ def test_concurrent_clients_on_a_real_server_get_their_own_masks(tiny_model):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_everything_takes_the_cached_embedding_and_runs_the_encoder_only_for_crops(client, service, image_id):
+    calls = []
+    encoder = service.model.image_encoder
+    hook = encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        settings = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+        assert client.post("/api/everything", json={"image_id": image_id, **settings}).status_code == 200
+        assert calls == []  # the whole image: its embedding from the upload
+        reply = client.post("/api/everything", json={"image_id": image_id, "crop_n_layers": 1, **settings})
+        assert reply.status_code == 200 and len(calls) == 4  # the 4 crops of layer 1 only
+    finally:
+        hook.remove()
+
+
+def test_a_waiting_or_running_everything_can_be_cancelled(client, service, image_id):
+    import threading
+
+    replies = []
+    body = {"image_id": image_id, "points_per_side": 64, "pred_iou_thresh": 0.0}
+    with service.lock:  # the model is busy: the run waits, then sees its cancel before its first batch
+        worker = threading.Thread(target=lambda: replies.append(client.post("/api/everything", json=body)))
+        worker.start()
+        deadline = time.time() + 30
+        while image_id not in service.cancels:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert client.post("/api/everything/cancel", json={"image_id": image_id}).json() == {"cancelled": 1}
+    worker.join(timeout=60)
+    refused(replies[0], 409, "cancelled")
+    assert service.cancels == {}
+    assert client.post("/api/everything/cancel", json={"image_id": image_id}).json() == {"cancelled": 0}
+    refused(client.post("/api/everything/cancel", json={"image_id": "gone"}), 404)
+    settings = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    assert client.post("/api/everything", json={"image_id": image_id, **settings}).status_code == 200

@@ -2,10 +2,13 @@
 
     samkit serve --checkpoint sam_vit_b_01ec64.pth --model-type vit_b [--device cuda] [--dtype bfloat16]
                  [--host 127.0.0.1] [--port 8000] [--images FOLDER] [--token SECRET]
+                 [--allow-host NAME ...] [--allow-origin URL ...]
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise (then it warns; give ``--token`` so that the API
-asks for it in the ``X-Samkit-Token`` header). One model in one process: no workers are forked, and
-requests that run the model take turns.
+asks for it in the ``X-Samkit-Token`` header). Requests whose Host header is not 127.0.0.1, localhost,
+::1, the ``--host`` value or an ``--allow-host`` name are refused (DNS rebinding), and so are writes
+from pages of other origins unless ``--allow-origin`` names them. One model in one process: no workers
+are forked, and requests that run the model take turns.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import sys
 from ..errors import SamkitError
 from .base import add_model_arguments, check_device, checkpoint_or_none
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the server: the model's, where to listen, what to offer and the request limits."""
@@ -29,6 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="default: 8000 (0 picks a free port)")
     parser.add_argument("--images", metavar="FOLDER", help="a folder whose images the page offers to open")
     parser.add_argument("--token", help="a secret the API requires in the X-Samkit-Token header")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the server answers to in the Host header (repeatable; '*' for any); "
+        "default: 127.0.0.1, localhost, ::1 and --host",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a web origin (http://host:port) whose pages may call the API (repeatable; '*' for any)",
+    )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MB)")
     parser.add_argument(
         "--max-side", type=int, default=4096, help="longest image side accepted (default 4096)"
@@ -53,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..build import build_model
     from ..checkpoints.download import download_checkpoint
     from ..serve.app import create_app
+    from ..serve.guard import LOCAL_HOSTS, Access, is_ip_address
     from ..serve.state import Limits, ModelService
 
     if not 0 <= args.port <= 65535:
@@ -63,6 +80,15 @@ def run(args: argparse.Namespace) -> int:
         raise SamkitError("--max-upload-mb, --max-side (>= 16) and --cache-images must be positive")
     if args.token is not None and not args.token.strip():
         raise SamkitError("--token is empty")
+    for name in args.allow_host:
+        bare = name.strip("[]")  # an IPv6 address has colons of its own; a port or scheme has one
+        if not bare or "/" in bare or " " in bare or (":" in bare and not is_ip_address(bare)):
+            raise SamkitError(f"--allow-host {name!r}: give a host name or address, without scheme or port")
+    for origin in args.allow_origin:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise SamkitError(
+                f"--allow-origin {origin!r}: give an origin such as http://example.org:8080, or '*'"
+            )
     if args.embeddings is not None and not os.path.isdir(args.embeddings):
         raise SamkitError(f"--embeddings {args.embeddings}: not a folder")
     device = check_device(args.device)
@@ -95,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             + (f"; {folder.damaged} unreadable files left out" if folder.damaged else ""),
             file=sys.stderr,
         )
-    app = create_app(service, images_folder=args.images, token=args.token)
+    access = Access(args.host, args.allow_host, args.allow_origin)
+    app = create_app(service, images_folder=args.images, token=args.token, access=access)
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level="warning")
     server = uvicorn.Server(config)
 

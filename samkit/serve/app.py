@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import unicodedata
 import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
@@ -27,11 +28,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..maskgen.output import sa1b_annotation
+from .guard import Access
 from .state import EVERYTHING_SETTINGS, ApiError, ModelService, coco_records, object_record
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MAX_JSON_BYTES = 64 * 1024 * 1024  # an export of many objects' RLEs is the largest JSON body
+MAX_JSON_DEPTH = 16  # the API's bodies nest 4 deep; deeper ones would only feed recursion errors
 TOKEN_HEADER = "x-samkit-token"
 log = logging.getLogger("samkit.serve")
 
@@ -47,6 +50,35 @@ def folder_images(folder: Optional[str]) -> list[str]:
         and n.lower().endswith(IMAGE_EXTENSIONS)
         and os.path.isfile(os.path.join(folder, n))
     )
+
+
+def clean_file_name(name: str) -> str:
+    """A file name as the server keeps it: the last path part, no control or format characters (CR, LF,
+    bidi overrides: it goes into headers and the page), at most 200 characters; "upload" if nothing is left."""
+    name = os.path.basename(name.replace("\\", "/"))
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    return name[:200] or "upload"
+
+
+def attachment(file_name: str) -> str:
+    """A ``Content-Disposition`` value for any name: an ASCII ``filename`` for old clients and the exact
+    name as ``filename*=UTF-8''...`` (RFC 6266), since header values cannot hold other characters."""
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in file_name)
+    quoted = urllib.parse.quote(file_name, safe="")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quoted}"
+
+
+def too_deep(data: Any, limit: int) -> bool:
+    """Whether JSON ``data`` nests lists and objects more than ``limit`` levels (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+    return False
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -72,8 +104,12 @@ async def read_json(request: Request) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"malformed JSON: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
+    if too_deep(data, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     return data
 
 
@@ -199,9 +235,7 @@ def export(service: ModelService, data: dict[str, Any]) -> Response:
         if names is not None:
             for entry, name in zip(annotation["annotations"], names):
                 entry["name"] = name
-        return JSONResponse(
-            annotation, headers={"content-disposition": f'attachment; filename="{stem}.json"'}
-        )
+        return JSONResponse(annotation, headers={"content-disposition": attachment(f"{stem}.json")})
     masks = [rle_to_mask(r["segmentation"]) for r in records]
     if fmt == "png":
         if len(masks) == 1:
@@ -220,14 +254,18 @@ def export(service: ModelService, data: dict[str, Any]) -> Response:
     return Response(
         png_bytes(out),
         media_type="image/png",
-        headers={"content-disposition": f'attachment; filename="{name}"'},
+        headers={"content-disposition": attachment(name)},
     )
 
 
 def create_app(
-    service: ModelService, images_folder: Optional[str] = None, token: Optional[str] = None
+    service: ModelService,
+    images_folder: Optional[str] = None,
+    token: Optional[str] = None,
+    access: Access = Access(),
 ) -> Starlette:
-    """The app serving ``service``'s model; ``images_folder`` lists images to open, ``token`` guards /api/."""
+    """The app serving ``service``'s model; ``images_folder`` lists images to open, ``token`` guards /api/,
+    ``access`` says which Host headers and cross-origin writes are accepted (see :mod:`.guard`)."""
     folder = os.path.realpath(images_folder) if images_folder else None
 
     def image_reply(image: Any, cached: bool) -> dict[str, Any]:
@@ -289,8 +327,7 @@ def create_app(
                 415,
                 f"upload an image as image/*, application/octet-stream or multipart/form-data, not {kind or 'none'!r}",
             )
-        name = os.path.basename(name.replace("\\", "/"))[:200] or "upload"
-        image, cached = await run_in_threadpool(service.open_image, data, name)
+        image, cached = await run_in_threadpool(service.open_image, data, clean_file_name(name))
         return JSONResponse(image_reply(image, cached))
 
     async def open_from_folder(request: Request) -> Response:
@@ -307,7 +344,7 @@ def create_app(
             raise ApiError(403, f"{name!r} links outside the --images folder")
         with open(path, "rb") as f:
             blob = f.read(service.limits.max_upload_bytes + 1)
-        image, cached = await run_in_threadpool(service.open_image, blob, name)
+        image, cached = await run_in_threadpool(service.open_image, blob, clean_file_name(name))
         return JSONResponse(image_reply(image, cached))
 
     async def pixels(request: Request) -> Response:
@@ -327,6 +364,11 @@ def create_app(
         settings = parse_settings(data)
         return JSONResponse(await run_in_threadpool(service.everything, image, settings))
 
+    async def cancel_everything(request: Request) -> Response:
+        data = await read_json(request)
+        image = service.image(data.get("image_id"))
+        return JSONResponse({"cancelled": service.cancel_everything(image.image_id)})
+
     async def export_route(request: Request) -> Response:
         data = await read_json(request)
         return await run_in_threadpool(export, service, data)
@@ -341,14 +383,26 @@ def create_app(
         log.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"error": f"internal error ({type(err).__name__}); see the server's log"}, 500)
 
+    async def favicon(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     async def guard(request: Request, call_next: Any) -> Response:
+        refusal = access.host_refusal(request.headers.get("host")) or access.origin_refusal(
+            request.method, request.headers.get("origin"), request.headers.get("host")
+        )
+        if refusal:
+            return JSONResponse({"error": refusal}, 403)
         if token and request.url.path.startswith("/api/"):
             given = request.headers.get(TOKEN_HEADER) or request.headers.get(
                 "authorization", ""
             ).removeprefix("Bearer ")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return JSONResponse(
-                    {"error": f"missing or wrong token (send it in the {TOKEN_HEADER} header)"}, 401
+                    {
+                        "error": "missing or wrong token: open the address samkit serve printed "
+                        f"(it ends in ?token=...), or send the token in the {TOKEN_HEADER} header"
+                    },
+                    401,
                 )
         return await call_next(request)
 
@@ -357,6 +411,7 @@ def create_app(
 
     routes = [
         Route("/", index),
+        Route("/favicon.ico", favicon),
         Route("/api/health", health),
         Route("/api/images", list_images, methods=["GET"]),
         Route("/api/images", upload, methods=["POST"]),
@@ -364,11 +419,24 @@ def create_app(
         Route("/api/images/{image_id}/pixels", pixels),
         Route("/api/predict", predict, methods=["POST"]),
         Route("/api/everything", everything, methods=["POST"]),
+        Route("/api/everything/cancel", cancel_everything, methods=["POST"]),
         Route("/api/export", export_route, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
+    middleware = [Middleware(BaseHTTPMiddleware, dispatch=guard)]
+    if access.origins or access.any_origin:  # pages of the allowed origins may read the replies too
+        from starlette.middleware.cors import CORSMiddleware
+
+        origins = ["*"] if access.any_origin else sorted(access.origins)
+        headers = ["content-type", "authorization", "x-file-name", TOKEN_HEADER]
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=headers
+            ),
+        )
     return Starlette(
         routes=routes,
-        middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard)],
+        middleware=middleware,
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: crash},
     )

@@ -96,7 +96,7 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     """Uploaded file bytes -> HxWx3 uint8 RGB, refusing oversized, bomb and corrupt files (ApiError 4xx)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from ..utils.image import to_rgb_uint8
+    from ..utils.image import pil_to_array, to_rgb_uint8
 
     if not data:
         raise ApiError(400, "the upload is empty")
@@ -116,9 +116,10 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
                     )
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                if img.mode not in ("RGB", "L", "RGBA"):
-                    img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-                array = np.asarray(img)
+                try:  # the same conversion as load_image: 16-bit grey is scaled, not clipped to white
+                    array = pil_to_array(img)
+                except ValueError as err:
+                    raise ApiError(415, f"unsupported image: {err}") from None
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -132,6 +133,45 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         return to_rgb_uint8(array)
     except ValueError as err:
         raise ApiError(415, f"unsupported image: {err}") from None
+
+
+class CachedImagePredictor(SamPredictor):
+    """A predictor that takes ``image``'s cached embedding when asked to embed that whole image: the
+    server's 'everything' then runs the encoder only for the smaller crops (``crop_n_layers`` > 0)."""
+
+    def __init__(self, model: torch.nn.Module, image: OpenImage) -> None:
+        super().__init__(model)
+        self.cached = image
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        cached = self.cached
+        if cached.features is None or tuple(image.shape[:2]) != cached.pixels.shape[:2]:
+            super().set_image(image, image_format)  # a crop: smaller than the image, so never the cached one
+            return
+        h, w = cached.pixels.shape[:2]
+        self.reset_image()
+        self.features, self.is_image_set = cached.features, True
+        self.original_size, self.input_size = (h, w), cached.input_size
+        self.original_sizes, self.input_sizes = [(h, w)], [cached.input_size]
+
+
+class Cancelled(Exception):
+    """Raised inside a running 'everything' whose cancel event was set."""
+
+
+class ServedMaskGenerator(SamAutomaticMaskGenerator):
+    """Automatic masks on an opened image: its cached embedding for the whole-image crop, and a
+    ``cancel`` event looked at before every batch of points (a long run stops within one batch)."""
+
+    def __init__(self, model: torch.nn.Module, image: OpenImage, cancel: threading.Event, **settings: Any):
+        super().__init__(model, output_mode="uncompressed_rle", **settings)
+        self.predictor = CachedImagePredictor(model, image)
+        self.cancel = cancel
+
+    def _process_batch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.cancel.is_set():
+            raise Cancelled
+        return super()._process_batch(*args, **kwargs)
 
 
 def rle_of(masks: torch.Tensor) -> list[dict[str, Any]]:
@@ -162,22 +202,30 @@ class ModelService:
         self.lock = threading.Lock()  # the model and the predictor's state
         self.cache_lock = threading.Lock()  # the two LRUs below
         self.images = LRU(limits.cache_images)  # image id -> OpenImage (embedding included)
-        self.logits = LRU(limits.cache_logits)  # logits id -> Cx1x256x256 low-res logits (float32, CPU)
+        # logits id -> (image id, Cx1x256x256 low-res logits float32 CPU): logits fit only their own image
+        self.logits = LRU(limits.cache_logits)
+        self.cancels: dict[str, list[threading.Event]] = {}  # image id -> its waiting or running 'everything'
         self.dtype = next(model.parameters()).dtype
 
     # ---------------------------------------------------------------- images
     def open_image(self, data: bytes, file_name: str) -> tuple[OpenImage, bool]:
-        """Decode, then embed unless the same bytes are cached. Returns the image and whether it was cached."""
+        """Decode, then embed unless the same bytes are cached. Returns the image and whether it was cached.
+
+        The same bytes opened under another name take that name (exports are named after the latest)."""
         image_id = hashlib.sha256(data).hexdigest()
         with self.cache_lock:
             if image_id in self.images:
-                return self.images.get_recent(image_id), True
+                cached = self.images.get_recent(image_id)
+                cached.file_name = file_name
+                return cached, True
         pixels = decode_image(data, self.limits)  # outside the lock: decoding needs no model
         image = OpenImage(image_id=image_id, file_name=file_name, pixels=pixels)
         with self.lock:
             with self.cache_lock:
                 if image_id in self.images:  # another request embedded it meanwhile
-                    return self.images.get_recent(image_id), True
+                    cached = self.images.get_recent(image_id)
+                    cached.file_name = file_name
+                    return cached, True
             start = time.perf_counter()
             stored = self.embeddings.find(image_id, self.model) if self.embeddings is not None else None
             if stored is not None and tuple(stored.original_size) == tuple(pixels.shape[:2]):
@@ -224,6 +272,9 @@ class ModelService:
                 stored = self.logits.get_recent(logits_id) if logits_id in self.logits else None
             if stored is None:
                 raise ApiError(404, f"unknown mask_input id {logits_id[:80]!r} (forgotten: predict again)")
+            owner, stored = stored
+            if owner != image.image_id:
+                raise ApiError(400, "mask_input.logits_id belongs to another image than image_id")
             if not 0 <= index < len(stored):
                 raise ApiError(400, f"mask_input index {index} is out of range (0..{len(stored) - 1})")
             previous = stored[index]
@@ -248,7 +299,7 @@ class ModelService:
             logits = torch.from_numpy(np.asarray(masks, dtype=np.float32))
         logits_id = secrets.token_hex(8)
         with self.cache_lock:
-            self.logits.put(logits_id, np.asarray(low_res, dtype=np.float32)[:, None])
+            self.logits.put(logits_id, (image.image_id, np.asarray(low_res, dtype=np.float32)[:, None]))
         threshold = float(self.model.mask_threshold)
         binary = logits > threshold
         stability = calculate_stability_score(logits, threshold, 1.0)
@@ -262,13 +313,29 @@ class ModelService:
         }
 
     def everything(self, image: OpenImage, settings: dict[str, Any]) -> dict[str, Any]:
-        """Run automatic mask generation on the image (its own embedding per crop) and keep the records."""
-        generator = SamAutomaticMaskGenerator(self.model, output_mode="uncompressed_rle", **settings)
-        with self.lock:
-            start = time.perf_counter()
-            records = generator.generate(image.pixels)
-            amg_ms = (time.perf_counter() - start) * 1000
-            image.everything, image.everything_settings = records, dict(settings)
+        """Run automatic mask generation on the image and keep the records. The whole image takes the
+        cached embedding; :meth:`cancel_everything` stops it (ApiError 409)."""
+        cancel = threading.Event()
+        with self.cache_lock:
+            self.cancels.setdefault(image.image_id, []).append(cancel)
+        try:
+            generator = ServedMaskGenerator(self.model, image, cancel, **settings)
+            with self.lock:
+                start = time.perf_counter()
+                try:
+                    records = generator.generate(image.pixels)
+                except Cancelled:
+                    raise ApiError(409, "'everything' was cancelled") from None
+                finally:
+                    generator.predictor.reset_image()
+                amg_ms = (time.perf_counter() - start) * 1000
+                image.everything, image.everything_settings = records, dict(settings)
+        finally:
+            with self.cache_lock:
+                waiting = self.cancels[image.image_id]
+                waiting.remove(cancel)
+                if not waiting:
+                    del self.cancels[image.image_id]
         return {
             "masks": [
                 {
@@ -282,6 +349,14 @@ class ModelService:
             ],
             "amg_ms": round(amg_ms, 3),
         }
+
+    def cancel_everything(self, image_id: str) -> int:
+        """Stop the 'everything' runs of ``image_id`` (running or waiting for the model). Returns how many."""
+        with self.cache_lock:
+            events = list(self.cancels.get(image_id, []))
+        for event in events:
+            event.set()
+        return len(events)
 
 
 def coco_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -66,7 +66,7 @@ def load_image(path: str | os.PathLike, *, apply_exif: bool = True) -> np.ndarra
                 img.load()
                 if apply_exif:
                     img = ImageOps.exif_transpose(img)
-                array = _pil_to_array(img)
+                array = pil_to_array(img)
     except Image.DecompressionBombError as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
     except UnidentifiedImageError:
@@ -77,7 +77,9 @@ def load_image(path: str | os.PathLike, *, apply_exif: bool = True) -> np.ndarra
     return to_rgb_uint8(array)
 
 
-def _pil_to_array(img) -> np.ndarray:
+def pil_to_array(img) -> np.ndarray:
+    """A loaded Pillow image -> the array :func:`to_rgb_uint8` takes: 16-bit grey stays uint16 (scaled
+    there, not truncated by Pillow's ``convert``), palettes and other modes become RGB or RGBA."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(img)

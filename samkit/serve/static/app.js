@@ -18,19 +18,24 @@
     hover: null,          // hover preview reply
     busy: 0,              // model requests in flight (not hover)
     predictions: 0,       // predict replies applied
+    mode: "add",          // what a click or tap does: "add" / "remove" a point, "pick" an 'everything' mask
+    picked: [],           // indices of picked 'everything' masks
+    zoom: 1,              // 1 = the whole image fits the stage
+    editing: null,        // the kept object being edited: "Keep object" puts the new mask in its place
   };
   const view = $("view"), ctx = view.getContext("2d");
   let picture = null;     // the image as an HTMLImageElement
   const maskCache = new WeakMap();  // RLE object -> {bits, canvas per colour}
 
   // ------------------------------------------------------------------ requests
-  async function api(path, body, raw) {
-    const init = { method: body === undefined ? "GET" : "POST", headers: { ...authHeaders } };
+  async function api(path, body, raw, signal) {
+    const init = { method: body === undefined ? "GET" : "POST", headers: { ...authHeaders }, signal };
     if (body !== undefined) { init.headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
     const reply = await fetch(path, init);
     if (!reply.ok) {
       let message = reply.statusText;
       try { message = (await reply.json()).error; } catch (e) { /* not JSON */ }
+      if (reply.status === 401) message = "this server needs its token: open the full address samkit serve printed (it ends in ?token=…)";
       throw new Error(message);
     }
     return raw ? reply : reply.json();
@@ -78,9 +83,10 @@
     ctx.drawImage(picture, 0, 0);
     if (state.everything && $("show-everything").checked) {
       ctx.drawImage(state.everything.layer, 0, 0);
-      if (highlighted >= 0) ctx.drawImage(maskCanvas(state.everything.masks[highlighted].segmentation, [255, 255, 255], 170), 0, 0);
+      for (const i of state.picked) ctx.drawImage(maskCanvas(state.everything.masks[i].segmentation, [255, 255, 255], 200), 0, 0);
+      if (highlighted >= 0) ctx.drawImage(maskCanvas(state.everything.masks[highlighted].segmentation, [255, 255, 255], 120), 0, 0);
     }
-    state.objects.forEach((o) => ctx.drawImage(maskCanvas(o.mask, o.color, 130), 0, 0));
+    state.objects.forEach((o) => { if (o !== state.editing) ctx.drawImage(maskCanvas(o.mask, o.color, 130), 0, 0); });
     if (state.hover) ctx.drawImage(maskCanvas(state.hover.masks[0], [120, 180, 255], 90), 0, 0);
     const mask = selectedMask();
     if (mask) ctx.drawImage(maskCanvas(mask.rle, [30, 110, 255], 140), 0, 0);
@@ -92,8 +98,23 @@
     });
     const box = dragBox || s.box;
     if (box) { ctx.lineWidth = Math.max(1, r / 2); ctx.strokeStyle = "#ff0"; ctx.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]); }
-    $("undo").disabled = state.position === 0;
-    $("redo").disabled = state.position >= state.history.length - 1;
+    buttons();
+  }
+  function buttons() {  // what can be done now: nothing but opening before an image is open
+    const open = state.image !== null, s = current();
+    $("undo").disabled = !open || state.position === 0;
+    $("redo").disabled = !open || state.position >= state.history.length - 1;
+    $("clear").disabled = !open || (!s.points.length && !s.box && !s.result);
+    for (const id of ["keep", "everything", "export", "zoom-in", "zoom-out", "zoom-fit"]) $(id).disabled = !open;
+    $("mode-pick").disabled = !state.everything;
+    if (!state.everything && state.mode === "pick") setMode("add");
+    $("keep-picked").disabled = !state.picked.length;
+    $("picked-count").textContent = state.picked.length ? plural(state.picked.length, "picked mask") : "";
+  }
+  const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  function setMode(mode) {
+    state.mode = mode;
+    document.querySelectorAll("#modes button").forEach((b) => b.classList.toggle("selected", b.dataset.mode === mode));
   }
   function showCandidates() {
     const box = $("candidates"), r = current().result;
@@ -110,12 +131,28 @@
   }
 
   // ------------------------------------------------------------------ opening images
-  function fit() {  // the canvas keeps the image's pixels; CSS scales it to fill the stage
+  // The canvas keeps the image's pixels; CSS scales it (zoom 1 fits the stage) and the stage scrolls (pan).
+  function fit(anchor) {  // anchor {clientX, clientY, x, y}: image point (x, y) stays under that client point
     if (view.hidden) return;
-    const stage = $("stage"), scale = Math.min((stage.clientWidth - 8) / view.width, (window.innerHeight * 0.85) / view.height);
-    view.style.width = `${Math.floor(view.width * scale)}px`; view.style.height = `${Math.floor(view.height * scale)}px`;
+    const stage = $("stage");
+    const scale = state.zoom * Math.min((stage.clientWidth - 8) / view.width, (stage.clientHeight - 8) / view.height);
+    view.style.width = `${Math.max(1, Math.floor(view.width * scale))}px`; view.style.height = `${Math.max(1, Math.floor(view.height * scale))}px`;
+    if (anchor) {
+      const rect = view.getBoundingClientRect();
+      stage.scrollLeft += rect.left + anchor.x * rect.width / view.width - anchor.clientX;
+      stage.scrollTop += rect.top + anchor.y * rect.height / view.height - anchor.clientY;
+    }
   }
-  window.addEventListener("resize", fit);
+  // Zoom by factor; the image point under (clientX, clientY) ends under (toX, toY) (a pinch also pans).
+  function zoomAt(factor, clientX, clientY, toX = clientX, toY = clientY) {
+    if (!state.image) return;
+    const rect = view.getBoundingClientRect();
+    if (clientX === undefined) { const r = $("stage").getBoundingClientRect(); toX = clientX = r.left + r.width / 2; toY = clientY = r.top + r.height / 2; }
+    const x = (clientX - rect.left) * view.width / rect.width, y = (clientY - rect.top) * view.height / rect.height;
+    state.zoom = Math.min(Math.max(state.zoom * factor, 1), 32);
+    fit({ clientX: toX, clientY: toY, x, y });
+  }
+  window.addEventListener("resize", () => fit());
   function setProgress(text) {
     $("progress").hidden = !text; $("progress-text").textContent = text || "";
   }
@@ -151,10 +188,10 @@
     picture = img;
     state.image = reply;
     state.history = [{ points: [], labels: [], box: null, result: null }];
-    state.position = 0; state.objects = []; state.everything = null; state.hover = null;
+    state.position = 0; state.objects = []; state.everything = null; state.hover = null; state.picked = []; state.zoom = 1; state.editing = null;
     view.width = reply.width; view.height = reply.height; view.hidden = false;
     $("drop-hint").hidden = true; fit();
-    $("everything-count").textContent = ""; renderObjects(); showCandidates(); draw();
+    $("everything-count").textContent = ""; $("everything-hint").hidden = true; renderObjects(); showCandidates(); draw();
     latency(reply.cached ? "encoder: cached" : `encoder ${reply.encoder_ms.toFixed(0)} ms`);
   }
   async function openFile(file) {
@@ -176,7 +213,7 @@
     const single = s.points.length === 1 && !s.box;
     const body = { image_id: state.image.image_id, points: s.points, labels: s.labels, box: s.box, multimask: single };
     // SAM is meant to be refined: the previous mask's low-res logits go back in with each change.
-    if (previous && previous.result && !single) body.mask_input = { logits_id: previous.result.logits_id, index: previous.result.selected };
+    if (previous && previous.result && previous.result.logits_id && !single) body.mask_input = { logits_id: previous.result.logits_id, index: previous.result.selected };
     return body;
   }
   async function change(mutate) {
@@ -226,26 +263,59 @@
     if (hoverPending) pumpHover();
   }
 
-  // ------------------------------------------------------------------ mouse
-  let dragStart = null, dragBox = null, hoverPointer = false;
+  // ------------------------------------------------------------------ pointer (mouse, pen and touch)
+  // Mouse: left click adds (Remove mode or Shift: removes), right click removes, drag draws a box, the wheel
+  // zooms, a middle-button or Space+drag pans. Touch: a tap acts by the mode, a one-finger drag draws a box,
+  // two fingers pinch to zoom and pan. In Pick mode a click or tap picks or unpicks an 'everything' mask.
+  let dragStart = null, dragBox = null, hoverPointer = false, panning = null, spaceDown = false;
+  const touches = new Map();  // pointerId -> last {x, y} of the fingers on the canvas
+  let pinch = null;           // {distance, x, y} of the two fingers at the last move
   view.addEventListener("contextmenu", (e) => e.preventDefault());
-  view.addEventListener("mousedown", (e) => {
+  function twoFingers() {
+    const [a, b] = [...touches.values()];
+    return { distance: Math.hypot(a.x - b.x, a.y - b.y), x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
+  }
+  view.addEventListener("pointerdown", (e) => {
+    if (!state.image) return;
+    view.setPointerCapture(e.pointerId);
+    if (e.pointerType === "touch") {
+      touches.set(e.pointerId, { x: e.clientX, y: e.clientY });
+      if (touches.size === 2) { pinch = twoFingers(); dragStart = null; dragBox = null; draw(); return; }
+      if (touches.size > 2) return;
+    }
+    if (e.button === 1 || (e.button === 0 && spaceDown)) { e.preventDefault(); panning = { x: e.clientX, y: e.clientY }; return; }
     if (e.button === 2) { const p = toImage(e); change((s) => { s.points.push(p); s.labels.push(0); }); return; }
-    if (e.button === 0) { dragStart = { point: toImage(e), x: e.clientX, y: e.clientY, shift: e.shiftKey }; }
+    if (e.button === 0) dragStart = { point: toImage(e), x: e.clientX, y: e.clientY, shift: e.shiftKey };
   });
-  view.addEventListener("mousemove", (e) => {
-    hoverPointer = true;
+  view.addEventListener("pointermove", (e) => {
+    if (e.pointerType === "touch" && touches.has(e.pointerId)) {
+      touches.set(e.pointerId, { x: e.clientX, y: e.clientY });
+      if (pinch && touches.size === 2) {
+        const now = twoFingers();
+        zoomAt(pinch.distance > 0 ? now.distance / pinch.distance : 1, pinch.x, pinch.y, now.x, now.y);
+        pinch = now;
+        return;
+      }
+    }
+    if (panning) {
+      const stage = $("stage");
+      stage.scrollLeft -= e.clientX - panning.x; stage.scrollTop -= e.clientY - panning.y;
+      panning = { x: e.clientX, y: e.clientY };
+      return;
+    }
     const p = toImage(e);
     if (dragStart) {
-      if (Math.hypot(e.clientX - dragStart.x, e.clientY - dragStart.y) > 5) {
+      if (state.mode !== "pick" && Math.hypot(e.clientX - dragStart.x, e.clientY - dragStart.y) > 5) {
         const a = dragStart.point;
         dragBox = [Math.min(a[0], p[0]), Math.min(a[1], p[1]), Math.max(a[0], p[0]), Math.max(a[1], p[1])];
         draw();
       }
       return;
     }
+    if (e.pointerType !== "mouse") return;  // hover needs a pointer that hovers
+    hoverPointer = true;
     if (state.everything && $("show-everything").checked) {
-      const i = state.everything.owner[Math.floor(p[1]) * view.width + Math.floor(p[0])];
+      const i = ownerAt(p);
       if (i !== highlighted) {
         highlighted = i;
         const m = state.everything.masks[i];
@@ -253,18 +323,40 @@
         draw();
       }
     }
-    hoverAt(p);
+    if (state.mode !== "pick") hoverAt(p);
   });
-  view.addEventListener("mouseleave", () => { hoverPointer = false; state.hover = null; hoverPending = null; draw(); });
-  window.addEventListener("mouseup", (e) => {
-    if (!dragStart || e.button !== 0) return;
+  const ownerAt = (p) => state.everything.owner[Math.min(Math.floor(p[1]), view.height - 1) * view.width + Math.min(Math.floor(p[0]), view.width - 1)];
+  view.addEventListener("pointerleave", (e) => {
+    if (e.pointerType !== "mouse") return;
+    hoverPointer = false; state.hover = null; hoverPending = null; draw();
+  });
+  function pointerEnd(e) {
+    if (e.pointerType === "touch") {
+      touches.delete(e.pointerId);
+      if (pinch) { if (touches.size === 0) pinch = null; return; }  // the end of a pinch is no tap
+    }
+    if (panning) { panning = null; return; }
+    if (!dragStart || e.button !== 0 || e.type === "pointercancel") { dragStart = null; dragBox = null; return; }
     const start = dragStart, box = dragBox;
     dragStart = null; dragBox = null;
+    if (state.mode === "pick") { pick(start.point); return; }
     if (box && box[2] > box[0] && box[3] > box[1]) change((s) => { s.box = box; });
-    else change((s) => { s.points.push(start.point); s.labels.push(start.shift ? 0 : 1); });
-  });
+    else {
+      const label = (state.mode === "remove") !== start.shift ? 0 : 1;
+      change((s) => { s.points.push(start.point); s.labels.push(label); });
+    }
+  }
+  view.addEventListener("pointerup", pointerEnd);
+  view.addEventListener("pointercancel", pointerEnd);
+  $("stage").addEventListener("wheel", (e) => {
+    if (!state.image) return;
+    e.preventDefault();
+    zoomAt(Math.exp(-e.deltaY / 300), e.clientX, e.clientY);
+  }, { passive: false });
+  window.addEventListener("keyup", (e) => { if (e.key === " ") spaceDown = false; });
   window.addEventListener("keydown", (e) => {
     if (e.target.tagName === "INPUT") return;
+    if (e.key === " " && state.image) { spaceDown = true; e.preventDefault(); }
     if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); e.shiftKey ? redo() : undo(); }
     if ((e.ctrlKey || e.metaKey) && e.key === "y") { e.preventDefault(); redo(); }
   });
@@ -275,20 +367,33 @@
     list.innerHTML = "";
     state.objects.forEach((o, i) => {
       const li = document.createElement("li");
-      li.innerHTML = `<span class="swatch" style="background:rgb(${o.color})"></span><span></span><button>remove</button>`;
-      li.children[1].textContent = `${o.name} (${o.area} px)`;
-      li.children[2].onclick = () => { state.objects.splice(i, 1); renderObjects(); draw(); };
+      li.innerHTML = `<span class="swatch" style="background:rgb(${o.color})"></span><span></span><button class="edit">edit</button><button class="remove">remove</button>`;
+      li.children[1].textContent = `${o.name} (${o.area} px)${o === state.editing ? " · editing" : ""}`;
+      li.children[2].onclick = () => edit(i);
+      li.children[3].onclick = () => { if (o === state.editing) state.editing = null; state.objects.splice(i, 1); renderObjects(); draw(); };
       list.appendChild(li);
     });
+  }
+  function edit(i) {  // a kept object back to the prompt it was kept with; "Keep object" puts it back in place
+    const o = state.objects[i];
+    state.editing = o;
+    state.history = state.history.slice(0, state.position + 1);
+    state.history.push({ points: o.prompt.points.slice(), labels: o.prompt.labels.slice(), box: o.prompt.box, result: o.prompt.result });
+    state.position++;
+    $("name").value = o.name; state.hover = null;
+    renderObjects(); showCandidates(); draw();
   }
   function keep() {
     const mask = selectedMask(), s = current();
     if (!mask) { showError("nothing to keep: click the image first"); return; }
-    const n = state.objects.length + 1;
-    state.objects.push({
+    const at = state.objects.indexOf(state.editing), n = at >= 0 ? at + 1 : state.objects.length + 1;
+    const object = {
       name: $("name").value.trim() || `object ${n}`, mask: mask.rle, score: mask.score, stability_score: mask.stability,
-      points: s.points, color: color(n + 3), area: s.result.areas[s.result.selected],
-    });
+      points: s.points, color: at >= 0 ? state.editing.color : color(n + 3), area: s.result.areas[s.result.selected],
+      prompt: { points: s.points, labels: s.labels, box: s.box, result: s.result },
+    };
+    if (at >= 0) state.objects[at] = object; else state.objects.push(object);
+    state.editing = null;
     $("name").value = "";
     renderObjects();
     change((t) => { t.points = []; t.labels = []; t.box = null; });
@@ -298,12 +403,44 @@
     for (const k of ["points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_n_layers"]) out[k] = Number($(k).value);
     return out;
   }
+  function pick(point) {  // Pick mode: the 'everything' mask under the point in or out of the picked set
+    const i = ownerAt(point);
+    if (i < 0) { $("info").textContent = "no mask here"; return; }
+    const at = state.picked.indexOf(i);
+    if (at >= 0) state.picked.splice(at, 1); else state.picked.push(i);
+    draw();
+  }
+  function pickedObjects() {
+    return state.picked.map((i) => {
+      const m = state.everything.masks[i];
+      return { name: `mask ${i}`, mask: m.segmentation, score: m.predicted_iou, stability_score: m.stability_score, points: [], area: m.area };
+    });
+  }
+  function keepPicked() {  // each picked mask becomes a kept object (editable like the others)
+    const base = $("name").value.trim();
+    for (const o of pickedObjects()) {
+      const n = state.objects.length + 1;
+      const result = { masks: [o.mask], scores: [o.score], stability_scores: [o.stability_score], areas: [o.area], selected: 0, logits_id: null };
+      state.objects.push({ ...o, name: base ? `${base} ${n}` : o.name, color: color(n + 3), prompt: { points: [], labels: [], box: null, result } });
+    }
+    state.picked = []; $("name").value = "";
+    renderObjects(); draw();
+  }
+  let running = null;  // {controller, timer} of the 'everything' in flight
+  async function cancelEverything() {
+    if (!running) return;
+    running.controller.abort();
+    try { await api("/api/everything/cancel", { image_id: state.image.image_id }); } catch (err) { /* it ended meanwhile */ }
+  }
   async function everything() {
-    if (!state.image) return;
-    showError(null); state.busy++; setProgress("segmenting everything…");
-    const started = performance.now();
+    if (!state.image || running) return;
+    showError(null); state.busy++;
+    const started = performance.now(), controller = new AbortController();
+    const tick = () => setProgress(`segmenting everything… ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    running = { controller, timer: setInterval(tick, 100) };
+    tick(); $("cancel").hidden = false;
     try {
-      const reply = await api("/api/everything", { image_id: state.image.image_id, ...settings() });
+      const reply = await api("/api/everything", { image_id: state.image.image_id, ...settings() }, false, controller.signal);
       const w = view.width, h = view.height, owner = new Int32Array(w * h).fill(-1);
       const layer = document.createElement("canvas"); layer.width = w; layer.height = h;
       const c = layer.getContext("2d");
@@ -315,10 +452,16 @@
         c.drawImage(maskCanvas(reply.masks[i].segmentation, color(i), 110), 0, 0);
       }
       state.everything = { masks: reply.masks, owner, layer };
-      highlighted = -1;
-      $("everything-count").textContent = `${reply.masks.length} masks`;
+      highlighted = -1; state.picked = [];
+      $("everything-count").textContent = plural(reply.masks.length, "mask");
+      $("everything-hint").hidden = reply.masks.length > 0;
       latency(`everything ${reply.amg_ms.toFixed(0)} ms (round trip ${(performance.now() - started).toFixed(0)} ms)`);
-    } catch (err) { showError(err); } finally { state.busy--; setProgress(null); }
+    } catch (err) {
+      if (controller.signal.aborted) $("everything-count").textContent = "cancelled"; else showError(err);
+    } finally {
+      clearInterval(running.timer); running = null; $("cancel").hidden = true;
+      state.busy--; setProgress(null);
+    }
     draw();
   }
   async function exportResult() {
@@ -329,15 +472,18 @@
       const mask = selectedMask();
       if (!mask) { showError("no current mask to export"); return; }
       body.objects = [{ name: "current", mask: mask.rle, score: mask.score, stability_score: mask.stability, points: current().points }];
-    } else if (source === "objects") {
-      body.objects = state.objects.map((o) => ({ name: o.name, mask: o.mask, score: o.score, stability_score: o.stability_score, points: o.points }));
+    } else if (source === "objects" || source === "picked") {
+      const list = source === "objects" ? state.objects : pickedObjects();
+      if (!list.length) { showError(source === "objects" ? "no kept objects to export" : "no picked masks: pick some in Pick mode"); return; }
+      body.objects = list.map((o) => ({ name: o.name, mask: o.mask, score: o.score, stability_score: o.stability_score, points: o.points }));
     }
     try {
       const reply = await api("/api/export", body, true);
-      const match = /filename="([^"]+)"/.exec(reply.headers.get("content-disposition") || "");
+      const header = reply.headers.get("content-disposition") || "";
+      const exact = /filename\*=UTF-8''([^;]+)/i.exec(header), plain = /filename="([^"]+)"/.exec(header);
       const a = document.createElement("a");
       a.href = URL.createObjectURL(await reply.blob());
-      a.download = match ? match[1] : "export";
+      a.download = exact ? decodeURIComponent(exact[1]) : plain ? plain[1] : "export";
       document.body.appendChild(a); a.click(); a.remove();
       showError(null);
     } catch (err) { showError(err); }
@@ -354,6 +500,11 @@
   });
   $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clear; $("keep").onclick = keep;
   $("everything").onclick = everything; $("export").onclick = exportResult;
+  $("cancel").onclick = cancelEverything; $("keep-picked").onclick = keepPicked;
+  document.querySelectorAll("#modes button").forEach((b) => { b.onclick = () => setMode(b.dataset.mode); });
+  $("zoom-in").onclick = () => zoomAt(1.5); $("zoom-out").onclick = () => zoomAt(1 / 1.5);
+  $("zoom-fit").onclick = () => { state.zoom = 1; fit(); };
+  buttons();
   $("show-everything").onchange = draw;
   $("folder").onchange = (e) => { if (e.target.value) openFromFolder(e.target.value); };
   api("/api/health").then((health) => {
@@ -366,5 +517,5 @@
       if (reply.images.length === 1) { select.value = reply.images[0]; openFromFolder(reply.images[0]); }  // make serve's demo photo
     });
   }).catch(showError);
-  window.samkit = { state, undo, redo, clear, keep, everything, exportResult, openFile };
+  window.samkit = { state, undo, redo, clear, keep, everything, exportResult, openFile, zoomAt, edit };
 })();
