@@ -699,21 +699,27 @@ def readme_speed() -> list[str]:
     ]
 
 
-def write_readme_speed(readme: Path = README) -> bool:
-    """Replace README.md's lines from README_BEGIN to README_END with :func:`readme_speed`'s. Returns
-    whether the file changed; a README without both markers is an error (nothing written)."""
-    text = readme.read_text()
+def readme_with_speed(text: str) -> str:
+    """README.md's ``text`` with the lines from README_BEGIN to README_END replaced by
+    :func:`readme_speed`'s; a text without exactly one of each marker line is an error."""
     lines = text.split("\n")
     if lines.count(README_BEGIN) != 1 or lines.count(README_END) != 1:
-        raise SystemExit(f"error: {readme} needs one line {README_BEGIN!r} and one line {README_END!r}")
+        raise SystemExit(f"error: README.md needs one line {README_BEGIN!r} and one line {README_END!r}")
     start, end = lines.index(README_BEGIN), lines.index(README_END)
-    new = "\n".join(lines[:start] + readme_speed() + lines[end + 1 :])
+    return "\n".join(lines[:start] + readme_speed() + lines[end + 1 :])
+
+
+def write_readme_speed(readme: Path = README) -> bool:
+    """Write README.md's speed figures from the results; returns whether the file changed."""
+    text = readme.read_text()
+    new = readme_with_speed(text)
     if new != text:
         readme.write_text(new)
     return new != text
 
 
-def main() -> int:
+def benchmarks_md() -> str:
+    """BENCHMARKS.md's text from the result files."""
     lines = [
         "# Benchmarks",
         "",
@@ -735,7 +741,11 @@ def main() -> int:
         + serve_latency()
         + memory()
     )
-    (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    (ROOT.parent / "BENCHMARKS.md").write_text(benchmarks_md())
     print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
     if write_readme_speed():
         print(f"wrote the speed figures of {README}")
