@@ -1,17 +1,19 @@
 """Automatic mask generation: samkit against Meta's generator, same weights, same photo.
 
-    python benchmarks/amg.py --model vit_b --points-per-side 32 --rounds 1 [--out results.json]
+    python benchmarks/amg.py --model vit_b --trained --rounds 3 [--out results.json]
 
 Both generators run with Meta's default thresholds, in alternation, ``--rounds`` times each, in one
-process. Printed: median seconds per photo, the ratio, the record counts and the fraction of
-identical segmentations, and the share of prompts whose mask pixels samkit computed (it skips
-prompts with no candidate above ``pred_iou_thresh``). Random weights find few masks at the default
-thresholds, so the run is repeated with thresholds relaxed to 0 (``--relaxed``: every prompt's masks
-computed, as in Meta's code) to compare many records. ``--trained`` runs both on the vit_b whose
-decoder is trained briefly to segment superpixels and calibrated (benchmarks/trained_decoder.py) so
-that hundreds of records survive Meta's default thresholds on the photo; ``--threads`` sets torch's
-thread count for both. Per-round ratios (Meta's time over samkit's in the same round) are recorded
-with the medians, and records are matched by prompt point and predicted IoU to count identical ones.
+process. Printed: median seconds per photo, the ratio, the record counts, how many of Meta's records
+samkit's output holds identically (matched by prompt point and predicted IoU), and the share of prompts
+whose mask pixels samkit computed (it skips prompts with no candidate above ``pred_iou_thresh``).
+``--trained`` runs both on the vit_b whose decoder is trained briefly to segment superpixels and
+calibrated (benchmarks/trained_decoder.py) so that hundreds of records survive Meta's default
+thresholds on the photo. Random weights keep 0 or 1 records, whatever the thresholds: a time without
+records measures neither the post-processing nor the agreement, so a run whose Meta generator keeps
+fewer than ``--min-records`` (100) records stops after Meta's first call and writes nothing
+(``--min-records 0`` runs it anyway; the result then says ``records_below_minimum`` and report.py
+does not show it as a speed row). ``--threads`` sets torch's thread count for both. Per-round ratios
+(Meta's time over samkit's in the same round) are recorded with the medians.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def generator_at_rev(rev: str):
     return module.SamAutomaticMaskGenerator
 
 
+MIN_RECORDS = 100  # a benchmark row must compare at least this many of Meta's records
+
+
 def match_records(ref: list[dict], got: list[dict]) -> dict[str, int]:
     """Counts of Meta's records with a samkit record for the same prompt point and predicted IoU
     (within 1e-4): ``matched``; of those, equal segmentation, ``segmentation``; and equal segmentation,
@@ -125,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="set pred_iou_thresh (for both generators) so that this share of the grid's prompts has a "
-        "candidate above it, from samkit's predictions on the photo: random weights pass none at 0.88, "
-        "a trained model passes many, and only those prompts' masks are computed",
+        "candidate above it, from samkit's predictions on the photo (samkit computes only those prompts' "
+        "masks)",
     )
     parser.add_argument(
         "--trained",
@@ -148,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         "the same rounds",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both")
+    parser.add_argument(
+        "--min-records",
+        type=int,
+        default=MIN_RECORDS,
+        help=f"stop, writing nothing, when Meta's generator keeps fewer records than this ({MIN_RECORDS}; "
+        "random weights keep 0 or 1): such a time measures no post-processing and no agreement. 0 runs "
+        "any model, and the result is marked records_below_minimum",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--note", help="a remark kept with the results (e.g. the state of a shared machine)")
     add_common_flags(parser)
@@ -199,16 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {k: [] for k in generators}
     records: dict[str, list[dict]] = {}
     gauge_before = host_speed()
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for name, gen in generators.items():
             start = time.perf_counter()
             records[name] = gen.generate(image)
             times[name].append(time.perf_counter() - start)
+            if round_index == 0 and name == "meta" and len(records["meta"]) < args.min_records:
+                if args.min_records:
+                    print(
+                        f"error: Meta's generator kept {len(records['meta'])} records, fewer than "
+                        f"--min-records {args.min_records}: this model measures no post-processing and no "
+                        "agreement (use --trained; --min-records 0 runs it anyway); nothing written",
+                        file=sys.stderr,
+                    )
+                    return 2
     gauge_after = host_speed()
     med = {k: statistics.median(v) for k, v in times.items()}
     ref, got = records["meta"], records["samkit"]
-    identical = sum(np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(ref, got))
-    matched = match_records(ref, got)
+    # Nothing compared is no agreement: None (n/a), never a count or share that reads as one.
+    matched = match_records(ref, got) if ref else None
+    identical = matched["segmentation"] if matched else None
     ratios = [m / s for m, s in zip(times["meta"], times["samkit"])]
     previous = {}
     for name in generators:
@@ -217,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 "median_s": med[name],
                 "round_ratios": [m / s for m, s in zip(times["meta"], times[name])],
                 "records": len(records[name]),
-                "identical_records": match_records(ref, records[name]),
+                "identical_records": match_records(ref, records[name]) if ref else None,
             }
     result = {
         "command": command_line("amg.py", argv if argv is not None else sys.argv[1:]),
@@ -239,16 +262,25 @@ def main(argv: list[str] | None = None) -> int:
         "round_s": times,
         "round_ratios": ratios,
         "median_round_ratio": statistics.median(ratios),
-        "prompts_upscaled": counts["upscaled"] / max(counts["prompts"], 1) if counts["prompts"] else 1.0,
+        "prompts_upscaled": counts["upscaled"] / counts["prompts"] if counts["prompts"] else None,
+        "min_records": args.min_records,
+        "records_below_minimum": len(ref) < MIN_RECORDS,
     }
     print(f"AMG {args.model} {kwargs} on {result['image']}, {result['machine']}, {args.rounds} round(s):")
     print(f"  Meta   {med['meta']:7.1f} s   {len(ref)} masks")
     print(f"  samkit {med['samkit']:7.1f} s   {len(got)} masks ({args.dtype})   x{result['speedup']:.2f}")
-    print(f"  identical segmentations: {identical} of {len(ref)}")
+    if matched is None:
+        print("  identical segmentations: n/a (Meta's generator kept no record)")
+    else:
+        print(f"  identical segmentations (matched by point and IoU): {identical} of {len(ref)}; {matched}")
+    upscaled = result["prompts_upscaled"]
     print(
-        f"  prompts whose masks samkit computed (a candidate above pred_iou_thresh): {result['prompts_upscaled']:.1%}"
+        "  prompts whose masks samkit computed (a candidate above pred_iou_thresh): "
+        + ("n/a (no prompt reached the decoder)" if upscaled is None else f"{upscaled:.1%}")
     )
-    print(f"  records identical (matched by point and IoU): {matched}; per-round ratios {ratios}")
+    if result["records_below_minimum"]:
+        print(f"  NOT A MEASUREMENT of AMG: {len(ref)} records, fewer than {MIN_RECORDS}")
+    print(f"  per-round ratios {ratios}")
     if trained_info is not None:
         result["trained_model"] = trained_info
     if previous:

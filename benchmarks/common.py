@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,11 @@ def command_line(script: str, argv: list[str]) -> str:
 
 def write_result(path: str | None, result: dict[str, Any]) -> None:
     """Write a benchmark's result JSON (nothing when ``path`` is None), atomically: a benchmark stopped
-    midway never leaves a truncated file for report.py to read."""
+    midway never leaves a truncated file for report.py to read. The day of the run is kept as
+    ``date`` (when the script did not set one): figures quoted from a result say when they were measured."""
     if not path:
         return
+    result = {**result, "date": result.get("date") or time.strftime("%Y-%m-%d")}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")

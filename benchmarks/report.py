@@ -1,18 +1,42 @@
 """Write BENCHMARKS.md from the JSON files the benchmark scripts leave in benchmarks/results/.
 
-    python benchmarks/report.py            # regenerate BENCHMARKS.md (never edit it by hand)
+    python benchmarks/report.py            # regenerate BENCHMARKS.md and README.md's speed figures
 
 Each table says which script and command produced it; missing results are listed as not yet measured.
+README.md's speed figures (between the README_BEGIN and README_END lines) come from here too, each
+with its result file, host and date; tests/test_figures.py checks that README.md and the results agree.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+README = ROOT.parent / "README.md"
+README_BEGIN = (
+    "<!-- speed figures: written by `python benchmarks/report.py` from benchmarks/results; do not edit -->"
+)
+README_END = "<!-- end of the generated speed figures -->"
+# An AMG row must compare at least this many of Meta's records (benchmarks/amg.py MIN_RECORDS): random
+# weights keep 0 or 1, and a time without records measures no post-processing and no agreement.
+MIN_AMG_RECORDS = 100
+
+
+def host(r: dict) -> str:
+    """The machine a CPU result ran on, without the allocator (stated on its own where it matters)."""
+    return r["machine"].replace(", tuned allocator", "").replace(", default allocator", "")
+
+
+def when(r: dict) -> str:
+    """The day a result was measured (``date``, written by the scripts), or, for older files without
+    one, the day the file was committed (``committed``, added from git history)."""
+    if r.get("date"):
+        return f"measured {r['date']}"
+    return f"result committed {r['committed']}" if r.get("committed") else "date not recorded"
 
 
 def host_speed_text(before: dict[str, float], after: dict[str, float]) -> str:
@@ -26,6 +50,15 @@ def _identical(result: dict) -> str:
     """ ", N identical" from an AMG result's record matching (same point, IoU, mask, box, area, stability)."""
     matched = result.get("identical_records")
     return f", {matched['record']} of Meta's identical in samkit's output" if matched else ""
+
+
+def amg_identical_cell(r: dict) -> str:
+    """ "N of M": Meta's records that samkit's output holds identically (matched by point and predicted
+    IoU: same mask, box, area, crop box, stability), or n/a when nothing was compared."""
+    matched = r.get("identical_records")
+    if not matched or not r["records"]["meta"]:
+        return "n/a"
+    return f"{matched['record']} of {r['records']['meta']}"
 
 
 def _trained_recipe(info: dict) -> str:
@@ -139,29 +172,55 @@ def gpu_encoder() -> list[str]:
     return lines
 
 
+def amg_measured(r: dict) -> bool:
+    """Whether an AMG result measures automatic mask generation: Meta's generator kept enough records."""
+    return r["records"]["meta"] >= MIN_AMG_RECORDS
+
+
 def amg() -> list[str]:
     title = "## Automatic mask generation"
-    runs = [(name, r) for name, r in load("amg_*.json") if "median_s" in r]  # not amg_memory*.json
-    if not runs:
-        return not_measured(
-            title,
-            "Not measured yet: `python benchmarks/amg.py --model vit_b --out benchmarks/results/amg_vit_b.json`.",
-        )
+    every = [(name, r) for name, r in load("amg_*.json") if "median_s" in r]  # not amg_memory*.json
+    runs = [(name, r) for name, r in every if amg_measured(r)]
     lines = [title, ""]
-    lines += [
-        "| file | model | samkit dtype | allocator | generator arguments | Meta s | samkit s | speed-up | records (Meta / samkit) | identical | prompts with masks computed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    if not runs:
+        lines += [
+            "Not measured yet: `python benchmarks/amg.py --model vit_b --trained --rounds 3 --out "
+            "benchmarks/results/amg_vit_b_trained.json`.",
+            "",
+        ]
+    else:
+        lines += [
+            "| file | model | samkit dtype | allocator | generator arguments | Meta s | samkit s | speed-up | records (Meta / samkit) | identical records | prompts with masks computed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for name, r in runs:
         allocator = "tuned" if "tuned allocator" in r["machine"] else "default"
-        upscaled = "not recorded" if "prompts_upscaled" not in r else f"{r['prompts_upscaled']:.0%}"
+        upscaled = r.get("prompts_upscaled")
+        upscaled = (
+            "not recorded"
+            if "prompts_upscaled" not in r
+            else "n/a"
+            if upscaled is None
+            else f"{upscaled:.0%}"
+        )
         if r.get("device", "cpu") != "cpu":  # a GPU run: say which, and when it was measured
             name = f"{name} ({r['device']}{', ' + r['date'] if r.get('date') else ''})"
         lines.append(
             f"| {name} | {r['model']} | {r['samkit_dtype']} | {allocator} | `{r['generator_kwargs']}` | {r['median_s']['meta']:.1f} | "
             f"{r['median_s']['samkit']:.1f} | {r['speedup']:.2f}x | {r['records']['meta']} / {r['records']['samkit']} | "
-            f"{r['identical_segmentations']} | {upscaled} |"
+            f"{amg_identical_cell(r)} | {upscaled} |"
         )
+    # A file whose model kept too few records is named, never shown as a speed row.
+    lines += [
+        f"- {name}: NOT A MEASUREMENT of automatic mask generation, not shown above: Meta's generator kept "
+        f"{r['records']['meta']} records (fewer than {MIN_AMG_RECORDS}), so it timed no post-processing "
+        "and compared nothing."
+        for name, r in every
+        if not amg_measured(r)
+    ]
+    if not runs:
+        lines.append("")
+        return lines
     lines += [f"- {name}: {r['note']}" for name, r in runs if r.get("note")]
     lines += [
         f"- {name}: host gauge before / after the rounds: "
@@ -181,15 +240,14 @@ def amg() -> list[str]:
     )
     lines += [
         "",
-        f"Command: `python benchmarks/amg.py --model vit_b [--relaxed] [--prompts-passing 0.5] [--dtype bfloat16] [--tuned-allocator] [--trained [--trained-file F]] [--device cuda]`; machine: {machine}; image: {runs[0][1]['image']}.",
+        f"Command: `python benchmarks/amg.py --model vit_b --trained [--dtype bfloat16] [--tuned-allocator] [--trained-file F] [--device cuda]`; machine: {machine}; image: {runs[0][1]['image']}.",
         "Allocator 'tuned': `--tuned-allocator`, the glibc settings samkit's commands use (samkit/utils/allocator.py),",
         "applied to the whole process, so Meta's code runs under them too.",
-        "Prompts with masks computed: samkit decodes the IoU first and computes mask pixels only for prompts",
-        "with a candidate above `pred_iou_thresh` (Meta's code computes all). The share depends on the weights:",
-        "random ones pass none at Meta's default 0.88, a trained model passes many. `--prompts-passing 0.5` sets",
-        "`pred_iou_thresh` (for both generators) so that half the prompts pass; `--relaxed` (thresholds 0)",
-        "computes every prompt's masks, as Meta's code does. Target (the issue's): >= 5x with identical records;",
-        "read it on the rows where samkit computes masks for half or all of the prompts.",
+        "Identical records: Meta's records that samkit's output holds with the same prompt point and predicted IoU",
+        "(within 1e-4), mask, box, area, crop box and stability score. Prompts with masks computed: samkit decodes",
+        "the IoU first and computes mask pixels only for prompts with a candidate above `pred_iou_thresh` (Meta's",
+        f"code computes all). Only models that keep at least {MIN_AMG_RECORDS} records are benchmarked (random weights",
+        "keep 0 or 1: `benchmarks/amg.py` stops on them). Target (the issue's): >= 5x with identical records.",
     ]
     for name, r in runs:
         if "trained_model" in r:
@@ -202,7 +260,7 @@ def amg() -> list[str]:
                 f"{name}: the vit_b of benchmarks/trained_decoder.py ({_trained_recipe(r['trained_model'])}, "
                 f"calibrated on the photo) keeps {r['records']['meta']} records (Meta) / {r['records']['samkit']} "
                 f"(samkit) at Meta's default thresholds{_identical(r)}; per-round ratios "
-                f"{', '.join(f'{x:.1f}x' for x in r['round_ratios'])} ({r['machine'].split(', ')[1]})"
+                f"{', '.join(f'{x:.1f}x' for x in r['round_ratios'])} ({host(r)}, {when(r)})"
                 + (f"; {before}" if before else "")
                 + "."
             )
@@ -479,14 +537,197 @@ def memory() -> list[str]:
     return lines
 
 
-def main() -> int:
+def _one(pattern: str) -> tuple[str, dict] | None:
+    """The result file ``pattern`` names, or None when it is absent."""
+    runs = load(pattern)
+    return runs[0] if runs else None
+
+
+def _where(r: dict) -> str:
+    """The host of a result: the CPU (threads, torch), or the GPU and torch."""
+    if r.get("device", "cpu") != "cpu" and "torch" in r:
+        return f"{r['device']}, torch {r['torch']}"
+    return host(r)
+
+
+def _allocator(r: dict) -> str:
+    machine = r.get("machine", "")
+    return "tuned" if "tuned allocator" in machine else "default" if "default allocator" in machine else ""
+
+
+class _SpeedTable:
+    """README.md's table of speed figures: one row per figure, each naming its result file, host
+    (lettered, spelled out under the table) and date."""
+
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.hosts: dict[str, str] = {}
+
+    def source(self, f: tuple[str, dict]) -> str:
+        name, r = f
+        letter = self.hosts.setdefault(_where(r), "ABCDEFGHIJ"[len(self.hosts)])
+        return f"`{name}`, host {letter}, {when(r)}"
+
+    def add(self, what: str, samkit: str, meta: str, ratio: float, f: tuple[str, dict]) -> None:
+        self.rows.append(f"| {what} | {samkit} | {meta} | {ratio:.2f}x | {self.source(f)} |")
+
+    def encoder(self, f: tuple[str, dict]) -> None:
+        r = f[1]
+        for impl in ("samkit bf16", "samkit fp32"):
+            self.add(
+                f"`set_image`, vit_b, {impl.split()[1]} ({_allocator(r)} allocator)",
+                f"{r['median_s'][impl]:.2f} s",
+                f"{r['median_s']['meta fp32']:.2f} s",
+                r["speedup_vs_meta"][impl],
+                f,
+            )
+
+    def prompts(self, f: tuple[str, dict]) -> None:
+        r = f[1]
+        labels = {"one_point": "one point (3 masks)", "boxes_64": f"{r['boxes']} boxes in one call"}
+        for task, label in labels.items():
+            ms = r["median_ms"][task]
+            for impl in ("samkit bf16", "samkit fp32"):
+                self.add(
+                    f"{label}, vit_b, {impl.split()[1]} ({_allocator(r)} allocator)",
+                    f"{ms[impl]:.1f} ms",
+                    f"{ms['meta fp32']:.1f} ms",
+                    r["speedup_vs_meta"][task][impl],
+                    f,
+                )
+
+    def amg(self, f: tuple[str, dict]) -> None:
+        r = f[1]
+        side = r["generator_kwargs"]["points_per_side"]
+        self.add(
+            f"automatic masks, vit_b with the trained benchmark decoder, {side}x{side} points, "
+            f"{r['samkit_dtype'].replace('float32', 'fp32').replace('bfloat16', 'bf16')}: {r['records']['meta']} "
+            f"records, {amg_identical_cell(r)} identical ({_allocator(r)} allocator)",
+            f"{r['median_s']['samkit']:.1f} s",
+            f"{r['median_s']['meta']:.1f} s",
+            r["speedup"],
+            f,
+        )
+
+    def gpu(self, f: tuple[str, dict]) -> None:
+        rows = f[1]["rows"]
+        for model in dict.fromkeys(row["model"] for row in rows):
+            mine = [row for row in rows if row["model"] == model]
+            meta = max(
+                (row for row in mine if row["impl"] == "meta fp32"), key=lambda row: row["images_per_s"]
+            )
+            for impl in ("samkit bf16", "samkit bf16 compiled"):
+                got = [row for row in mine if row["impl"] == impl]
+                if got:
+                    best = max(got, key=lambda row: row["images_per_s"])
+                    self.add(
+                        f"image encoder on a GPU, {model}, bf16{' compiled' if 'compiled' in impl else ''}, "
+                        f"batch {best['batch']} (Meta fp32: batch {meta['batch']})",
+                        f"{best['images_per_s']:.1f} images/s",
+                        f"{meta['images_per_s']:.1f} images/s",
+                        best["images_per_s"] / meta["images_per_s"],
+                        f,
+                    )
+
+    def lines(self) -> list[str]:
+        head = [
+            "| figure | samkit | Meta's code (fp32) | x Meta | result file, host, date |",
+            "|---|---|---|---|---|",
+        ]
+        hosts = "; ".join(f"{letter}: {where}" for where, letter in self.hosts.items())
+        return [*head, *self.rows, "", f"Hosts: {hosts}."]
+
+
+def readme_speed() -> list[str]:
+    """README.md's speed figures: each from a named result file, with its host and date."""
+    table = _SpeedTable()
+    for pattern in ("cpu_encoder_vit_b.json", "cpu_encoder_vit_b_tuned.json"):
+        if f := _one(pattern):
+            table.encoder(f)
+    for pattern in ("prompts_vit_b_bf16.json", "prompts_vit_b_bf16_tuned.json"):
+        if f := _one(pattern):
+            table.prompts(f)
+    for pattern in ("amg_vit_b_trained.json", "amg_vit_b_trained_tuned.json"):
+        if (f := _one(pattern)) and amg_measured(f[1]):
+            table.amg(f)
+    for pattern in ("gpu_encoder_vit_b_h100_v3.json", "gpu_encoder_vit_h_h100_v3.json"):
+        if f := _one(pattern):
+            table.gpu(f)
+    notes = []
+    prompts_, encoder = _one("prompts_vit_b_bf16.json"), _one("cpu_encoder_vit_b.json")
+    ious = [(f, min(v["min"] for v in f[1]["bf16_mask_iou_vs_fp32"].values())) for f in [prompts_] if f]
+    ious += [(f, min(f[1]["bf16_mask_iou_vs_fp32"])) for f in [encoder] if f]
+    if ious:
+        notes.append(
+            "samkit bf16 masks against samkit fp32: smallest IoU "
+            + ", ".join(f"{iou:.4f} ({table.source(f)})" for f, iou in ious)
+            + "."
+        )
+    agreement = [min(f[1]["fp32_mask_pixel_agreement_vs_meta"].values()) for f in [prompts_] if f]
+    agreement += [f[1]["fp32_mask_pixel_agreement_vs_meta"] for f in [encoder] if f]
+    if agreement:
+        notes.append(
+            f"samkit fp32 masks equal Meta's on {math.floor(min(agreement) * 1e6) / 1e6:.6f} of pixels or more "
+            "(the same files)."
+        )
+    firsts = [row["first_call_s"] for pattern in ("gpu_encoder_vit_b_h100_v3.json", "gpu_encoder_vit_h_h100_v3.json")
+              if (f := _one(pattern)) for row in f[1]["rows"] if "compiled" in row["impl"] and row.get("first_call_s")]  # fmt: skip
+    if firsts:
+        notes.append(
+            f"Compiling took {min(firsts):.0f}-{max(firsts):.0f} s at the first call of each batch size (same GPU files)."
+        )
+    box, point = _one("train_step_vit_b.json"), _one("train_step_vit_b_point.json")
+    for f, kind in ((box, "box prompts"), (point, "point prompts, 3 rounds")):
+        if f:
+            r = f[1]
+            cached = r["runs"]["embedding cache"]["later_epochs_median_images_per_s"]
+            notes.append(
+                f"Fine-tuning vit_b on the CPU with `cache_embeddings: true` ({kind}, batch {r['batch_size']}, amp "
+                f"{r['amp']}): {cached:.2f} images/s from epoch 2, {r['later_epochs_speedup']:.2f}x the same run "
+                f"without the cache (Meta has no training code) ({table.source(f)})."
+            )
+    return [
+        README_BEGIN,
+        "Against Meta's `segment_anything` 1.0 on the same weights and inputs, in one process; medians. The",
+        "tables, commands and host gauges are in [BENCHMARKS.md](BENCHMARKS.md); absolute times depend on the",
+        "host and its load, compare ratios. Default / tuned allocator rows come from separate runs.",
+        "",
+        *table.lines(),
+        "",
+        *[f"- {note}" for note in notes],
+        README_END,
+    ]
+
+
+def readme_with_speed(text: str) -> str:
+    """README.md's ``text`` with the lines from README_BEGIN to README_END replaced by
+    :func:`readme_speed`'s; a text without exactly one of each marker line is an error."""
+    lines = text.split("\n")
+    if lines.count(README_BEGIN) != 1 or lines.count(README_END) != 1:
+        raise SystemExit(f"error: README.md needs one line {README_BEGIN!r} and one line {README_END!r}")
+    start, end = lines.index(README_BEGIN), lines.index(README_END)
+    return "\n".join(lines[:start] + readme_speed() + lines[end + 1 :])
+
+
+def write_readme_speed(readme: Path = README) -> bool:
+    """Write README.md's speed figures from the results; returns whether the file changed."""
+    text = readme.read_text()
+    new = readme_with_speed(text)
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+def benchmarks_md() -> str:
+    """BENCHMARKS.md's text from the result files."""
     lines = [
         "# Benchmarks",
         "",
         "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit by hand.",
-        "Every script loads the same random weights (every tensor perturbed) into Meta's `segment_anything` 1.0",
-        "and samkit, runs the same inputs in one process, and reports medians and ratios. CPU numbers come from",
-        "the project's shared 2-core machine: compare ratios, not absolute times.",
+        "Every script loads the same weights into Meta's `segment_anything` 1.0 and samkit (random ones, every",
+        "tensor perturbed; for automatic mask generation a vit_b with a briefly trained decoder, so that hundreds",
+        "of records are compared), runs the same inputs in one process, and reports medians and ratios. CPU",
+        "numbers come from the project's shared 2-core machine: compare ratios, not absolute times.",
         "",
     ]
     lines += (
@@ -500,8 +741,14 @@ def main() -> int:
         + serve_latency()
         + memory()
     )
-    (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    (ROOT.parent / "BENCHMARKS.md").write_text(benchmarks_md())
     print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
+    if write_readme_speed():
+        print(f"wrote the speed figures of {README}")
     return 0
 
 

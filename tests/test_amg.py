@@ -17,7 +17,11 @@ def same_segmentation(a, b) -> bool:
     return np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
 
 
+MIN_COMPARED = 20  # every parity case compares at least this many records: none can pass on an empty list
+
+
 def compare_records(ref: list[dict], got: list[dict], min_identical: float = 0.98) -> None:
+    assert len(ref) >= MIN_COMPARED, f"Meta kept {len(ref)} records: too few to compare"
     assert len(got) == len(ref)
     assert all(set(r) == set(g) for r, g in zip(ref, got))
     identical = sum(same_segmentation(r["segmentation"], g["segmentation"]) for r, g in zip(ref, got))
@@ -29,34 +33,6 @@ def compare_records(ref: list[dict], got: list[dict], min_identical: float = 0.9
         if same_segmentation(r["segmentation"], g["segmentation"]):
             assert r["bbox"] == g["bbox"] and r["area"] == g["area"]
         assert type(r["area"]) is type(g["area"]) and all(type(v) is int for v in g["bbox"])
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(points_per_side=5, **RELAXED),
-        dict(
-            points_per_side=4,
-            points_per_batch=7,
-            crop_n_layers=1,
-            crop_n_points_downscale_factor=2,
-            **RELAXED,
-            output_mode="uncompressed_rle",
-        ),
-        dict(points_per_side=4, min_mask_region_area=300, **RELAXED, output_mode="coco_rle"),
-        dict(points_per_side=8),
-    ],
-    ids=["relaxed", "crops", "cleanup-coco", "defaults"],
-)
-def test_random_tiny_model_matches_meta(tiny_pair, kwargs):
-    from skimage import data
-
-    ours, meta = tiny_pair
-    image = data.coffee()[::2, ::2].copy()
-    compare_records(
-        MetaGenerator(meta, **kwargs).generate(image),
-        SamAutomaticMaskGenerator(ours, **kwargs).generate(image),
-    )
 
 
 def test_argument_checks(tiny_model):
@@ -94,42 +70,47 @@ def test_images_smaller_than_the_crop_grid_skip_empty_crops(tiny_model):
         assert all(w > 0 and h > 0 for r in records for _, _, w, h in [r["crop_box"]])
 
 
-def test_bfloat16_model_runs(tiny_model):
-    from skimage import data
-
+def test_bfloat16_model_runs(shapes_model, shapes_image):
     model = build_model("vit_tiny")
-    model.load_state_dict(tiny_model.state_dict())
+    model.load_state_dict(shapes_model[0].state_dict())
     model.to(torch.bfloat16)
-    records = SamAutomaticMaskGenerator(model, points_per_side=4, **RELAXED).generate(data.camera()[::4, ::4])
-    assert all(r["segmentation"].dtype == bool for r in records)
+    records = SamAutomaticMaskGenerator(model, points_per_side=4, **RELAXED).generate(shapes_image[0])
+    assert len(records) >= 5 and all(r["segmentation"].dtype == bool for r in records)
+    assert all(0 < r["area"] == r["segmentation"].sum() for r in records)
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
-        # 8x8 points: Meta keeps 16 of 34 records after its NMS (12x12 took twice as long, ~19 s)
-        dict(points_per_side=8, pred_iou_thresh=0.2, stability_score_thresh=0.8),
+        # On shapes_image a quarter of the 8x8 prompts have no candidate above 0.4: samkit skips their
+        # mask pixels (Meta computes them), and NMS then decides among the rest.
+        dict(points_per_side=8, pred_iou_thresh=0.4, stability_score_thresh=0.0),
+        dict(points_per_side=6, points_per_batch=7, **RELAXED, output_mode="uncompressed_rle"),  # 47 records
         dict(
             points_per_side=6,
-            pred_iou_thresh=0.2,
-            stability_score_thresh=0.8,
             crop_n_layers=1,
-            crop_n_points_downscale_factor=2,  # 3x3 points per crop: Meta's 5 crops cost ~10 s
-            min_mask_region_area=100,  # on this image: 12 records without, 8 with
-        ),
+            crop_n_points_downscale_factor=2,  # 3x3 points per crop
+            min_mask_region_area=100,
+            **RELAXED,
+            output_mode="coco_rle",
+        ),  # 56 records, 25 of them from the crops
     ],
-    ids=["nms", "crops-cleanup"],
+    ids=["iou-threshold-nms", "batches-rle", "crops-cleanup-coco"],
 )
-def test_prompt_dependent_model_matches_meta(shapes_model, shapes_image, kwargs):
+def test_trained_model_matches_meta(shapes_model, shapes_image, kwargs):
     """A model whose masks follow the prompt (trained on shapes) gives many overlapping candidates,
-    so NMS, crops and hole/island cleanup really decide which records survive."""
+    so NMS, crops and hole/island cleanup really decide which records survive. Random weights keep 0
+    or 1 records, whatever the thresholds, so every case runs on this model and compares at least
+    MIN_COMPARED records; the crop case as many from the crops."""
     ours, meta = shapes_model
     image = shapes_image[0]
     ref = MetaGenerator(meta, **kwargs).generate(image)
-    assert len(ref) >= 3
+    got = SamAutomaticMaskGenerator(ours, **kwargs).generate(image)
     if kwargs.get("crop_n_layers"):
-        assert len({tuple(r["crop_box"]) for r in ref}) >= 2  # records from the image and from crops
-    compare_records(ref, SamAutomaticMaskGenerator(ours, **kwargs).generate(image))
+        whole = [0, 0, image.shape[1], image.shape[0]]
+        from_crops = sum(r["crop_box"] != whole for r in ref)
+        assert from_crops >= MIN_COMPARED and len(ref) - from_crops >= MIN_COMPARED, (from_crops, len(ref))
+    compare_records(ref, got)
 
 
 @pytest.mark.parametrize("min_area", [0, 30, 200, 5000])

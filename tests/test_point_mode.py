@@ -185,6 +185,7 @@ def test_session_rounds_accumulation_and_mask_only():
     # Over-segmentation: the clicks are negative and outside the object.
     over = PointSession(batch, **schedule)
     final = run_session(over, [torch.ones_like(targets)] * 5)[-1]
+    assert all(len(final[i]) > 1 for i in range(3))  # clicks after the first one to check
     assert all(label == 0 and not targets[i][y, x] for i in range(3) for x, y, label in final[i][1:])
 
 
