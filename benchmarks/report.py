@@ -241,7 +241,7 @@ def amg() -> list[str]:
     lines += [
         "",
         f"Command: `python benchmarks/amg.py --model vit_b --trained [--dtype bfloat16] [--tuned-allocator] [--trained-file F] [--device cuda]`; machine: {machine}; image: {runs[0][1]['image']}.",
-        "Allocator 'tuned': `--tuned-allocator`, the glibc settings samkit's commands use (samkit/utils/allocator.py),",
+        "Allocator 'tuned': `--tuned-allocator`, the glibc settings of samkit.tune_cpu_allocator (samkit/fast/allocator.py; an opt-in since the commands stopped using it),",
         "applied to the whole process, so Meta's code runs under them too.",
         "Identical records: Meta's records that samkit's output holds with the same prompt point and predicted IoU",
         "(within 1e-4), mask, box, area, crop box and stability score. Prompts with masks computed: samkit decodes",
