@@ -131,6 +131,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict[str, Any]:
+    """The recipe, in the process :func:`train` set up: build and check everything, then loop."""
     if cfg.train_data is None:
         raise ConfigError("the config has no train_data section")
     torch.manual_seed(cfg.seed)
