@@ -17,11 +17,26 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NoReturn, Optional, Sequence, Union
 
 import yaml
 
 from ..errors import ConfigError
+
+AMP_CHOICES = ("off", "bf16", "fp16")
+PROMPT_MODES = ("box", "point", "text")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
+EVAL_PROMPTS = ("box", "point", "text")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
+DECAY_CHOICES = ("cosine", "linear", "step", "constant")
+DATA_TYPES = ("coco", "sa1b", "flare")
+
+
+def _fail(key: str, message: str, source: str) -> NoReturn:
+    raise ConfigError(f"config key {key} {message} in {source}")
+
+
+# Each section checks the values that types cannot express in its ``validate(key, source)``: ``key``
+# is where the section sits in the config (train_data and eval_data share a class), ``source`` the
+# file or overrides to name. :meth:`TrainConfig.validate` runs them all.
 
 
 @dataclass
@@ -37,6 +52,18 @@ class ModelConfig:
     # ... except those starting with one of these (e.g. "prompt_encoder.text_proj").
     unfreeze: list[str] = field(default_factory=list)
 
+    def validate(self, key: str, source: str) -> None:
+        from ..build import sam_model_registry
+
+        if self.type not in sam_model_registry:
+            _fail(f"{key}.type", f"must be one of {', '.join(sam_model_registry)}, got {self.type!r}", source)
+        if self.image_size is not None and (self.image_size < 16 or self.image_size % 16):
+            _fail(
+                f"{key}.image_size",
+                f"must be a positive multiple of 16 (SAM's is 1024), got {self.image_size}",
+                source,
+            )
+
 
 @dataclass
 class DataConfig:
@@ -50,6 +77,18 @@ class DataConfig:
     max_images: Optional[int] = None  # use only the first N images (quick runs)
     num_workers: int = 2
 
+    def validate(self, key: str, source: str) -> None:
+        if self.type not in DATA_TYPES:
+            _fail(f"{key}.type", f"must be coco, sa1b or flare, got {self.type!r}", source)
+        if self.max_objects < 1:
+            _fail(f"{key}.max_objects", f"must be at least 1, got {self.max_objects}", source)
+        if self.box_jitter < 0 or self.num_workers < 0:
+            _fail(f"{key}.box_jitter/num_workers", "must not be negative", source)
+        if self.type == "coco" and not self.annotation_path:
+            _fail(f"{key}.annotation_path", "is required for COCO data", source)
+        if not self.data_dir:
+            _fail(f"{key}.data_dir", "is required", source)
+
 
 @dataclass
 class OptimizerConfig:
@@ -59,6 +98,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
 
+    def validate(self, key: str, source: str) -> None:
+        if self.lr <= 0:
+            _fail(f"{key}.lr", f"must be positive, got {self.lr}", source)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail(f"{key}.betas", f"must be two numbers in [0, 1), got {self.betas}", source)
+
 
 @dataclass
 class SchedulerConfig:
@@ -67,6 +112,18 @@ class SchedulerConfig:
     min_lr_ratio: float = 0.01  # cosine/linear end at lr * min_lr_ratio
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.9])  # step: fractions of training
     step_factor: float = 0.1  # step: lr multiplied by this at each milestone
+
+    def validate(self, key: str, source: str) -> None:
+        if self.decay not in DECAY_CHOICES:
+            _fail(f"{key}.decay", f"must be one of {', '.join(DECAY_CHOICES)}, got {self.decay!r}", source)
+        if self.warmup_steps < 0:
+            _fail(f"{key}.warmup_steps", f"must not be negative, got {self.warmup_steps}", source)
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"{key}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", source)
+        if any(not 0 < m < 1 for m in self.milestones):
+            _fail(
+                f"{key}.milestones", f"must be fractions of training in (0, 1), got {self.milestones}", source
+            )
 
 
 @dataclass
@@ -81,6 +138,16 @@ class LossConfig:
     # 0.8 * (1 - exp(-m))^2 * m on each mask's mean BCE m).
     focal: str = "paper"
 
+    def validate(self, key: str, source: str) -> None:
+        if self.multimask_choice not in ("min_loss", "best_iou"):
+            _fail(
+                f"{key}.multimask_choice",
+                f"must be min_loss or best_iou, got {self.multimask_choice!r}",
+                source,
+            )
+        if self.focal not in ("paper", "seed"):
+            _fail(f"{key}.focal", f"must be paper or seed, got {self.focal!r}", source)
+
 
 @dataclass
 class PointConfig:
@@ -93,6 +160,16 @@ class PointConfig:
     accumulate_points: bool = True  # keep every earlier click in the prompt (false: the seed, new click only)
     box_noise: float = 0.1  # std of each box coordinate's shift, as a fraction of the box side
     max_box_noise: float = 20.0  # the shift is clipped to this many pixels (input frame)
+
+    def validate(self, key: str, source: str) -> None:
+        from .modes.point import check_schedule
+
+        try:
+            check_schedule(self.num_iter, self.mask_only_iter, self.first_prompt)
+        except ValueError as err:
+            _fail(key, str(err), source)
+        if self.box_noise < 0 or self.max_box_noise < 0:
+            _fail(f"{key}.box_noise/max_box_noise", "must not be negative", source)
 
 
 @dataclass
@@ -113,6 +190,18 @@ class TextConfig:
     # Category-name evaluation (eval_prompt: text on COCO): the prompt for a category; {} = its name
     # ("{}" alone prompts with the bare name).
     template: str = "a photo of a {}"
+
+    def validate(self, key: str, source: str) -> None:
+        if self.encoder not in ("clip", "blip2"):
+            _fail(f"{key}.encoder", f"must be clip or blip2, got {self.encoder!r}", source)
+        if self.template.count("{}") != 1:
+            _fail(
+                f"{key}.template",
+                f"must hold one {{}} where the category name goes, got {self.template!r}",
+                source,
+            )
+        if self.max_expand < 1 or not 0 <= self.mask_background_prob <= 1 or self.feature_dim < 1:
+            _fail(key, "needs max_expand >= 1, 0 <= mask_background_prob <= 1 and feature_dim >= 1", source)
 
 
 @dataclass
@@ -148,11 +237,47 @@ class TrainConfig:
     prompt_mode: str = "box"  # box | point (iterative clicks, see point:) | text (crop features, see text:)
     eval_prompt: Optional[str] = None  # evaluation protocol: box | point | text (default: the prompt_mode's)
 
+    def validate(self, source: str = "config") -> None:
+        """Every section's checks, then the run's own keys, then those that span sections; each error
+        names the key and ``source``."""
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(section.name, source)
+        self._validate_run_keys(source)
+        _validate_across_sections(self, source)
 
-AMP_CHOICES = ("off", "bf16", "fp16")
-PROMPT_MODES = ("box", "point", "text")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
-EVAL_PROMPTS = ("box", "point", "text")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
-DECAY_CHOICES = ("cosine", "linear", "step", "constant")
+    def _validate_run_keys(self, source: str) -> None:
+        if self.amp not in AMP_CHOICES + ("auto",):
+            _fail("amp", f"must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}", source)
+        if self.prompt_mode not in PROMPT_MODES:
+            _fail(
+                "prompt_mode", f"must be one of {', '.join(PROMPT_MODES)}, got {self.prompt_mode!r}", source
+            )
+        if self.eval_prompt is not None and self.eval_prompt not in EVAL_PROMPTS:
+            _fail(
+                "eval_prompt", f"must be one of {', '.join(EVAL_PROMPTS)}, got {self.eval_prompt!r}", source
+            )
+        for key in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                _fail(key, f"must be at least 1, got {getattr(self, key)}", source)
+        for key in ("eval_every", "save_every_steps", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                _fail(key, f"must not be negative, got {getattr(self, key)}", source)
+        if self.max_steps is not None and self.max_steps < 1:
+            _fail("max_steps", f"must be at least 1, got {self.max_steps}", source)
+        if self.resume not in (None, "auto") and not os.path.isfile(self.resume):
+            _fail("resume", f"must be 'auto' or an existing checkpoint file, got {self.resume!r}", source)
+
+
+def _validate_across_sections(cfg: TrainConfig, source: str) -> None:
+    """The checks that read more than one section."""
+    if cfg.prompt_mode == "text" and cfg.cache_embeddings and not cfg.text.fixed_crops:
+        _fail(
+            "cache_embeddings",
+            "with prompt_mode text needs text.fixed_crops: true (re-randomised crops cannot be cached)",
+            source,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,20 +308,20 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         # Name what is at fault: the overrides when the file alone is a valid config, else both.
         shown = "-o " + " -o ".join(overrides)
         try:
-            validate(_build(TrainConfig, _rename_seed_keys(copy.deepcopy(raw)), prefix="", source=path), path)
+            _build(TrainConfig, _rename_seed_keys(copy.deepcopy(raw)), prefix="", source=path).validate(path)
             source = f"{shown} (on {path})"
         except ConfigError:
             source = f"{path} with {shown}"
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(TrainConfig, _rename_seed_keys(raw), prefix="", source=source)
-    validate(cfg, source=source)
+    cfg.validate(source)
     return cfg
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     cfg = _build(TrainConfig, _rename_seed_keys(dict(raw)), prefix="", source=source)
-    validate(cfg, source=source)
+    cfg.validate(source)
     return cfg
 
 
@@ -290,132 +415,50 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key, source)
     if dataclasses.is_dataclass(hint):
-        if value is None:
-            return hint()
-        return _build(hint, value, key + ".", source)
+        return hint() if value is None else _build(hint, value, key + ".", source)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key} must be a list, got {value!r} in {source}")
         return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key} must be true or false, got {value!r} in {source}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key} must be an integer, got {value!r} in {source}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key} must be a number, got {value!r} in {source}")
-        if not math.isfinite(value):  # `lr: .nan` passed every range check and trained on NaN
-            raise ConfigError(f"config key {key} must be a finite number, got {value!r} in {source}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means "off"
-            return "on" if value else "off"
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"config key {key} must be a string, got {value!r} in {source}")
-        return str(value)
-    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file, not a user mistake
+    if hint not in _SCALARS:
+        raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file, not a user mistake
+    return _SCALARS[hint](value, key, source)
 
 
-def validate(cfg: TrainConfig, source: str = "config") -> None:
-    """Value checks that types cannot express; each names the key."""
+def _to_bool(value: Any, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key {key} must be true or false, got {value!r} in {source}")
+    return value
 
-    def fail(key: str, message: str) -> None:
-        raise ConfigError(f"config key {key} {message} in {source}")
 
-    from ..build import sam_model_registry
+def _to_int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config key {key} must be an integer, got {value!r} in {source}")
+    return value
 
-    if cfg.model.type not in sam_model_registry:
-        fail("model.type", f"must be one of {', '.join(sam_model_registry)}, got {cfg.model.type!r}")
-    if cfg.model.image_size is not None and (cfg.model.image_size < 16 or cfg.model.image_size % 16):
-        fail(
-            "model.image_size",
-            f"must be a positive multiple of 16 (SAM's is 1024), got {cfg.model.image_size}",
-        )
-    if cfg.amp not in AMP_CHOICES + ("auto",):
-        fail("amp", f"must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
-    if cfg.loss.multimask_choice not in ("min_loss", "best_iou"):
-        fail("loss.multimask_choice", f"must be min_loss or best_iou, got {cfg.loss.multimask_choice!r}")
-    if cfg.loss.focal not in ("paper", "seed"):
-        fail("loss.focal", f"must be paper or seed, got {cfg.loss.focal!r}")
-    if cfg.prompt_mode == "text" and cfg.cache_embeddings and not cfg.text.fixed_crops:
-        fail(
-            "cache_embeddings",
-            "with prompt_mode text needs text.fixed_crops: true (re-randomised crops cannot be cached)",
-        )
-    if cfg.prompt_mode not in PROMPT_MODES:
-        fail("prompt_mode", f"must be one of {', '.join(PROMPT_MODES)}, got {cfg.prompt_mode!r}")
-    if cfg.eval_prompt is not None and cfg.eval_prompt not in EVAL_PROMPTS:
-        fail("eval_prompt", f"must be one of {', '.join(EVAL_PROMPTS)}, got {cfg.eval_prompt!r}")
-    try:
-        from .modes.point import check_schedule
 
-        check_schedule(cfg.point.num_iter, cfg.point.mask_only_iter, cfg.point.first_prompt)
-    except ValueError as err:
-        fail("point", str(err))
-    if cfg.text.encoder not in ("clip", "blip2"):
-        fail("text.encoder", f"must be clip or blip2, got {cfg.text.encoder!r}")
-    if cfg.text.template.count("{}") != 1:
-        fail("text.template", f"must hold one {{}} where the category name goes, got {cfg.text.template!r}")
-    if cfg.text.max_expand < 1 or not 0 <= cfg.text.mask_background_prob <= 1 or cfg.text.feature_dim < 1:
-        fail("text", "needs max_expand >= 1, 0 <= mask_background_prob <= 1 and feature_dim >= 1")
-    if cfg.point.box_noise < 0 or cfg.point.max_box_noise < 0:
-        fail("point.box_noise/max_box_noise", "must not be negative")
-    if cfg.scheduler.decay not in DECAY_CHOICES:
-        fail("scheduler.decay", f"must be one of {', '.join(DECAY_CHOICES)}, got {cfg.scheduler.decay!r}")
-    for key, value in (
-        ("epochs", cfg.epochs),
-        ("batch_size", cfg.batch_size),
-        ("eval_batch_size", cfg.eval_batch_size),
-    ):
-        if value < 1:
-            fail(key, f"must be at least 1, got {value}")
-    for key, value in (
-        ("eval_every", cfg.eval_every),
-        ("save_every_steps", cfg.save_every_steps),
-        ("keep_checkpoints", cfg.keep_checkpoints),
-        ("scheduler.warmup_steps", cfg.scheduler.warmup_steps),
-    ):
-        if value < 0:
-            fail(key, f"must not be negative, got {value}")
-    if cfg.log_every < 1:
-        fail("log_every", f"must be at least 1, got {cfg.log_every}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        fail("max_steps", f"must be at least 1, got {cfg.max_steps}")
-    if cfg.optimizer.lr <= 0:
-        fail("optimizer.lr", f"must be positive, got {cfg.optimizer.lr}")
-    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
-        fail("optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
-    if not 0 <= cfg.scheduler.min_lr_ratio <= 1:
-        fail("scheduler.min_lr_ratio", f"must be in [0, 1], got {cfg.scheduler.min_lr_ratio}")
-    if any(not 0 < m < 1 for m in cfg.scheduler.milestones):
-        fail(
-            "scheduler.milestones", f"must be fractions of training in (0, 1), got {cfg.scheduler.milestones}"
-        )
-    for section in ("train_data", "eval_data"):
-        data = getattr(cfg, section)
-        if data is None:
-            continue
-        if data.type not in ("coco", "sa1b", "flare"):
-            fail(f"{section}.type", f"must be coco, sa1b or flare, got {data.type!r}")
-        if data.max_objects < 1:
-            fail(f"{section}.max_objects", f"must be at least 1, got {data.max_objects}")
-        if data.box_jitter < 0 or data.num_workers < 0:
-            fail(f"{section}.box_jitter/num_workers", "must not be negative")
-        if data.type == "coco" and not data.annotation_path:
-            fail(f"{section}.annotation_path", "is required for COCO data")
-        if not data.data_dir:
-            fail(f"{section}.data_dir", "is required")
-    if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
-        fail("resume", f"must be 'auto' or an existing checkpoint file, got {cfg.resume!r}")
+def _to_float(value: Any, key: str, source: str) -> float:
+    if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key {key} must be a number, got {value!r} in {source}")
+    if not math.isfinite(value):  # `lr: .nan` passed every range check and trained on NaN
+        raise ConfigError(f"config key {key} must be a finite number, got {value!r} in {source}")
+    return float(value)
+
+
+def _to_str(value: Any, key: str, source: str) -> str:
+    if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means "off"
+        return "on" if value else "off"
+    if not isinstance(value, (str, int, float)):
+        raise ConfigError(f"config key {key} must be a string, got {value!r} in {source}")
+    return str(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def resolve_amp(amp: str, device_type: str) -> str:
