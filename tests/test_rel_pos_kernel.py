@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samkit.fast import accelerate
 from samkit.fast import rel_pos_kernel as fused
+from samkit.fast.encoder import FastAttention
 from samkit.modeling.image_encoder import Attention
 
 pytest.importorskip("triton")
@@ -25,7 +27,7 @@ pytest.importorskip("triton")
 INTERPRETED = textwrap.dedent(
     r"""
     import json, torch, torch.nn.functional as F
-    from samkit.fast import rel_pos_kernel as fused
+    from samkit.fast import accelerate, rel_pos_kernel as fused
     from samkit.modeling.image_encoder import Attention
 
     results = {}
@@ -40,7 +42,8 @@ INTERPRETED = textwrap.dedent(
         out = fused.rel_pos_attention(*args, (gh, gw), d**-0.5)
         results[f"kernel {gh}x{gw} d{d} {dtype}"] = [(out.float() - ref).abs().max().item(), str(out.dtype)]
 
-    # The encoder's attention takes the kernel for half-precision inference when it is available.
+    # The fast encoder attention takes the kernel for half-precision inference when it is available;
+    # the reference one (samkit.modeling) gives the dense result.
     attn = Attention(64, 2, use_rel_pos=True, input_size=(6, 10))
     torch.nn.init.normal_(attn.rel_pos_h, std=0.5)
     torch.nn.init.normal_(attn.rel_pos_w, std=0.5)
@@ -50,7 +53,7 @@ INTERPRETED = textwrap.dedent(
         calls = []
         op = fused._op()
         fused._op = lambda: (lambda *a: calls.append(1) or op(*a))
-        half = attn.half()(x.half()).float()
+        half = accelerate(attn).half()(x.half()).float()
     results["encoder attention fp16"] = [(half - dense).abs().max().item(), len(calls)]
     print(json.dumps(results))
     """
@@ -74,19 +77,22 @@ def test_kernel_matches_dense_bias_attention_interpreted():
 
 
 def test_without_gpu_or_interpreter_the_dense_path_runs(monkeypatch):
-    """On CPU (no interpreter) the kernel is never used: inference and training take the dense path
-    and agree; the switch turns the kernel off everywhere."""
+    """On CPU (no interpreter) the kernel is never used: the fast attention's inference and training
+    take the dense path and agree with the reference; the switch turns the kernel off everywhere."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.randn(1, 4, 8)
     assert not fused.available(q)
     monkeypatch.setattr(fused, "ENABLED", False)
     assert not fused.available(q.to("meta"))
     torch.manual_seed(0)
-    attn = Attention(32, 4, use_rel_pos=True, input_size=(6, 10))
-    torch.nn.init.normal_(attn.rel_pos_h)
+    reference = Attention(32, 4, use_rel_pos=True, input_size=(6, 10))
+    torch.nn.init.normal_(reference.rel_pos_h)
+    attn = accelerate(reference)
+    assert isinstance(attn, FastAttention)
     x = torch.randn(2, 6, 10, 32)
     with torch.no_grad():
         inference = attn(x)
+        torch.testing.assert_close(reference(x), inference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attn(x).detach(), inference, atol=1e-5, rtol=1e-5)
 
 
