@@ -189,7 +189,9 @@ class SamAutomaticMaskGenerator:
         if self.pred_iou_thresh > 0.0:
             # Predicted IoU needs no pixels: the decoder computes masks only for the candidates above
             # the threshold (and upsampling below touches nothing else).
-            low_res, iou, flat = decode_above_iou(model.mask_decoder, *decoder_args, self.pred_iou_thresh)
+            low_res, iou, flat = decode_above_iou(
+                model.mask_decoder, *decoder_args, self.pred_iou_thresh, session=predictor.decoder_session
+            )
             point_idx = flat // model.mask_decoder.num_multimask_outputs
             low_res, iou = low_res.float(), iou.float()
         else:

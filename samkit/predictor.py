@@ -18,6 +18,8 @@ import torch
 
 from . import fast
 from .errors import PromptError
+from .fast.decoder import FastMaskDecoder
+from .fast.session import DecoderSession
 from .modeling import Sam
 from .utils.image import to_rgb_uint8
 from .utils.prompt_checks import check_numbers, check_prompts, prompt_sets
@@ -203,7 +205,7 @@ class SamPredictor:
         """
         self._require_image()
         return self._decode(
-            self.features[:1], self.input_size, self.original_size,
+            self.features if len(self.features) == 1 else self.features[:1], self.input_size, self.original_size,
             point_coords, point_labels, boxes, mask_input, multimask_output, return_logits, text_features,
         )  # fmt: skip
 
@@ -253,7 +255,11 @@ class SamPredictor:
             sparse, dense = model.prompt_encoder(points, boxes, mask_input)
         else:
             sparse, dense = model.prompt_encoder(points, boxes, mask_input, text=text_features)
-        low_res, iou = model.mask_decoder(features, self.dense_pe(), sparse, dense, multimask_output)
+        args = (features, self.dense_pe(), sparse, dense, multimask_output)
+        if isinstance(model.mask_decoder, FastMaskDecoder):
+            low_res, iou = model.mask_decoder(*args, session=self.decoder_session)
+        else:
+            low_res, iou = model.mask_decoder(*args)
         low_res, iou = low_res.float(), iou.float()
         threshold = None if return_logits else model.mask_threshold
         masks = upscale_masks(low_res, model.image_encoder.img_size, input_size, original_size, threshold)
@@ -288,11 +294,10 @@ class SamPredictor:
 
     # ------------------------------------------------------------------ state
     def dense_pe(self) -> torch.Tensor:
-        """The prompt encoder's positional encoding of the embedding grid (1xCxHxW), computed once per
-        image (it depends on a fixed buffer only)."""
-        if self._dense_pe is None:
-            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
-        return self._dense_pe
+        """The prompt encoder's positional encoding of the embedding grid (1xCxHxW), kept by the decoder
+        session while the buffer it is computed from is unchanged."""
+
+        return self.decoder_session.dense_pe(self.model.prompt_encoder)
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding: 1x256x64x64 (Bx... after ``set_image_batch``)."""
@@ -306,7 +311,8 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features: torch.Tensor | None = None
-        self._dense_pe: torch.Tensor | None = None
+        # The fast decoder's work on this image and fp32 weight copies (samkit.fast.session).
+        self.decoder_session = DecoderSession()
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size: tuple[int, ...] | None = None
         self.input_size: tuple[int, ...] | None = None

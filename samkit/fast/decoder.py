@@ -7,6 +7,9 @@ swapped in by :func:`samkit.fast.accelerate`).
 - :meth:`FastMaskDecoder.forward_above_iou` upscales only the masks whose predicted IoU passes a
   threshold (automatic mask generation).
 - The output upscaling runs as channels-last GEMMs over blocks of image tokens.
+- Given a :class:`~.session.DecoderSession` (the predictor's, one per image), the work on the image
+  alone is kept across calls, and bf16 CPU inference on a few prompt tokens runs the token side in
+  fp32 (:func:`fp32_tokens`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from torch import nn
 
 from ..modeling.common import MLP, LayerNorm2d
 from ..modeling.mask_decoder import MaskDecoder
-from .ops import linear, linear_fn, plain
-from .transformer import FastTwoWayTransformer
+from .encoder import FastMLPBlock
+from .ops import autocast_on, linear_fn, plain
+from .session import DecoderSession
+from .transformer import FastAttention, FastTwoWayAttentionBlock, FastTwoWayTransformer, token_linear
 
 # CPU inference decodes this many bytes of one chunk's per-prompt image tokens at a time by default:
 # under glibc's default allocator a block over its mmap threshold (at most 32 MiB) gets fresh pages
@@ -32,6 +37,43 @@ def cpu_prompt_chunk(bytes_per_prompt: int, chunk_bytes: int = DEFAULT_CHUNK_BYT
     """How many prompts CPU inference decodes at a time, given the size of one prompt's image tokens
     (H x W x C elements; vit_b at 1024: 4 MiB in fp32, 2 MiB in bf16): 4 in fp32, 8 in bf16 by default."""
     return max(1, chunk_bytes // max(1, bytes_per_prompt))
+
+
+# bf16 CPU inference on at most this many tokens (all prompts of a call, with the IoU and mask tokens:
+# one or two prompts) runs them in fp32.
+FP32_TOKEN_ROWS = 16
+
+
+def fp32_tokens(decoder: MaskDecoder, tokens: torch.Tensor, image_embeddings: torch.Tensor) -> bool:
+    """Whether the prompt tokens (``tokens``: the sparse prompt embeddings B x N x C, plus the IoU
+    and mask tokens) flow through ``decoder`` in fp32 with fp32 copies of its 16-bit
+    token-side weights (a :class:`~.session.DecoderSession`'s): in bf16 CPU inference on at most
+    ``FP32_TOKEN_ROWS`` tokens, when every token-side module is a fast one with plain layers and no
+    hooks (the fp32 path reads their weights; anything else is called as it is, in bf16).
+
+    A bf16 GEMM on a few rows costs about twice the same fp32 GEMM on the CPU (oneDNN's per-call
+    setup), and one prompt makes about 45 such token-side GEMMs, while the image side, thousands of
+    rows, is where bf16 pays. The fp32 tokens round to bf16 where they meet the image tokens, so the
+    token side is more precise than in bf16, not less.
+    """
+    if not (
+        tokens.dtype == image_embeddings.dtype == torch.bfloat16
+        and tokens.device.type == "cpu"
+        and tokens.shape[0] * (tokens.shape[1] + 1 + decoder.num_mask_tokens) <= FP32_TOKEN_ROWS
+        and not torch.is_grad_enabled()
+        and not autocast_on("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    ):
+        return False
+    for module in decoder.modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if type(module) in (nn.Linear, nn.ConvTranspose2d) and not plain(module):
+            return False
+        if type(module) not in _TOKEN_STREAM_MODULES:
+            return False
+    return True
 
 
 def above_iou(
@@ -51,22 +93,24 @@ def decode_above_iou(
     dense_prompt_embeddings: torch.Tensor,
     multimask_output: bool,
     min_iou: float,
+    session: DecoderSession | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:meth:`FastMaskDecoder.forward_above_iou` for any mask decoder (the reference one computes
-    every mask, then keeps those above ``min_iou``)."""
+    every mask, then keeps those above ``min_iou``; it takes no ``session``)."""
     args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output)
     if isinstance(decoder, FastMaskDecoder):
-        return decoder.forward_above_iou(*args, min_iou)
+        return decoder.forward_above_iou(*args, min_iou, session=session)
     return above_iou(*decoder(*args), min_iou)
 
 
 class FastMLP(MLP):
     """:class:`MLP` with the ReLUs fused into the linear layers."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp32: DecoderSession | None = None) -> torch.Tensor:
+        """``fp32``: x is fp32 and the layers 16-bit: their weights come from these fp32 copies."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = linear(x, layer, "relu" if i < last else "none")
+            x = token_linear(x, layer, fp32, "relu" if i < last else "none")
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
@@ -78,6 +122,7 @@ class _Decoded(NamedTuple):
     h: int
     w: int
     iou: torch.Tensor  # B x num_mask_tokens
+    fp32: DecoderSession | None = None  # tokens in fp32 with this session's weight copies
 
 
 class FastMaskDecoder(MaskDecoder):
@@ -97,12 +142,14 @@ class FastMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        session: DecoderSession | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks for B prompts on one image.
 
         image_embeddings: 1xCxHxW (shared by all prompts) or BxCxHxW (one per prompt);
         image_pe: 1xCxHxW; sparse: BxNxC; dense: BxCxHxW (or 1xCxHxW, broadcast).
-        Returns mask logits Bx(3 or 1)x4Hx4W and IoU predictions Bx(3 or 1).
+        Returns mask logits Bx(3 or 1)x4Hx4W and IoU predictions Bx(3 or 1). ``session``: the image
+        owner's :class:`~.session.DecoderSession` (work kept across calls on the same image).
         """
         if not isinstance(self.transformer, FastTwoWayTransformer):
             return super().forward(
@@ -121,7 +168,7 @@ class FastMaskDecoder(MaskDecoder):
         parts = [
             (self._masks(decoded, tokens=sel)[:, after], decoded.iou[:, sel][:, after])
             for decoded in self._decode_chunks(
-                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, session
             )
         ]
         if len(parts) == 1:
@@ -136,6 +183,7 @@ class FastMaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         min_iou: float,
+        session: DecoderSession | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Only the masks whose predicted IoU is above ``min_iou``, as automatic mask generation keeps.
 
@@ -154,7 +202,7 @@ class FastMaskDecoder(MaskDecoder):
         masks, ious, index = [], [], []
         start = 0
         for decoded in self._decode_chunks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, session
         ):
             iou = decoded.iou[:, sel]
             b, m = iou.shape
@@ -181,11 +229,13 @@ class FastMaskDecoder(MaskDecoder):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        session: DecoderSession | None = None,
     ) -> Iterator[_Decoded]:
         """The transformer's outputs for all prompts, in chunks of prompts on the CPU (inference).
 
         A chunk's image tokens live in buffers that the next chunk overwrites (the transformer's
-        ``_Workspace``): a caller is done with one chunk before it asks for the next."""
+        ``_Workspace``): a caller is done with one chunk before it asks for the next. With a
+        ``session`` the shared image's work is the session's (kept for the next call on the image)."""
         b = sparse_prompt_embeddings.shape[0]
         _, c, h, w = image_embeddings.shape
         chunk = self.prompt_chunk or cpu_prompt_chunk(c * h * w * self.mask_tokens.weight.element_size())
@@ -197,10 +247,18 @@ class FastMaskDecoder(MaskDecoder):
         # own image or mask embedding.
         dense = dense_prompt_embeddings
         shared = image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0)
-        cache: dict | None = {} if shared else None
+        cache: dict | None = None
+        if shared:
+            kept = None if session is None else session.image_work(image_embeddings, image_pe, dense)
+            cache = {} if kept is None else kept
+        fp32 = (
+            session
+            if session is not None and fp32_tokens(self, sparse_prompt_embeddings, image_embeddings)
+            else None
+        )
         if b <= chunk or image_pe.device.type != "cpu":
             yield self._decode(
-                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, cache=cache
+                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, cache, fp32
             )
         else:
             for s in range(0, b, chunk):
@@ -211,7 +269,8 @@ class FastMaskDecoder(MaskDecoder):
                     dense_prompt_embeddings
                     if dense_prompt_embeddings.shape[0] == 1
                     else dense_prompt_embeddings[s : s + chunk],
-                    cache=cache,
+                    cache,
+                    fp32,
                 )
 
     def predict_masks(
@@ -236,9 +295,14 @@ class FastMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         cache: dict | None = None,
+        fp32: DecoderSession | None = None,
     ) -> _Decoded:
+        """``fp32``: run the prompt tokens in fp32 with this session's copies of the weights."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        model_dtype = output_tokens.dtype
+        if fp32 is not None:
+            output_tokens = torch.cat([fp32.fp32(self.iou_token.weight), fp32.fp32(self.mask_tokens.weight)])
         tokens = torch.cat(
             [output_tokens.expand(b, -1, -1), sparse_prompt_embeddings.to(output_tokens.dtype)], dim=1
         )
@@ -258,10 +322,13 @@ class FastMaskDecoder(MaskDecoder):
                 cache["src"] = src
         _, _, h, w = src.shape
         hs, src = self.transformer(
-            src, image_pe, tokens, cache=cache.setdefault("transformer", {}) if shared else None
+            src, image_pe, tokens, cache=cache.setdefault("transformer", {}) if shared else None, fp32=fp32
         )
-        iou = self.iou_prediction_head(hs[:, 0, :])
-        return _Decoded(hs, src.expand(b, -1, -1), h, w, iou)
+        if fp32 is None:
+            iou = self.iou_prediction_head(hs[:, 0, :])
+        else:  # the IoU in the model's dtype, as ever
+            iou = self.iou_prediction_head(hs[:, 0, :], fp32=fp32).to(model_dtype)
+        return _Decoded(hs, src.expand(b, -1, -1), h, w, iou, fp32)
 
     def _masks(
         self, decoded: _Decoded, rows: torch.Tensor | None = None, tokens: slice = slice(None)
@@ -275,9 +342,14 @@ class FastMaskDecoder(MaskDecoder):
         h, w = decoded.h, decoded.w
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         chosen = range(self.num_mask_tokens)[tokens]
-        hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in chosen], dim=1
-        )
+        mlps = self.output_hypernetworks_mlps
+        if decoded.fp32 is None:
+            hyper_in = torch.stack([mlps[i](mask_tokens_out[:, i, :]) for i in chosen], dim=1)
+        else:  # fp32 tokens; the masks in the image tokens' dtype
+            hyper_in = torch.stack(
+                [mlps[i](mask_tokens_out[:, i, :], fp32=decoded.fp32) for i in chosen], dim=1
+            )
+            hyper_in = hyper_in.to(src.dtype)
         if self._upscales_as_gemms():
             return self._masks_from_tokens(src, hyper_in, h, w)
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
@@ -358,3 +430,12 @@ class FastMaskDecoder(MaskDecoder):
 
 
 _UPSCALE_TOKENS = 4096  # image tokens per block of the CPU mask upscaling (see _masks_from_tokens)
+
+
+# What a decoder may hold for the fp32 token stream (anything else, such as an adapter's wrapper,
+# is called as it is, in its own dtype).
+_TOKEN_STREAM_MODULES = (
+    nn.Linear, nn.LayerNorm, nn.Embedding, nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ReLU, nn.ModuleList,
+    nn.Sequential, FastAttention, FastTwoWayAttentionBlock, FastTwoWayTransformer, FastMLPBlock, FastMLP,
+    FastMaskDecoder,
+)  # fmt: skip

@@ -6,6 +6,8 @@
 - A shared image (batch 1, no mask prompts) is projected once for all prompts, and once for every
   chunk of prompts of one call (``cache``).
 - Per-prompt image tokens are written to reused buffers in CPU inference (``_Workspace``).
+- bf16 CPU inference on a few prompt tokens can run the token side in fp32 (``fp32``: a
+  :class:`~.session.DecoderSession` that holds fp32 copies of the token-side weights).
 Attention modules whose projections are not plain ``nn.Linear`` (an adapter-wrapped layer) run the
 reference code, which calls them.
 """
@@ -18,7 +20,8 @@ from torch import nn
 
 from ..modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from .ops import autocast_on as _autocast_on
-from .ops import flush_subnormal_probs, linear, plain
+from .ops import flush_subnormal_probs, linear, linear_fn, plain
+from .session import DecoderSession
 
 
 class FastAttention(Attention):
@@ -36,6 +39,7 @@ class FastAttention(Attention):
         q_pe: torch.Tensor | None = None,
         k_pe: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        fp32: DecoderSession | None = None,
     ) -> torch.Tensor:
         """q: BxNqxC, k and v: BxNkxC -> BxNqxC, plus ``residual`` (BxNqxC or 1xNqxC) when given.
         ``q_pe`` / ``k_pe`` (1xNxC): the queries / keys are ``q + q_pe`` / ``k + k_pe`` (see
@@ -45,7 +49,9 @@ class FastAttention(Attention):
         ``residual``, so in inference its memory may hold the result (one B x Nq x C pass less).
         ``kv_cache``: a dict that holds this k and v's projections across calls with the same k and v
         (the decoder's chunks of prompts on one image); empty at first. ``out``: a BxNqxC tensor the
-        result may be written to (inference with a shared residual; see ``_Workspace``).
+        result may be written to (inference with a shared residual; see ``_Workspace``). ``fp32``: the
+        prompt tokens are fp32 and the layers 16-bit: their weights come from these fp32 copies (the
+        image tokens stay 16-bit).
 
         Between a few prompt tokens and thousands of image tokens the image side is never projected
         per prompt: the projections are folded into the few tokens instead (same function, about half
@@ -60,19 +66,26 @@ class FastAttention(Attention):
         # Folding pays when heads x (the short side) is below the projection width.
         folds = self.num_heads * min(q.shape[1], k.shape[1]) < self.internal_dim and v.shape[0] == bk
         if folds and k.shape[1] > q.shape[1] and bk == bq and q_pe is None:
-            return self._few_queries(q, k, v, residual, k_pe)
+            return self._few_queries(q, k, v, residual, k_pe, fp32)
         if folds and q.shape[1] > k.shape[1] and bq in (1, bk) and k_pe is None:
-            return self._many_queries(q, k, v, residual, reuse_residual, q_pe, out)
+            return self._many_queries(q, k, v, residual, reuse_residual, q_pe, out, fp32)
         q = q if q_pe is None else q + q_pe
         k = k if k_pe is None else k + k_pe
+        if fp32 is not None and not q.dtype == k.dtype == v.dtype == torch.float32:
+            # fp32 tokens against 16-bit image tokens without folding (many tokens): in 16 bits.
+            low = self.q_proj.weight.dtype
+            q, k, v, fp32 = q.to(low), k.to(low), v.to(low), None
         # q before k and v, as always: the order the graph is built in fixes the order in which
         # autograd sums the gradients of a tensor used twice (self-attention's q and k), so it is
         # part of what makes training reproducible.
-        qh = self._heads(linear(q, self.q_proj))
+        qh = self._heads(token_linear(q, self.q_proj, fp32))
         if kv_cache is not None and "kv" in kv_cache:
             kh, vh = kv_cache["kv"]
         else:
-            kh, vh = self._heads(linear(k, self.k_proj)), self._heads(linear(v, self.v_proj))
+            kh, vh = (
+                self._heads(token_linear(k, self.k_proj, fp32)),
+                self._heads(token_linear(v, self.v_proj, fp32)),
+            )
             if kv_cache is not None:
                 kv_cache["kv"] = kh, vh
         bv = vh.shape[0]
@@ -86,13 +99,17 @@ class FastAttention(Attention):
             qh, kh, vh = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (qh, kh, vh))
             out = F.scaled_dot_product_attention(qh, kh, vh)
         b, _, n, _ = out.shape
-        out = linear(out.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj)
+        out = token_linear(out.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj, fp32)
         return out if residual is None else residual + out
 
-    def _per_head(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """A projection's weight as heads x head_dim x C and bias as heads x head_dim."""
+    def _per_head(
+        self, layer: nn.Linear, fp32: DecoderSession | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight as heads x head_dim x C and bias as heads x head_dim (fp32 copies
+        from ``fp32`` when given)."""
         d = self.internal_dim // self.num_heads
-        return layer.weight.view(self.num_heads, d, -1), layer.bias.view(self.num_heads, d)
+        weight, bias = (layer.weight, layer.bias) if fp32 is None else fp32.weights(layer)
+        return weight.view(self.num_heads, d, -1), bias.view(self.num_heads, d)
 
     def _few_queries(
         self,
@@ -101,6 +118,7 @@ class FastAttention(Attention):
         v: torch.Tensor,
         residual: torch.Tensor | None = None,
         k_pe: torch.Tensor | None = None,
+        fp32: DecoderSession | None = None,
     ) -> torch.Tensor:
         """Few tokens attend to many per-prompt image tokens, without projecting the image tokens.
 
@@ -111,9 +129,9 @@ class FastAttention(Attention):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        qh = self._heads(linear(q, self.q_proj)).expand(b, -1, -1, -1)  # B x h x Nq x d
-        wk, bk = self._per_head(self.k_proj)
-        wv, bv = self._per_head(self.v_proj)
+        qh = self._heads(token_linear(q, self.q_proj, fp32)).expand(b, -1, -1, -1)  # B x h x Nq x d
+        wk, bk = self._per_head(self.k_proj, fp32)
+        wv, bv = self._per_head(self.v_proj, fp32)
         if k_pe is not None and (torch.is_grad_enabled() or _autocast_on(q.device.type)):
             k, k_pe = k + k_pe, None
         if torch.is_grad_enabled() or _autocast_on(q.device.type):
@@ -125,6 +143,7 @@ class FastAttention(Attention):
             scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2)) * d**-0.5
         else:
             q_folded = torch.einsum("bhqd,hdc->bhqc", qh * d**-0.5, wk).reshape(b, -1, c)  # B x (h Nq) x C
+            q_folded = q_folded.to(k.dtype)  # (fp32 tokens meet the 16-bit image tokens here)
             if k_pe is None:
                 scores = torch.bmm(q_folded, k.transpose(1, 2))  # B x (h Nq) x Nk
             else:  # the PE's part: one GEMM for all prompts
@@ -142,9 +161,11 @@ class FastAttention(Attention):
                 attn = flush_subnormal_probs(attn)
             attn = attn.to(v.dtype)
         pooled = (attn @ v).view(b, heads, -1, c)  # B x h x Nq x C
+        if fp32 is not None:
+            pooled = pooled.float()  # back to the fp32 tokens
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None, :]
         nq = out.shape[2]
-        out = linear(out.transpose(1, 2).reshape(b, nq, self.internal_dim), self.out_proj)
+        out = token_linear(out.transpose(1, 2).reshape(b, nq, self.internal_dim), self.out_proj, fp32)
         return out if residual is None else residual + out
 
     def _many_queries(
@@ -156,6 +177,7 @@ class FastAttention(Attention):
         reuse_residual: bool = False,
         q_pe: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        fp32: DecoderSession | None = None,
     ) -> torch.Tensor:
         """Many image tokens (shared, batch 1, or per prompt) attend to each prompt's few tokens.
 
@@ -168,16 +190,19 @@ class FastAttention(Attention):
         """
         b, nk, c = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
-        kh = self._heads(linear(k, self.k_proj))  # B x h x Nk x d
-        vh = self._heads(linear(v, self.v_proj))
-        wq, bq = self._per_head(self.q_proj)
+        kh = self._heads(token_linear(k, self.k_proj, fp32))  # B x h x Nk x d
+        vh = self._heads(token_linear(v, self.v_proj, fp32))
+        wq, bq = self._per_head(self.q_proj, fp32)
         k_folded = torch.einsum("bhkd,hdc->bhkc", kh, wq).reshape(b, heads * nk, c)
         k_bias = torch.einsum("bhkd,hd->bhk", kh, bq).reshape(b, 1, heads * nk)
-        wo = self.out_proj.weight
+        wo = self.out_proj.weight if fp32 is None else fp32.fp32(self.out_proj.weight)
         v_folded = torch.einsum("bhkd,chd->bhkc", vh, wo.view(c, heads, d)).reshape(b, heads * nk, c)
         nq = q.shape[1]
         image_major = _autocast_on(q.device.type)
         attn_dtype = v.dtype
+        if fp32 is not None:  # fp32 tokens: the image side runs in the image tokens' dtype
+            k_folded, k_bias, v_folded = (t.to(q.dtype) for t in (k_folded, k_bias, v_folded))
+            attn_dtype = q.dtype
         if q_pe is not None and (image_major or q.shape[0] == 1):
             q, q_pe = q + q_pe, None
         if image_major:
@@ -234,6 +259,32 @@ class FastAttention(Attention):
         # runs of Nk (~7) floats the CPU's softmax costs far more than the copy this costs.
         x = scores.view(b, nq, heads, hk // heads).permute(0, 2, 3, 1).contiguous()
         return _softmax_keys(x, 1.0).view(b, hk, nq).transpose(1, 2)
+
+
+def token_linear(
+    x: torch.Tensor, layer: nn.Module, fp32: DecoderSession | None, activation: str = "none"
+) -> torch.Tensor:
+    """``activation(layer(x))``; with ``fp32``, x is fp32 and the (plain) layer's weights are taken as
+    fp32 copies."""
+    if fp32 is None:
+        return linear(x, layer, activation)
+    weight, bias = fp32.weights(layer)
+    return linear_fn(x, weight, bias, activation)
+
+
+def token_norm(x: torch.Tensor, norm: nn.Module, fp32: DecoderSession | None) -> torch.Tensor:
+    """``norm(x)`` on prompt tokens; with ``fp32``, on fp32 tokens with fp32 copies of its weights."""
+    if fp32 is None:
+        return norm(x)
+    weight, bias = fp32.weights(norm)
+    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
+def token_mlp(x: torch.Tensor, mlp: nn.Module, fp32: DecoderSession | None) -> torch.Tensor:
+    """``mlp(x)`` (an MLPBlock) on prompt tokens; with ``fp32``, as :func:`token_norm`."""
+    if fp32 is None:
+        return mlp(x)
+    return token_linear(mlp.act(token_linear(x, mlp.lin1, fp32)), mlp.lin2, fp32)
 
 
 def pe_apart(keys: torch.Tensor, key_pe: torch.Tensor) -> bool:
@@ -334,29 +385,37 @@ class FastTwoWayAttentionBlock(TwoWayAttentionBlock):
         own_keys: bool = False,
         cache: dict | None = None,
         work: _Workspace | None = None,
+        fp32: DecoderSession | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``own_keys``: ``keys`` is the previous block's output, free to be overwritten in inference.
         ``cache``: a dict kept across calls on the same image (chunks of prompts): with one image
         for all prompts (keys of batch 1) the image side's sums and projections are computed once.
-        ``work``: where per-prompt image tokens are written (CPU inference on chunks of prompts)."""
+        ``work``: where per-prompt image tokens are written (CPU inference on chunks of prompts).
+        ``fp32``: fp32 prompt tokens with 16-bit layers (see :class:`FastAttention`)."""
         attentions = (self.self_attn, self.cross_attn_token_to_image, self.cross_attn_image_to_token)
         if not all(isinstance(a, FastAttention) for a in attentions):
             return super().forward(queries, keys, query_pe, key_pe)
         if self.skip_first_layer_pe:
             # The first layer's tokens already are the prompt embeddings: no residual, no PE.
-            queries = self.self_attn(queries, queries, queries)
+            queries = self.self_attn(queries, queries, queries, fp32=fp32)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+            queries = queries + self.self_attn(q, q, queries, fp32=fp32)
+        queries = token_norm(queries, self.norm1, fp32)
 
         if pe_apart(keys, key_pe):
             # 16-bit per-prompt image tokens: the PE's part of the attention as GEMMs, no sum.
-            attn = self.cross_attn_token_to_image(queries + query_pe, keys, keys, k_pe=key_pe)
-            queries = self.norm2(queries + attn)
-            queries = self.norm3(queries + self.mlp(queries))
+            attn = self.cross_attn_token_to_image(queries + query_pe, keys, keys, k_pe=key_pe, fp32=fp32)
+            queries = token_norm(queries + attn, self.norm2, fp32)
+            queries = token_norm(queries + token_mlp(queries, self.mlp, fp32), self.norm3, fp32)
             attn = self.cross_attn_image_to_token(
-                keys, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, q_pe=key_pe
+                keys,
+                queries + query_pe,
+                queries,
+                residual=keys,
+                reuse_residual=own_keys,
+                q_pe=key_pe,
+                fp32=fp32,
             )
             return queries, _norm(attn, self.norm4, work)
         if cache is None or keys.shape[0] != 1:
@@ -366,14 +425,14 @@ class FastTwoWayAttentionBlock(TwoWayAttentionBlock):
             keys_pe = cache["keys_pe"]
         else:
             keys_pe = cache["keys_pe"] = keys + key_pe
-        attn = self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys, kv_cache=cache)
-        queries = self.norm2(queries + attn)
-        queries = self.norm3(queries + self.mlp(queries))
+        attn = self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys, kv_cache=cache, fp32=fp32)
+        queries = token_norm(queries + attn, self.norm2, fp32)
+        queries = token_norm(queries + token_mlp(queries, self.mlp, fp32), self.norm3, fp32)
         # A shared (batch 1) residual: the per-prompt sum goes to a workspace buffer.
         b = queries.shape[0]
         out = work.buffer(keys, b, keys, keys_pe) if work is not None and keys.shape[0] == 1 < b else None
         attn = self.cross_attn_image_to_token(
-            keys_pe, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, out=out
+            keys_pe, queries + query_pe, queries, residual=keys, reuse_residual=own_keys, out=out, fp32=fp32
         )
         return queries, _norm(attn, self.norm4, work)
 
@@ -392,12 +451,14 @@ class FastTwoWayTransformer(TwoWayTransformer):
         point_embedding: torch.Tensor,
         *,
         cache: dict | None = None,
+        fp32: DecoderSession | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: BxCxHxW; point_embedding: BxNxC.
 
         Returns the processed tokens BxNxC and image tokens Bx(HW)xC. ``cache``: a dict to pass
         again with the same image and PE (chunks of prompts on one image) so that the work on the
-        shared image is done once; empty at first.
+        shared image is done once; empty at first. ``fp32``: the prompt tokens are fp32 and the layers
+        16-bit (see :class:`FastAttention`).
         """
         if not all(isinstance(layer, FastTwoWayAttentionBlock) for layer in self.layers) or not isinstance(
             self.final_attn_token_to_image, FastAttention
@@ -429,10 +490,18 @@ class FastTwoWayTransformer(TwoWayTransformer):
             # (a chunk of one prompt has keys of batch 1 too, and must not meet the previous chunk's).
             layer_cache = None if cache is None or i > 0 else cache.setdefault(i, {})
             queries, keys = layer(
-                queries, keys, point_embedding, key_pe, own_keys=i > 0, cache=layer_cache, work=work
+                queries,
+                keys,
+                point_embedding,
+                key_pe,
+                own_keys=i > 0,
+                cache=layer_cache,
+                work=work,
+                fp32=fp32,
             )
+        final = self.final_attn_token_to_image
         if pe_apart(keys, key_pe):
-            attn = self.final_attn_token_to_image(queries + point_embedding, keys, keys, k_pe=key_pe)
+            attn = final(queries + point_embedding, keys, keys, k_pe=key_pe, fp32=fp32)
         else:
-            attn = self.final_attn_token_to_image(queries + point_embedding, _add(keys, key_pe, work), keys)
-        return self.norm_final_attn(queries + attn), keys
+            attn = final(queries + point_embedding, _add(keys, key_pe, work), keys, fp32=fp32)
+        return token_norm(queries + attn, self.norm_final_attn, fp32), keys
