@@ -1,0 +1,214 @@
+"""The page of ``samkit serve`` decoding in headless Chromium with onnxruntime-web (wasm) and the ONNX decoder
+the server exported: click, exclude, box (each fed the previous low-res logits) and hover give the masks the
+server's PyTorch decoder gives for the same prompts, with no /api/predict request; when the wasm does not
+load, the page says so and decodes on the server. One server and one browser serve the module.
+
+The runtime is the one ``make web-runtime`` installs (package-lock.json, into
+samkit/serve/static/vendor/onnxruntime-web); nothing is downloaded here. Tolerances are those
+:mod:`samkit.export.verify` holds fp32 ONNX exports to: >= 99.9% of each mask's pixels equal, IoU
+predictions within 2e-3; the selected candidate's low-res logits within 1e-3 of the largest logit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="samkit[serve] is part of the dev install")
+pytest.importorskip("onnx", reason="samkit[onnx] is part of the dev install")
+import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from samkit.export.verify import BOUNDS  # noqa: E402
+from samkit.serve.app import create_app  # noqa: E402
+from samkit.serve.state import ModelService  # noqa: E402
+from samkit.serve.webdecoder import find_runtime, prepare_web_decoder  # noqa: E402
+from samkit.utils.amg import rle_to_mask  # noqa: E402
+
+from .test_serve_browser import (  # noqa: E402, F401  (chromium: a session fixture)
+    CHROMIUM_FLAGS,
+    chromium,
+    free_port,
+    inside_point,
+    open_image,
+    watch,
+)
+
+TOKEN = "w3b"
+FP32 = BOUNDS["fp32"]
+
+
+@pytest.fixture(scope="module")
+def server(shapes_model, tmp_path_factory):
+    """The app with the decoder exported into a fresh cache and the installed runtime, on 127.0.0.1."""
+    import uvicorn
+
+    runtime, reason = find_runtime()
+    if runtime is None:
+        pytest.fail(f"{reason}: the in-browser decoding tests need it (make web-runtime installs it)")
+    model, _ = shapes_model
+    web = prepare_web_decoder(model, "vit_tiny", tmp_path_factory.mktemp("decoders"))
+    assert web.available, web.reason
+    service = ModelService(model)
+    port = free_port()
+    instance = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service, token=TOKEN, web=web), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    api = httpx.Client(base_url=url, timeout=120, headers={"X-Samkit-Token": TOKEN})
+    yield SimpleNamespace(url=url, service=service, api=api)
+    api.close()
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        yield instance
+        instance.close()
+
+
+def same_masks(page_reply: dict, page_low: list, server_reply: dict, service: ModelService) -> None:
+    """The page's decode and the server's for one prompt agree (bounds in the module docstring)."""
+    assert len(page_reply["masks"]) == len(server_reply["masks"])
+    for ours, theirs in zip(page_reply["masks"], server_reply["masks"]):
+        a, b = rle_to_mask(ours), rle_to_mask(theirs)
+        assert (a == b).mean() >= FP32.mask_agreement, (a == b).mean()
+    assert np.abs(np.subtract(page_reply["scores"], server_reply["scores"])).max() <= FP32.iou_abs
+    assert page_reply["areas"] == pytest.approx(server_reply["areas"], rel=1e-2, abs=10)
+    _, stored = service.logits[server_reply["logits_id"]]  # Cx1x256x256: the server's low-res logits
+    best = int(np.argmax(server_reply["scores"]))
+    low = np.asarray(page_low, dtype=np.float32).reshape(stored.shape[-2:])
+    assert np.abs(low - stored[best, 0]).max() <= 1e-3 * max(1.0, float(np.abs(stored[best, 0]).max()))
+
+
+def test_the_page_decodes_in_the_browser_as_the_server_does(browser, server, shapes_image, tmp_path):
+    image, shapes = shapes_image
+    h, w = image.shape[:2]
+    path = tmp_path / "shapes.png"
+    Image.fromarray(image).save(path)
+    order = np.argsort([-m.sum() for m in shapes])
+    big, other = shapes[order[0]], shapes[order[1]]
+    page = browser.new_page(viewport={"width": 1280, "height": 760})
+    errors = watch(page)
+    predicts: list[str] = []
+    page.on("request", lambda r: predicts.append(r.url) if r.url.endswith("/api/predict") else None)
+    page.goto(server.url + f"/?token={TOKEN}")
+    page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
+    state = lambda expr: page.evaluate(f"() => {{ const s = window.samkit.state; return {expr}; }}")  # noqa: E731
+    assert state("s.decoding") == "browser" and page.inner_text("#decoding") == "decoding in the browser"
+    open_image(page, path)
+    page.uncheck("#hover")
+    image_id = state("s.image.image_id")
+    idle = "window.samkit.state.busy === 0"
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        box = page.locator("#view").bounding_box()
+        return box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h
+
+    def page_result() -> tuple[dict, list]:
+        result = state("(({lowRes, ...r}) => r)(s.history[s.position].result)")
+        low = state("Array.from(s.history[s.position].result.lowRes[s.history[s.position].result.selected])")
+        return result, low
+
+    def server_predict(result: dict, previous: dict | None) -> dict:
+        body = {k: result["body"][k] for k in ("image_id", "points", "labels", "box", "multimask")}
+        if previous is not None:  # the server's logits of the previous prompt, where the page used its own
+            body["mask_input"] = {
+                "logits_id": previous["logits_id"],
+                "index": int(np.argmax(previous["scores"])),
+            }
+        reply = server.api.post("/api/predict", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    # A click: three candidates, decoded in the page, as the server decodes them.
+    page.mouse.click(*at(*inside_point(big)))
+    page.wait_for_function(f"window.samkit.state.predictions === 1 && {idle}")
+    first, low = page_result()
+    assert first["local"] and len(first["masks"]) == 3 and "decoder" in page.inner_text("#latency")
+    theirs = server_predict(first, None)
+    same_masks(first, low, theirs, server.service)
+    assert first["selected"] == int(np.argmax(theirs["scores"]))
+    mask = rle_to_mask(first["masks"][first["selected"]])
+    assert (mask & big).sum() / (mask | big).sum() > 0.5
+
+    # An exclude point (the first mask's low-res logits fed back), then a box around another shape.
+    page.mouse.click(*at(3, 3), button="right")
+    page.wait_for_function(f"window.samkit.state.predictions === 2 && {idle}")
+    second, low = page_result()
+    assert second["body"]["labels"] == [1, 0]
+    previous = theirs
+    theirs = server_predict(second, previous)
+    same_masks(second, low, theirs, server.service)
+    ys, xs = np.nonzero(other)
+    page.mouse.move(*at(max(xs.min() - 3, 0), max(ys.min() - 3, 0)))
+    page.mouse.down()
+    page.mouse.move(*at(min(xs.max() + 3, w - 1), min(ys.max() + 3, h - 1)), steps=6)
+    page.mouse.up()
+    page.wait_for_function(f"window.samkit.state.predictions === 3 && {idle}")
+    third, low = page_result()
+    assert third["body"]["box"] is not None
+    same_masks(third, low, server_predict(third, theirs), server.service)
+    # The page's RLE exports as the server's masks do.
+    page.click("#keep")
+    page.wait_for_function(idle)
+    kept = state("s.objects[0].mask")
+    reply = server.api.post(
+        "/api/export", json={"image_id": image_id, "format": "png", "objects": [{"mask": kept}]}
+    )
+    assert reply.status_code == 200
+
+    # Hover: the single-mask output for the points so far plus the pointer, no request either.
+    page.check("#hover")
+    page.mouse.move(*at(*inside_point(other)))
+    page.wait_for_function("window.samkit.state.hover !== null")
+    hover = state("(({lowRes, ...r}) => r)(s.hover)")
+    low = state("Array.from(s.hover.lowRes[0])")
+    body = {"image_id": image_id, **hover["prompt"], "multimask": False}
+    assert len(body["points"]) == 1 and body["labels"] == [1]
+    same_masks(hover, low, server.api.post("/api/predict", json=body).json(), server.service)
+    assert state("s.hoverTimes.length") >= 1
+    assert predicts == [], predicts  # every mask came from the page's own decoder
+    assert errors == [], errors
+    page.close()
+
+
+def test_the_page_decodes_on_the_server_when_the_wasm_does_not_load(browser, server, shapes_image, tmp_path):
+    image, shapes = shapes_image
+    path = tmp_path / "fallback.png"
+    Image.fromarray(image).save(path)
+    page = browser.new_page(viewport={"width": 1280, "height": 760})
+    page.route("**/runtime/ort-wasm-simd-threaded.wasm", lambda route: route.abort())
+    page.goto(server.url + f"/?token={TOKEN}")
+    page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
+    assert page.evaluate("window.samkit.state.decoding") == "server"
+    assert page.inner_text("#decoding") == "decoding on the server"
+    assert "onnxruntime-web failed" in page.get_attribute("#decoding", "title")
+    open_image(page, path)
+    page.uncheck("#hover")
+    box = page.locator("#view").bounding_box()
+    x, y = inside_point(shapes[0])
+    h, w = image.shape[:2]
+    with page.expect_request("**/api/predict"):
+        page.mouse.click(box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h)
+    page.wait_for_function("window.samkit.state.predictions === 1 && window.samkit.state.busy === 0")
+    result = page.evaluate("window.samkit.state.history[1].result")
+    assert result.get("local") is None and result["logits_id"]  # the server's reply
+    page.close()
