@@ -57,6 +57,8 @@ bench: install
 	$(PY) benchmarks/amg_memory.py --trained --code $$(git rev-parse --short HEAD)
 	$(PY) benchmarks/onnx_cpu.py --model vit_b --rounds 3 --prompt-calls 10 --out benchmarks/results/onnx_cpu_vit_b.json
 	$(PY) benchmarks/loader_epochs.py --rev 4cd648d --out benchmarks/results/loader_epochs.json
+	$(PY) benchmarks/page_latency.py --model vit_tiny --hovers 40 --out benchmarks/results/page_latency_vit_tiny.json
+	$(PY) benchmarks/page_latency.py --model vit_b --hovers 40 --out benchmarks/results/page_latency_vit_b.json
 	$(PY) benchmarks/report.py
 
 lint: install

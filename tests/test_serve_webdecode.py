@@ -1,7 +1,8 @@
 """The page of ``samkit serve`` decoding in headless Chromium with onnxruntime-web (wasm) and the ONNX decoder
 the server exported: click, exclude, box (each fed the previous low-res logits) and hover give the masks the
 server's PyTorch decoder gives for the same prompts, with no /api/predict request; when the wasm does not
-load, the page says so and decodes on the server. One server and one browser serve the module.
+load, the page says so and decodes on the server. One server and one browser serve the module. The
+screenshot (docs/serve.png is a copy) is kept in outputs/test_artifacts/serve_browser_decoding.png.
 
 The runtime is the one ``make web-runtime`` installs (package-lock.json, into
 samkit/serve/static/vendor/onnxruntime-web); nothing is downloaded here. Tolerances are those
@@ -30,6 +31,7 @@ from samkit.serve.webdecoder import find_runtime, prepare_web_decoder  # noqa: E
 from samkit.utils.amg import rle_to_mask  # noqa: E402
 
 from .test_serve_browser import (  # noqa: E402, F401  (chromium: a session fixture)
+    ARTIFACTS,
     CHROMIUM_FLAGS,
     chromium,
     free_port,
@@ -186,6 +188,15 @@ def test_the_page_decodes_in_the_browser_as_the_server_does(browser, server, sha
     same_masks(hover, low, server.api.post("/api/predict", json=body).json(), server.service)
     assert state("s.hoverTimes.length") >= 1
     assert predicts == [], predicts  # every mask came from the page's own decoder
+    # The screenshot (docs/serve.png is a copy): a fresh click's mask and a hover preview on another shape.
+    page.mouse.click(*at(*inside_point(big)))  # the prompt was cleared when the object was kept
+    page.wait_for_function(f"window.samkit.state.predictions === 4 && {idle}")
+    hovers = state("s.hoverTimes.length")
+    page.mouse.move(*at(*inside_point(shapes[order[2]])))
+    page.wait_for_function(f"window.samkit.state.hoverTimes.length > {hovers}")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve_browser_decoding.png"))
+    assert predicts == [], predicts
     assert errors == [], errors
     page.close()
 
