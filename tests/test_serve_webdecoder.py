@@ -91,7 +91,8 @@ def test_the_app_serves_decoder_runtime_and_embedding(tiny_model, exported):
     info = client.get("/api/health", headers=auth).json()["browser_decoder"]
     assert info["available"] and info["reason"] is None and info["mask_threshold"] == 0.0
     assert client.get(info["decoder_url"]).status_code == 401  # the model is behind the token
-    assert client.get(info["decoder_url"], headers=auth).content == web.decoder.read_bytes()
+    reply = client.get(info["decoder_url"], headers=auth)
+    assert reply.content == web.decoder.read_bytes() and reply.headers["cache-control"] == "no-cache"
     for name in RUNTIME_FILES:  # the runtime is public code: no token
         reply = client.get(info["runtime_url"] + name)
         assert reply.status_code == 200 and reply.content == (web.runtime / name).read_bytes()
@@ -107,6 +108,9 @@ def test_the_app_serves_decoder_runtime_and_embedding(tiny_model, exported):
     assert opened["input_size"] == [int(h * scale + 0.5), int(w * scale + 0.5)]
     reply = client.get(f"/api/images/{opened['image_id']}/embedding", headers=auth)
     shape = tuple(int(v) for v in reply.headers["x-shape"].split(","))
+    assert (
+        reply.headers["cache-control"] == "no-store"
+    )  # another model gives the same image another embedding
     features = service.image(opened["image_id"]).features
     assert shape == tuple(features.shape) == (1, 256, 64, 64)
     array = np.frombuffer(reply.content, dtype="<f4").reshape(shape)

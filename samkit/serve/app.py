@@ -313,7 +313,10 @@ def create_app(
     async def decoder_model(request: Request) -> Response:
         if web.decoder is None:
             raise ApiError(404, f"no decoder for the page: {web.reason}")
-        return FileResponse(web.decoder, media_type="application/octet-stream")
+        # Revalidated on every load (its ETag changes with the file): another model may serve the same URL.
+        return FileResponse(
+            web.decoder, media_type="application/octet-stream", headers={"cache-control": "no-cache"}
+        )
 
     async def runtime_file(request: Request) -> Response:
         name = request.path_params["name"]
@@ -331,7 +334,8 @@ def create_app(
             return array.astype("<f4", copy=False).tobytes(), array.shape
 
         data, shape = await run_in_threadpool(as_bytes)
-        headers = {"x-shape": ",".join(map(str, shape)), "cache-control": "private, max-age=3600"}
+        # Not kept by the browser: the same image id has another embedding once another model serves it.
+        headers = {"x-shape": ",".join(map(str, shape)), "cache-control": "no-store"}
         return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def list_images(request: Request) -> Response:
