@@ -1,8 +1,10 @@
 """The page of ``samkit serve`` decoding in headless Chromium with onnxruntime-web (wasm) and the ONNX decoder
-the server exported: click, exclude, box (each fed the previous low-res logits) and hover give the masks the
-server's PyTorch decoder gives for the same prompts, with no /api/predict request; when the wasm does not
-load, the page says so and decodes on the server. One server and one browser serve the module. The
-screenshot (docs/serve.png is a copy) is kept in outputs/test_artifacts/serve_browser_decoding.png.
+the server exported: with ``?decode=browser``, click, exclude, box (each fed the previous low-res logits) and
+hover give the masks the server's PyTorch decoder gives for the same prompts, with no /api/predict request;
+by default ("auto") the page times both paths and keeps the faster one (a slowed browser path leaves it on the
+server, a server that then slows down hands it to the browser); when the wasm does not load, the page says so
+and decodes on the server. One server and one browser serve the module. The screenshot (docs/serve.png is a
+copy) is kept in outputs/test_artifacts/serve_browser_decoding.png.
 
 The runtime is the one ``make web-runtime`` installs (package-lock.json, into
 samkit/serve/static/vendor/onnxruntime-web); nothing is downloaded here. Tolerances are those
@@ -111,7 +113,7 @@ def test_the_page_decodes_in_the_browser_as_the_server_does(browser, server, sha
     errors = watch(page)
     predicts: list[str] = []
     page.on("request", lambda r: predicts.append(r.url) if r.url.endswith("/api/predict") else None)
-    page.goto(server.url + f"/?token={TOKEN}")
+    page.goto(server.url + f"/?decode=browser&token={TOKEN}")
     page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
     state = lambda expr: page.evaluate(f"() => {{ const s = window.samkit.state; return {expr}; }}")  # noqa: E731
     assert state("s.decoding") == "browser" and page.inner_text("#decoding") == "decoding in the browser"
@@ -222,4 +224,92 @@ def test_the_page_decodes_on_the_server_when_the_wasm_does_not_load(browser, ser
     page.wait_for_function("window.samkit.state.predictions === 1 && window.samkit.state.busy === 0")
     result = page.evaluate("window.samkit.state.history[1].result")
     assert result.get("local") is None and result["logits_id"]  # the server's reply
+    page.close()
+
+
+def test_auto_keeps_the_faster_path_and_moves_to_the_browser_when_the_server_slows(
+    browser, server, shapes_image, tmp_path
+):
+    """Auto (the default): the first hovers alternate between the paths, 3 each; with every in-page decode
+    made 1 s slower the page stays on the server; once each /api/predict is held 1.5 s (a busy server) and the
+    browser is no longer slowed, the first slow reply starts a re-check that moves the page to the browser."""
+    image, shapes = shapes_image
+    h, w = image.shape[:2]
+    path = tmp_path / "auto.png"
+    Image.fromarray(image).save(path)
+    page = browser.new_page(viewport={"width": 1280, "height": 760})
+    errors = watch(page)
+    predicts: list[str] = []
+    page.on("request", lambda r: predicts.append(r.url) if r.url.endswith("/api/predict") else None)
+    page.goto(server.url + f"/?token={TOKEN}")
+    # The browser path made slow: each in-page decode waits window.slowBrowser ms first (and is counted).
+    page.evaluate(
+        """() => {
+        const web = window.SamkitWebDecoder, decode = web.decode;
+        window.slowBrowser = 1000; window.browserDecodes = 0;
+        web.decode = async (...args) => {
+            window.browserDecodes++;
+            await new Promise((done) => setTimeout(done, window.slowBrowser));
+            return decode(...args);
+        };
+    }"""
+    )
+    page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
+    state = lambda expr: page.evaluate(f"() => {{ const s = window.samkit.state; return {expr}; }}")  # noqa: E731
+    assert state("s.decoding") == "timing" and page.inner_text("#decoding") == "decoding: timing both paths"
+    open_image(page, path)
+    box = page.locator("#view").bounding_box()
+    at = lambda x, y: (box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h)  # noqa: E731
+    moves = iter(range(1, 1000))
+
+    def hover() -> None:  # one pointer move to a new pixel, then its preview drawn (one decode)
+        k, n = next(moves), state("s.hoverTimes.length")
+        page.mouse.move(*at((7 * k) % (w - 2) + 1, (5 * k) % (h - 2) + 1))
+        page.wait_for_function(f"window.samkit.state.hoverTimes.length > {n}", timeout=60_000)
+
+    for _ in range(6):
+        hover()
+    medians = state("s.paths.medians")
+    assert state("s.decoding") == "server", medians
+    assert (page.evaluate("window.browserDecodes"), len(predicts)) == (3, 3)
+    assert medians["browser"] >= 1000 > medians["server"]
+    assert page.inner_text("#decoding") == "decoding on the server (auto)"
+    title = page.get_attribute("#decoding", "title")
+    assert f"median {medians['browser']:.0f} ms in the browser, {medians['server']:.0f} ms on the server" in title
+    hover()
+    hover()
+    assert page.evaluate("window.browserDecodes") == 3 and len(predicts) == 5  # the choice holds
+    # A click goes the chosen way too (its mask is refined below, once the browser is chosen).
+    page.uncheck("#hover")
+    page.mouse.click(*at(*inside_point(shapes[0])))
+    page.wait_for_function("window.samkit.state.predictions === 1 && window.samkit.state.busy === 0")
+    assert len(predicts) == 6 and state("s.history[1].result.logits_id") is not None
+    page.check("#hover")
+
+    # The server becomes busy: each /api/predict is held 1.5 s; the browser is no longer slowed.
+    def busy(route) -> None:
+        time.sleep(1.5)
+        route.continue_()
+
+    page.route("**/api/predict", busy)
+    page.evaluate("window.slowBrowser = 0")
+    for _ in range(8):
+        hover()
+        if state("s.decoding") == "browser":
+            break
+    medians = state("s.paths.medians")
+    assert state("s.decoding") == "browser", medians
+    assert medians["server"] >= 1500 > medians["browser"]
+    assert page.inner_text("#decoding") == "decoding in the browser (auto)"
+    # One slow reply started the re-check: 3 decodes in the browser, 2 more on the server.
+    assert (page.evaluate("window.browserDecodes"), len(predicts)) == (6, 9)
+    assert state("s.paths.rounds") == 2
+    page.unroute("**/api/predict")
+    # An exclude point refines the server's mask: it stays on the server, which holds that mask's logits.
+    page.uncheck("#hover")
+    page.mouse.click(*at(3, 3), button="right")
+    page.wait_for_function("window.samkit.state.predictions === 2 && window.samkit.state.busy === 0")
+    assert (page.evaluate("window.browserDecodes"), len(predicts)) == (6, 10)
+    assert state("s.history[2].result.body.mask_input") is not None
+    assert errors == [], errors
     page.close()

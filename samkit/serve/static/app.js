@@ -22,10 +22,15 @@
     picked: [],           // indices of picked 'everything' masks
     zoom: 1,              // 1 = the whole image fits the stage
     editing: null,        // the kept object being edited: "Keep object" puts the new mask in its place
-    decoding: "starting", // where prompts are decoded: "browser" (onnxruntime-web) or "server" (/api/predict)
+    decoding: "starting", // where prompts are decoded: "browser" (onnxruntime-web), "server" (/api/predict)
+                          // or, with ?decode=auto (the default), "timing" until both paths are timed
+    paths: null,          // auto's choice: {policy, chosen, measuring, samples, medians, ...} (decodepath.js)
     hoverTimes: [],       // ms from a hover's pointer event to its mask drawn (the last 200; benchmarks read it)
   };
   const web = window.SamkitWebDecoder;
+  const asked = new URLSearchParams(location.search).get("decode");
+  const paths = window.SamkitDecodePath(asked === "browser" || asked === "server" ? asked : "auto");
+  state.paths = paths.choice;
   let decoderStarted = Promise.resolve();  // resolves once the page knows where it decodes
   const view = $("view"), ctx = view.getContext("2d");
   let picture = null;     // the image as an HTMLImageElement
@@ -46,11 +51,18 @@
   }
   function showDecoding() {
     const status = web.status, label = $("decoding");
-    state.decoding = status.mode;
-    label.textContent = status.mode === "browser" ? "decoding in the browser" : status.mode === "server" ? "decoding on the server" : "";
-    label.title = status.mode === "browser" ? "onnxruntime-web runs the exported ONNX decoder: hover and click need no round trip" : status.reason || "";
+    if (status.mode !== "browser") {  // starting, or no browser decoder (forced, missing or failed)
+      state.decoding = status.mode;
+      label.textContent = status.mode === "server" ? "decoding on the server" : "";
+      label.title = status.reason || "";
+      return;
+    }
+    const choice = paths.choice, told = paths.describe();
+    state.decoding = choice.policy !== "auto" ? choice.policy : choice.chosen || "timing";
+    label.textContent = told.text; label.title = told.title;
   }
   function fallBack(reason) { web.fail(reason); showDecoding(); }
+  function timed(path, ms) { if (paths.record(path, ms)) showDecoding(); }  // auto: one more decode timed
   async function fetchBytes(path) { return (await api(path, undefined, true)).arrayBuffer(); }
   async function loadEmbedding(reply) {  // the embedding for in-browser decoding (once per opened image)
     await decoderStarted;
@@ -254,17 +266,24 @@
     try {
       const body = promptBody(next, previous);
       let reply = null;
-      if (web.ready(state.image.image_id)) {
+      const ready = web.ready(state.image.image_id), before = previous.result, single = next.points.length === 1 && !next.box;
+      // A prompt that refines the previous mask stays on the path that made it (the browser keeps its low-res
+      // logits, the server its logits_id); any other goes where the choice says.
+      const path = before && !single ? (before.local && ready ? "browser" : "server") : paths.next(ready);
+      if (path === "browser") {
         // The previous mask's low-res logits go back in, as the server does with logits_id.
-        const before = previous.result, single = next.points.length === 1 && !next.box;
         const maskInput = before && before.lowRes && !single ? before.lowRes[before.selected] : null;
         try {
+          const sent = performance.now();
           reply = await web.decode(state.image, { points: next.points, labels: next.labels, box: next.box, maskInput }, single);
+          timed("browser", performance.now() - sent);
           latency(`decoder ${reply.decoder_ms.toFixed(0)} ms in the browser`);
         } catch (err) { fallBack(`decoding in the browser failed: ${err.message || err}`); }
       }
       if (reply === null) {
+        const sent = performance.now();
         reply = await api("/api/predict", body);
+        timed("server", performance.now() - sent);
         latency(`decoder ${reply.decoder_ms.toFixed(0)} ms (round trip ${(performance.now() - started).toFixed(0)} ms)`);
       }
       let best = 0; reply.scores.forEach((s, i) => { if (s > reply.scores[best]) best = i; });
@@ -286,16 +305,17 @@
     pumpHover();
   }
   async function pumpHover() {  // in the browser: no pause between previews, one decode at a time
-    const local = web.ready(state.image.image_id), wait = local ? 0 : 80 - (performance.now() - hoverLast);
+    const local = paths.next(web.ready(state.image.image_id)) === "browser", wait = local ? 0 : 80 - (performance.now() - hoverLast);
     if (hoverInFlight || !hoverPending) return;
     if (wait > 0) { setTimeout(pumpHover, wait); return; }
     const { point, at } = hoverPending, seq = ++hoverSeq, s = current();
     hoverPending = null; hoverInFlight = true; hoverLast = performance.now();
     try {
       const prompt = { points: s.points.concat([point]), labels: s.labels.concat([1]), box: s.box };
-      const reply = local
+      const sent = performance.now(), reply = local
         ? await web.decode(state.image, { ...prompt, maskInput: null }, false)
         : await api("/api/predict", { image_id: state.image.image_id, ...prompt, multimask: false });
+      timed(local ? "browser" : "server", performance.now() - sent);
       if (seq > hoverShown && hoverPointer) {
         hoverShown = seq; state.hover = { ...reply, prompt }; draw();
         state.hoverTimes.push(performance.now() - at);
