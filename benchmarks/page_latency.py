@@ -6,9 +6,12 @@ decoding in the page (onnxruntime-web, wasm, one thread, the ONNX decoder the se
 One server (uvicorn on 127.0.0.1 in this process, random weights, float32) and one Chromium
 (/usr/bin/chromium, as tests/test_serve_browser.py drives it) with two pages on the same photo
 (``skimage.data.coffee()``, 400x600): one opened with ``?decode=server`` (every hover is a POST
-/api/predict, at most one in flight and one every 80 ms), one decoding in the page. The pointer moves to
-seeded random points of the photo, ``--hovers`` times per page (after 3 warm-up hovers), the pages taking
-turns in blocks of 5 so that the machine's other load falls on both alike; each move waits for its mask.
+/api/predict, at most one in flight and one every 80 ms), one with ``?decode=browser`` (decoding in the
+page), and one with the default, ``auto`` (the page times its first decodes on both paths and keeps the
+faster; its 3 warm-up hovers are the first half of that timing). The pointer moves to seeded random points
+of the photo, ``--hovers`` times per page (after 3 warm-up hovers), the pages taking turns in blocks of 5
+so that the machine's other load falls on all alike; each move waits for its mask. For ``auto`` the path it
+chose, the medians it chose by and how many timed hovers each path decoded are recorded too.
 
 Timed by the page itself (``state.hoverTimes``): from the pointermove event to the preview mask drawn on
 the canvas (decode, mask to RLE, drawing), in ms. Also recorded: the decoder's own time of each hover
@@ -144,13 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
             pages, opened = {}, {}
-            for path_name, query in (("server", "?decode=server"), ("browser", "")):
+            for path_name, query in (
+                ("server", "?decode=server"),
+                ("browser", "?decode=browser"),
+                ("auto", ""),
+            ):
                 page = browser.new_page(viewport={"width": 1280, "height": 760})
                 started = time.perf_counter()
                 page.goto(url + "/" + query)
                 page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=120_000)
                 ready_s = time.perf_counter() - started
-                assert page.evaluate("window.samkit.state.decoding") == path_name, path_name
+                expected = "timing" if path_name == "auto" else path_name
+                assert page.evaluate("window.samkit.state.decoding") == expected, path_name
                 started = time.perf_counter()
                 page.set_input_files("#file", path)
                 page.wait_for_function(
@@ -162,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
                     "cached": page.evaluate("window.samkit.state.image.cached"),
                 }
                 pages[path_name] = page
-            times: dict[str, list[float]] = {"server": [], "browser": []}
-            decoder: dict[str, list[float]] = {"server": [], "browser": []}
+            times: dict[str, list[float]] = {k: [] for k in pages}
+            decoder: dict[str, list[float]] = {k: [] for k in pages}
+            # The auto page's timed hovers, by the path that decoded them.
+            auto_paths = {"browser": 0, "server": 0}
             order = list(range(len(points)))
-            cursor = {"server": 0, "browser": 0}
+            cursor = dict.fromkeys(pages, 0)
             while any(cursor[k] < len(order) for k in cursor):
                 for path_name, page in pages.items():
                     box = page.locator("#view").bounding_box()
@@ -179,14 +189,20 @@ def main(argv: list[str] | None = None) -> int:
                         page.wait_for_function(
                             f"window.samkit.state.hoverTimes.length > {count}", timeout=60_000
                         )
-                        took, decoder_ms = page.evaluate(
-                            "[window.samkit.state.hoverTimes.at(-1), window.samkit.state.hover.decoder_ms]"
+                        took, decoder_ms, local = page.evaluate(
+                            "[window.samkit.state.hoverTimes.at(-1), window.samkit.state.hover.decoder_ms,"
+                            " window.samkit.state.hover.local === true]"
                         )
                         if i >= WARM_UP:
                             times[path_name].append(took)
                             decoder[path_name].append(decoder_ms)
+                            if path_name == "auto":
+                                auto_paths["browser" if local else "server"] += 1
                         cursor[path_name] += 1
                         page.wait_for_timeout(100)  # past the server path's 80 ms spacing of previews
+            auto = pages["auto"].evaluate(
+                "(({policy, chosen, medians, rounds}) => ({policy, chosen, medians, rounds}))(window.samkit.state.paths)"
+            )
             version = browser.version
             browser.close()
     finally:
@@ -211,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "hover_to_mask": {k: stats(v) for k, v in times.items()},
         "decoder_only": {k: stats(v) for k, v in decoder.items()},
         "decoder_only_native_onnxruntime": stats(native),
+        "auto": {**auto, "timed_hovers_by_path": auto_paths},
     }
     result["server_over_browser_median"] = round(
         result["hover_to_mask"]["server"]["median_ms"] / result["hover_to_mask"]["browser"]["median_ms"], 2
@@ -220,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.model}: hover to mask median / p90: server {result['hover_to_mask']['server']['median_ms']} / "
         f"{result['hover_to_mask']['server']['p90_ms']} ms, browser {result['hover_to_mask']['browser']['median_ms']} / "
-        f"{result['hover_to_mask']['browser']['p90_ms']} ms (server / browser {result['server_over_browser_median']}); "
+        f"{result['hover_to_mask']['browser']['p90_ms']} ms (server / browser {result['server_over_browser_median']}), "
+        f"auto {result['hover_to_mask']['auto']['median_ms']} ms ({auto}, hovers {auto_paths}); "
         f"decoder only: server {statistics.median(decoder['server']):.1f} ms, browser "
         f"{statistics.median(decoder['browser']):.1f} ms, native ONNX Runtime {statistics.median(native):.1f} ms; load {load_before} -> {result['load_average_after']}"
     )

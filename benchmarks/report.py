@@ -518,12 +518,18 @@ def page_latency() -> list[str]:
         "decoder the server exported, run by onnxruntime-web (wasm, one thread). Decoder only: the server's",
         "`decoder_ms` / the page's session.run plus mask summary; ONNX Runtime native: the same ONNX decoder in",
         "onnxruntime's CPU provider (Python, one thread), the same process as the server.",
+        "The server and browser rows force their path (`?decode=server`, `?decode=browser`). The page's default,",
+        "auto, times its first decodes on both paths (alternating, 3 each), keeps the one with the lower median and",
+        "re-checks every 50 decodes or when a decode takes 3x that median; its row (runs that have one) is a third",
+        "page taking turns with the other two, its first timed hovers included.",
         "",
         "| file | model | path | hover to mask median ms | p90 ms | decoder only median ms | hovers | load average before -> after |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs:
-        for path in ("server", "browser"):
+        for path in ("server", "browser", "auto"):
+            if path not in r["hover_to_mask"]:
+                continue
             hover, dec = r["hover_to_mask"][path], r["decoder_only"][path]
             lines.append(
                 f"| {name} | {r['model']} | {path} | {hover['median_ms']:.1f} | {hover['p90_ms']:.1f} | "
@@ -538,9 +544,23 @@ def page_latency() -> list[str]:
             f"(p90 {r['decoder_only_native_onnxruntime']['p90_ms']:.1f}); decoder export "
             f"{r['decoder_export_s']:.1f} s, {r['decoder_onnx_bytes'] / 2**20:.1f} MiB; {when(r)}."
             + (f" Note: {r['note']}" if r.get("note") else "")
+            + (auto_choice(r["auto"]) if r.get("auto") else "")
         )
     lines.append("")
     return lines
+
+
+def auto_choice(auto: dict) -> str:
+    """The auto page's choice in a page_latency run, as a sentence."""
+    ms = auto["medians"]
+    by_path = auto["timed_hovers_by_path"]
+    if auto["chosen"] is None:
+        return " Auto had not chosen a path by the end of the run."
+    return (
+        f" Auto chose the {auto['chosen']} (medians of its timing: browser {ms['browser']:.0f} ms, server "
+        f"{ms['server']:.0f} ms; {auto['rounds']} choice(s)); of its timed hovers {by_path['server']} were "
+        f"decoded on the server and {by_path['browser']} in the browser."
+    )
 
 
 def memory() -> list[str]:

@@ -11,9 +11,11 @@ asks for it in the ``X-Samkit-Token`` header). Requests whose Host header is not
 from pages of other origins unless ``--allow-origin`` names them. One model in one process: no workers
 are forked, and requests that run the model take turns.
 
-The page decodes masks itself (hover and click without a round trip) when onnxruntime-web is found
+The page can decode masks itself (hover and click without a round trip) when onnxruntime-web is found
 (``make web-runtime``, or ``--web-runtime DIR``) and the model's decoder exports to ONNX (once per set of
-weights, into ``--decoder-cache``); otherwise, or with ``--server-decoding``, it asks the server.
+weights, into ``--decoder-cache``); it then times its first decodes in the browser and on the server and
+keeps the faster path, re-checking as it goes (``?decode=browser|server`` in the address forces one).
+Otherwise, or with ``--server-decoding``, it asks the server.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         web = prepare_web_decoder(model, args.model_type, args.decoder_cache, args.web_runtime)
     print(
-        "decoding: in the browser (onnxruntime-web)"
+        "decoding: the page times the browser (onnxruntime-web) and the server and keeps the faster"
         if web.available
         else f"decoding: on the server ({web.reason})",
         file=sys.stderr,
