@@ -1,6 +1,7 @@
 // In-browser mask decoding: the ONNX decoder samkit serve exported for its model (Meta's decoder interface),
 // run by onnxruntime-web (wasm backend, one thread) on the image embedding the server sends once per image.
-// Any failure leaves the page on the server's /api/predict (app.js asks `ready()` before each prompt).
+// Any failure leaves the page on the server's /api/predict (app.js asks `ready()` before each prompt;
+// while both paths can decode, decodepath.js says which one does).
 "use strict";
 window.SamkitWebDecoder = (() => {
   let session = null, embedding = null, embeddingOf = null, threshold = 0;
