@@ -6,13 +6,28 @@ CHECKPOINT ?=
 MODEL_TYPE ?= vit_b
 DEMO_IMAGE ?= outputs/demo/astronaut.png
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean web-runtime
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed web-runtime
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# onnxruntime-web for samkit serve's in-browser decoding: `npm ci` from package-lock.json into node_modules/
+# (git-ignored), its wasm build copied into samkit/serve/static/vendor/ (git-ignored; samkit serve looks
+# there, or in --web-runtime DIR). npm comes from apt where it is missing (CI starts bare, as root).
+WEB_RUNTIME := samkit/serve/static/vendor/onnxruntime-web
+WEB_RUNTIME_FILES := ort.wasm.min.js ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+
+web-runtime: $(WEB_RUNTIME)/.installed
+
+$(WEB_RUNTIME)/.installed: package.json package-lock.json
+	command -v npm >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; }
+	npm ci --no-audit --no-fund --ignore-scripts
+	mkdir -p $(WEB_RUNTIME)
+	cp $(addprefix node_modules/onnxruntime-web/dist/,$(WEB_RUNTIME_FILES)) $(WEB_RUNTIME)/
 	touch $@
 
 demo: install
@@ -42,6 +57,8 @@ bench: install
 	$(PY) benchmarks/amg_memory.py --trained --code $$(git rev-parse --short HEAD)
 	$(PY) benchmarks/onnx_cpu.py --model vit_b --rounds 3 --prompt-calls 10 --out benchmarks/results/onnx_cpu_vit_b.json
 	$(PY) benchmarks/loader_epochs.py --rev 4cd648d --out benchmarks/results/loader_epochs.json
+	$(PY) benchmarks/page_latency.py --model vit_tiny --hovers 40 --out benchmarks/results/page_latency_vit_tiny.json
+	$(PY) benchmarks/page_latency.py --model vit_b --hovers 40 --out benchmarks/results/page_latency_vit_b.json
 	$(PY) benchmarks/report.py
 
 lint: install
@@ -49,7 +66,7 @@ lint: install
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs .pytest_cache .ruff_cache node_modules $(WEB_RUNTIME)
 
 # The web page on the demo photo (opened at once, being the only image of --images): http://127.0.0.1:8000/
 .PHONY: serve

@@ -501,6 +501,68 @@ def serve_latency() -> list[str]:
     return lines
 
 
+def page_latency() -> list[str]:
+    title = "## Hover to mask in the page: decoding in the browser against the server"
+    runs = load("page_latency_*.json")
+    if not runs:
+        return not_measured(
+            title,
+            "Not measured yet: `python benchmarks/page_latency.py --model vit_tiny --out benchmarks/results/page_latency_vit_tiny.json`.",
+        )
+    lines = [
+        title,
+        "",
+        "`samkit serve`'s page in headless Chromium, one server on 127.0.0.1 and the browser on the same machine:",
+        "from the pointermove event to the preview mask drawn (decode, mask to RLE, drawing), timed by the page;",
+        "the two pages take turns in blocks of 5 hovers. Server: POST /api/predict (PyTorch); browser: the ONNX",
+        "decoder the server exported, run by onnxruntime-web (wasm, one thread). Decoder only: the server's",
+        "`decoder_ms` / the page's session.run plus mask summary; ONNX Runtime native: the same ONNX decoder in",
+        "onnxruntime's CPU provider (Python, one thread), the same process as the server.",
+        "The server and browser rows force their path (`?decode=server`, `?decode=browser`). The page's default,",
+        "auto, times its first decodes on both paths (alternating, 3 each), keeps the one with the lower median and",
+        "re-checks every 50 decodes or when a decode takes 3x that median; its row is a third page taking turns",
+        "with the other two, its first timed hovers included.",
+        "",
+        "| file | model | path | hover to mask median ms | p90 ms | decoder only median ms | hovers | load average before -> after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs:
+        for path in ("server", "browser", "auto"):
+            if path not in r["hover_to_mask"]:
+                continue
+            hover, dec = r["hover_to_mask"][path], r["decoder_only"][path]
+            lines.append(
+                f"| {name} | {r['model']} | {path} | {hover['median_ms']:.1f} | {hover['p90_ms']:.1f} | "
+                f"{dec['median_ms']:.1f} | {hover['n']} | {r['load_average_before']} -> {r['load_average_after']} |"
+            )
+    lines.append("")
+    for name, r in runs:
+        lines.append(
+            f"- {name}: `{r['command']}`; machine: {r['machine']}; {r['browser']}; image: {r['image']}; "
+            f"weights {r['weights']}; median hover to mask, server / browser: {r['server_over_browser_median']:.2f}; "
+            f"decoder only in native ONNX Runtime: median {r['decoder_only_native_onnxruntime']['median_ms']:.1f} ms "
+            f"(p90 {r['decoder_only_native_onnxruntime']['p90_ms']:.1f}); decoder export "
+            f"{r['decoder_export_s']:.1f} s, {r['decoder_onnx_bytes'] / 2**20:.1f} MiB; {when(r)}."
+            + (f" Note: {r['note']}" if r.get("note") else "")
+            + (auto_choice(r["auto"]) if r.get("auto") else "")
+        )
+    lines.append("")
+    return lines
+
+
+def auto_choice(auto: dict) -> str:
+    """The auto page's choice in a page_latency run, as a sentence."""
+    ms = auto["medians"]
+    by_path = auto["timed_hovers_by_path"]
+    if auto["chosen"] is None:
+        return " Auto had not chosen a path by the end of the run."
+    return (
+        f" Auto chose the {auto['chosen']} (medians of its timing: browser {ms['browser']:.0f} ms, server "
+        f"{ms['server']:.0f} ms; {auto['rounds']} choice(s)); of its timed hovers {by_path['server']} were "
+        f"decoded on the server and {by_path['browser']} in the browser."
+    )
+
+
 def memory() -> list[str]:
     """Peak CPU memory: the encoder per image (encoder_memory_*.json) and AMG on a large image
     (amg_memory*.json)."""
@@ -739,6 +801,7 @@ def benchmarks_md() -> str:
         + loader_epochs()
         + onnx_cpu()
         + serve_latency()
+        + page_latency()
         + memory()
     )
     return "\n".join(lines)

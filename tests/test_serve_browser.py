@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 
 from samkit.serve.app import create_app  # noqa: E402
 from samkit.serve.state import ModelService  # noqa: E402
+from samkit.serve.webdecoder import prepare_web_decoder  # noqa: E402
 from samkit.utils.amg import rle_to_mask  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -72,15 +73,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(shapes_model):
+def server(shapes_model, tmp_path_factory):
     """The app on 127.0.0.1 in a thread of this process (uvicorn, one model, as the command runs it),
-    with a token: ``url``, ``service`` and ``api`` (an httpx client that sends the token)."""
+    with a token: ``url``, ``service`` and ``api`` (an httpx client that sends the token). Its
+    onnxruntime-web folder is empty, so the page decodes on the server (the masks checked below are the
+    API's exactly; tests/test_serve_webdecode.py checks the page's own decoding)."""
     import uvicorn
 
     model, _ = shapes_model
     port = free_port()
     service = ModelService(model)
-    app = create_app(service, token=TOKEN)
+    web = prepare_web_decoder(model, "vit_tiny", runtime_dir=tmp_path_factory.mktemp("no-runtime"))
+    assert not web.available and "ort.wasm.min.js is missing" in web.reason
+    app = create_app(service, token=TOKEN, web=web)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -156,6 +161,10 @@ def test_the_page_in_chromium(browser, server, shapes_image, tmp_path):
     )
     assert state("[s.image.width, s.image.height]") == [w, h]
     assert "encoder" in page.inner_text("#latency")
+    # Without onnxruntime-web the page says it decodes on the server, and why.
+    page.wait_for_function("window.samkit.state.decoding === 'server'")
+    assert page.inner_text("#decoding") == "decoding on the server"
+    assert "ort.wasm.min.js is missing" in page.get_attribute("#decoding", "title")
     page.uncheck("#hover")  # previews on while clicking would race the checks below
 
     box = page.locator("#view").bounding_box()

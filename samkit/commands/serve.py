@@ -3,12 +3,19 @@
     samkit serve --checkpoint sam_vit_b_01ec64.pth --model-type vit_b [--device cuda] [--dtype bfloat16]
                  [--host 127.0.0.1] [--port 8000] [--images FOLDER] [--token SECRET]
                  [--allow-host NAME ...] [--allow-origin URL ...]
+                 [--web-runtime DIR] [--decoder-cache DIR] [--server-decoding]
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise (then it warns; give ``--token`` so that the API
 asks for it in the ``X-Samkit-Token`` header). Requests whose Host header is not 127.0.0.1, localhost,
 ::1, the ``--host`` value or an ``--allow-host`` name are refused (DNS rebinding), and so are writes
 from pages of other origins unless ``--allow-origin`` names them. One model in one process: no workers
 are forked, and requests that run the model take turns.
+
+The page can decode masks itself (hover and click without a round trip) when onnxruntime-web is found
+(``make web-runtime``, or ``--web-runtime DIR``) and the model's decoder exports to ONNX (once per set of
+weights, into ``--decoder-cache``); it then times its first decodes in the browser and on the server and
+keeps the faster path, re-checking as it goes (``?decode=browser|server`` in the address forces one).
+Otherwise, or with ``--server-decoding``, it asks the server.
 """
 
 from __future__ import annotations
@@ -55,6 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="embeddings written by samkit embed with this model: opening one of those images skips the encoder",
     )
+    parser.add_argument(
+        "--web-runtime",
+        metavar="DIR",
+        help="onnxruntime-web's dist folder, for decoding in the browser (default: the one make web-runtime "
+        "installs into samkit/serve/static/vendor/onnxruntime-web)",
+    )
+    parser.add_argument(
+        "--decoder-cache",
+        metavar="DIR",
+        help="where the ONNX decoder the page runs is exported, once per model (default ~/.cache/samkit/web-decoders)",
+    )
+    parser.add_argument(
+        "--server-decoding",
+        action="store_true",
+        help="decode every prompt on the server (no ONNX export, no runtime sent to the page)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.app import create_app
     from ..serve.guard import LOCAL_HOSTS, Access, is_ip_address
     from ..serve.state import Limits, ModelService
+    from ..serve.webdecoder import RUNTIME_FILES, WebDecoder, prepare_web_decoder
 
     if not 0 <= args.port <= 65535:
         raise SamkitError(f"--port {args.port}: must be from 0 to 65535")
@@ -91,6 +115,20 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.embeddings is not None and not os.path.isdir(args.embeddings):
         raise SamkitError(f"--embeddings {args.embeddings}: not a folder")
+    if args.web_runtime is not None:
+        if not os.path.isdir(args.web_runtime):
+            raise SamkitError(f"--web-runtime {args.web_runtime}: not a folder")
+        missing = [n for n in RUNTIME_FILES if not os.path.isfile(os.path.join(args.web_runtime, n))]
+        if missing:
+            raise SamkitError(
+                f"--web-runtime {args.web_runtime}: no {missing[0]} (give onnxruntime-web 1.x's dist folder)"
+            )
+    if (
+        args.decoder_cache is not None
+        and os.path.exists(args.decoder_cache)
+        and not os.path.isdir(args.decoder_cache)
+    ):
+        raise SamkitError(f"--decoder-cache {args.decoder_cache}: not a folder")
     device = check_device(args.device)
     checkpoint = checkpoint_or_none(args)
     if checkpoint is None and args.download:
@@ -121,8 +159,18 @@ def run(args: argparse.Namespace) -> int:
             + (f"; {folder.damaged} unreadable files left out" if folder.damaged else ""),
             file=sys.stderr,
         )
+    if args.server_decoding:
+        web = WebDecoder(reason="the server was started with --server-decoding")
+    else:
+        web = prepare_web_decoder(model, args.model_type, args.decoder_cache, args.web_runtime)
+    print(
+        "decoding: the page times the browser (onnxruntime-web) and the server and keeps the faster"
+        if web.available
+        else f"decoding: on the server ({web.reason})",
+        file=sys.stderr,
+    )
     access = Access(args.host, args.allow_host, args.allow_origin)
-    app = create_app(service, images_folder=args.images, token=args.token, access=access)
+    app = create_app(service, images_folder=args.images, token=args.token, access=access, web=web)
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level="warning")
     server = uvicorn.Server(config)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -30,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from ..maskgen.output import sa1b_annotation
 from .guard import Access
 from .state import EVERYTHING_SETTINGS, ApiError, ModelService, coco_records, object_record
+from .webdecoder import RUNTIME_FILES, WebDecoder
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -263,9 +265,12 @@ def create_app(
     images_folder: Optional[str] = None,
     token: Optional[str] = None,
     access: Access = Access(),
+    web: WebDecoder = WebDecoder(),
 ) -> Starlette:
     """The app serving ``service``'s model; ``images_folder`` lists images to open, ``token`` guards /api/,
-    ``access`` says which Host headers and cross-origin writes are accepted (see :mod:`.guard`)."""
+    ``access`` says which Host headers and cross-origin writes are accepted (see :mod:`.guard`), ``web``
+    is the ONNX decoder and runtime the page decodes with (see :mod:`.webdecoder`; without them, or
+    when they fail in the browser, the page asks ``/api/predict``)."""
     folder = os.path.realpath(images_folder) if images_folder else None
 
     def image_reply(image: Any, cached: bool) -> dict[str, Any]:
@@ -275,6 +280,7 @@ def create_app(
             "file_name": image.file_name,
             "width": w,
             "height": h,
+            "input_size": list(image.input_size),  # (H, W) resized so the long side is the model's size
             "cached": cached,
             "encoder_ms": 0.0 if cached else round(image.encoder_ms, 3),
         }
@@ -294,8 +300,43 @@ def create_app(
                 "images_folder": folder is not None,
                 "limits": vars(service.limits),
                 "everything_settings": {k: v[3] for k, v in EVERYTHING_SETTINGS.items()},
+                "browser_decoder": {
+                    "available": web.available,
+                    "reason": web.reason,
+                    "decoder_url": "/api/decoder.onnx",
+                    "runtime_url": "/runtime/",
+                    "mask_threshold": float(service.model.mask_threshold),
+                },
             }
         )
+
+    async def decoder_model(request: Request) -> Response:
+        if web.decoder is None:
+            raise ApiError(404, f"no decoder for the page: {web.reason}")
+        # Revalidated on every load (its ETag changes with the file): another model may serve the same URL.
+        return FileResponse(
+            web.decoder, media_type="application/octet-stream", headers={"cache-control": "no-cache"}
+        )
+
+    async def runtime_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        if web.runtime is None or name not in RUNTIME_FILES:  # only the listed names: no path is joined
+            raise ApiError(404, f"no runtime file {name[:80]!r}")
+        kinds = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+        return FileResponse(web.runtime / name, media_type=kinds[os.path.splitext(name)[1]])
+
+    async def embedding(request: Request) -> Response:
+        """The image's embedding as float32 little-endian bytes, C order; its shape in ``X-Shape``."""
+        image = service.image(request.path_params["image_id"])
+
+        def as_bytes() -> tuple[bytes, tuple[int, ...]]:
+            array = image.features.detach().to(device="cpu", dtype=torch.float32).numpy()
+            return array.astype("<f4", copy=False).tobytes(), array.shape
+
+        data, shape = await run_in_threadpool(as_bytes)
+        # Not kept by the browser: the same image id has another embedding once another model serves it.
+        headers = {"x-shape": ",".join(map(str, shape)), "cache-control": "no-store"}
+        return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def list_images(request: Request) -> Response:
         return JSONResponse({"images": await run_in_threadpool(folder_images, folder)})
@@ -417,6 +458,9 @@ def create_app(
         Route("/api/images", upload, methods=["POST"]),
         Route("/api/images/open", open_from_folder, methods=["POST"]),
         Route("/api/images/{image_id}/pixels", pixels),
+        Route("/api/images/{image_id}/embedding", embedding),
+        Route("/api/decoder.onnx", decoder_model),
+        Route("/runtime/{name}", runtime_file),
         Route("/api/predict", predict, methods=["POST"]),
         Route("/api/everything", everything, methods=["POST"]),
         Route("/api/everything/cancel", cancel_everything, methods=["POST"]),

@@ -22,7 +22,16 @@
     picked: [],           // indices of picked 'everything' masks
     zoom: 1,              // 1 = the whole image fits the stage
     editing: null,        // the kept object being edited: "Keep object" puts the new mask in its place
+    decoding: "starting", // where prompts are decoded: "browser" (onnxruntime-web), "server" (/api/predict)
+                          // or, with ?decode=auto (the default), "timing" until both paths are timed
+    paths: null,          // auto's choice: {policy, chosen, measuring, samples, medians, ...} (decodepath.js)
+    hoverTimes: [],       // ms from a hover's pointer event to its mask drawn (the last 200; benchmarks read it)
   };
+  const web = window.SamkitWebDecoder;
+  const asked = new URLSearchParams(location.search).get("decode");
+  const paths = window.SamkitDecodePath(asked === "browser" || asked === "server" ? asked : "auto");
+  state.paths = paths.choice;
+  let decoderStarted = Promise.resolve();  // resolves once the page knows where it decodes
   const view = $("view"), ctx = view.getContext("2d");
   let picture = null;     // the image as an HTMLImageElement
   const maskCache = new WeakMap();  // RLE object -> {bits, canvas per colour}
@@ -39,6 +48,32 @@
       throw new Error(message);
     }
     return raw ? reply : reply.json();
+  }
+  function showDecoding() {
+    const status = web.status, label = $("decoding");
+    if (status.mode !== "browser") {  // starting, or no browser decoder (forced, missing or failed)
+      state.decoding = status.mode;
+      label.textContent = status.mode === "server" ? "decoding on the server" : "";
+      label.title = status.reason || "";
+      return;
+    }
+    const choice = paths.choice, told = paths.describe();
+    state.decoding = choice.policy !== "auto" ? choice.policy : choice.chosen || "timing";
+    label.textContent = told.text; label.title = told.title;
+  }
+  function fallBack(reason) { web.fail(reason); showDecoding(); }
+  function timed(path, ms) { if (paths.record(path, ms)) showDecoding(); }  // auto: one more decode timed
+  async function fetchBytes(path) { return (await api(path, undefined, true)).arrayBuffer(); }
+  async function loadEmbedding(reply) {  // the embedding for in-browser decoding (once per opened image)
+    await decoderStarted;
+    return fetchEmbedding(reply);
+  }
+  async function fetchEmbedding(reply) {
+    if (web.status.mode !== "browser") return;
+    try {
+      const answer = await api(`/api/images/${reply.image_id}/embedding`, undefined, true);
+      web.setImage(reply.image_id, await answer.arrayBuffer(), answer.headers.get("x-shape").split(",").map(Number));
+    } catch (err) { fallBack(`the embedding did not load: ${err.message || err}`); }
   }
   function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
   function latency(text) { $("latency").textContent = text; }
@@ -191,6 +226,7 @@
     state.position = 0; state.objects = []; state.everything = null; state.hover = null; state.picked = []; state.zoom = 1; state.editing = null;
     view.width = reply.width; view.height = reply.height; view.hidden = false;
     $("drop-hint").hidden = true; fit();
+    await loadEmbedding(reply);
     $("everything-count").textContent = ""; $("everything-hint").hidden = true; renderObjects(); showCandidates(); draw();
     latency(reply.cached ? "encoder: cached" : `encoder ${reply.encoder_ms.toFixed(0)} ms`);
   }
@@ -228,11 +264,31 @@
     const started = performance.now();
     state.busy++;
     try {
-      const reply = await api("/api/predict", promptBody(next, previous));
+      const body = promptBody(next, previous);
+      let reply = null;
+      const ready = web.ready(state.image.image_id), before = previous.result, single = next.points.length === 1 && !next.box;
+      // A prompt that refines the previous mask stays on the path that made it (the browser keeps its low-res
+      // logits, the server its logits_id); any other goes where the choice says.
+      const path = before && !single ? (before.local && ready ? "browser" : "server") : paths.next(ready);
+      if (path === "browser") {
+        // The previous mask's low-res logits go back in, as the server does with logits_id.
+        const maskInput = before && before.lowRes && !single ? before.lowRes[before.selected] : null;
+        try {
+          const sent = performance.now();
+          reply = await web.decode(state.image, { points: next.points, labels: next.labels, box: next.box, maskInput }, single);
+          timed("browser", performance.now() - sent);
+          latency(`decoder ${reply.decoder_ms.toFixed(0)} ms in the browser`);
+        } catch (err) { fallBack(`decoding in the browser failed: ${err.message || err}`); }
+      }
+      if (reply === null) {
+        const sent = performance.now();
+        reply = await api("/api/predict", body);
+        timed("server", performance.now() - sent);
+        latency(`decoder ${reply.decoder_ms.toFixed(0)} ms (round trip ${(performance.now() - started).toFixed(0)} ms)`);
+      }
       let best = 0; reply.scores.forEach((s, i) => { if (s > reply.scores[best]) best = i; });
-      next.result = { ...reply, selected: best, body: promptBody(next, previous) };
+      next.result = { ...reply, selected: best, body };
       state.predictions++;
-      latency(`decoder ${reply.decoder_ms.toFixed(0)} ms (round trip ${(performance.now() - started).toFixed(0)} ms)`);
       showError(null);
     } catch (err) { showError(err); } finally { state.busy--; }
     showCandidates(); draw();
@@ -245,20 +301,26 @@
   let hoverSeq = 0, hoverShown = 0, hoverInFlight = false, hoverPending = null, hoverLast = 0;
   function hoverAt(point) {
     if (!$("hover").checked || !state.image || dragStart) return;
-    hoverPending = point;
+    hoverPending = { point, at: performance.now() };
     pumpHover();
   }
-  async function pumpHover() {
-    const wait = 80 - (performance.now() - hoverLast);
+  async function pumpHover() {  // in the browser: no pause between previews, one decode at a time
+    const local = paths.next(web.ready(state.image.image_id)) === "browser", wait = local ? 0 : 80 - (performance.now() - hoverLast);
     if (hoverInFlight || !hoverPending) return;
     if (wait > 0) { setTimeout(pumpHover, wait); return; }
-    const point = hoverPending, seq = ++hoverSeq, s = current();
+    const { point, at } = hoverPending, seq = ++hoverSeq, s = current();
     hoverPending = null; hoverInFlight = true; hoverLast = performance.now();
     try {
-      const reply = await api("/api/predict", {
-        image_id: state.image.image_id, points: s.points.concat([point]), labels: s.labels.concat([1]), box: s.box, multimask: false,
-      });
-      if (seq > hoverShown && hoverPointer) { hoverShown = seq; state.hover = reply; draw(); }
+      const prompt = { points: s.points.concat([point]), labels: s.labels.concat([1]), box: s.box };
+      const sent = performance.now(), reply = local
+        ? await web.decode(state.image, { ...prompt, maskInput: null }, false)
+        : await api("/api/predict", { image_id: state.image.image_id, ...prompt, multimask: false });
+      timed(local ? "browser" : "server", performance.now() - sent);
+      if (seq > hoverShown && hoverPointer) {
+        hoverShown = seq; state.hover = { ...reply, prompt }; draw();
+        state.hoverTimes.push(performance.now() - at);
+        if (state.hoverTimes.length > 200) state.hoverTimes.shift();
+      }
     } catch (err) { /* a preview that fails is only a preview */ } finally { hoverInFlight = false; }
     if (hoverPending) pumpHover();
   }
@@ -508,6 +570,10 @@
   $("show-everything").onchange = draw;
   $("folder").onchange = (e) => { if (e.target.value) openFromFolder(e.target.value); };
   api("/api/health").then((health) => {
+    decoderStarted = web.start(health.browser_decoder, fetchBytes).then(() => {
+      showDecoding();
+      if (state.image) return fetchEmbedding(state.image);  // an image opened while the runtime loaded
+    });
     for (const [k, v] of Object.entries(health.everything_settings)) if ($(k)) $(k).value = v;
     latency(`${health.device} · ${health.dtype}`);
     if (health.images_folder) return api("/api/images").then((reply) => {
@@ -517,5 +583,5 @@
       if (reply.images.length === 1) { select.value = reply.images[0]; openFromFolder(reply.images[0]); }  // make serve's demo photo
     });
   }).catch(showError);
-  window.samkit = { state, undo, redo, clear, keep, everything, exportResult, openFile, zoomAt, edit };
+  window.samkit = { state, decoderStarted: () => decoderStarted, undo, redo, clear, keep, everything, exportResult, openFile, zoomAt, edit };
 })();
