@@ -8,7 +8,7 @@ DEMO_IMAGE ?= outputs/demo/astronaut.png
 
 .PHONY: install demo test lint bench clean web-runtime
 
-install: $(VENV)/.installed web-runtime
+install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ demo: install
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--download) \
 	  --input $(DEMO_IMAGE) --output outputs/demo/amg.png
 
-test: install
+test: install web-runtime
 	$(PY) -m pytest -q tests --durations=30
 
 # CPU benchmarks against Meta's implementation (slow; the benchmark decoder of amg.py --trained is trained
