@@ -136,3 +136,34 @@ def labelme_file(
 
 def shape(label: str, kind: str, points, group_id=None) -> dict:
     return {"label": label, "points": points, "group_id": group_id, "shape_type": kind, "flags": {}}
+
+
+LABELME_NAMES = ("cell", "nucleus", "debris")
+
+
+def make_labelme_folder(
+    root: Path, num_images: int = 4, seed: int = 0, size: tuple[int, int] = (96, 128)
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """``root/*.json`` labelme files of shape pictures: even images embed the picture (imageData), odd
+    ones point to ``pics/<stem>.png`` (imagePath). Each shape is one polygon per outline; a shape
+    with a hole (a ring) is its outer and inner outline with a shared group_id. Returns (root, stem ->
+    KxHxW bool drawn masks)."""
+    root = Path(root)
+    (root / "pics").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    truth = {}
+    for i in range(num_images):
+        stem = f"photo_{i:02d}"
+        image, masks = make_shapes_image(rng, size)
+        shapes = []
+        for k, mask in enumerate(masks):
+            outlines = polygon_points(mask)
+            group = k if len(outlines) > 1 else None
+            shapes.extend(shape(LABELME_NAMES[k % 3], "polygon", p, group) for p in outlines)
+        if i % 2:
+            Image.fromarray(image).save(root / "pics" / f"{stem}.png")
+            labelme_file(root / f"{stem}.json", shapes, size, None, f"pics\\{stem}.png")
+        else:
+            labelme_file(root / f"{stem}.json", shapes, size, image, f"{stem}.jpg")
+        truth[stem] = masks
+    return root, truth

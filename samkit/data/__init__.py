@@ -23,6 +23,7 @@ from .common import (
     unpack_masks,
 )
 from .flare import FlareDataset
+from .labelme import LabelmeDataset
 from .masks import MaskFolderDataset
 from .prompts import boxes_from_masks, choose_objects, jitter_boxes
 from .sa1b import Sa1bDataset
@@ -32,6 +33,7 @@ DATASETS: dict[str, type[BoxPromptDataset]] = {
     "sa1b": Sa1bDataset,
     "flare": FlareDataset,
     "masks": MaskFolderDataset,
+    "labelme": LabelmeDataset,
 }
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "BoxPromptDataset",
     "CocoDataset",
     "FlareDataset",
+    "LabelmeDataset",
     "MaskFolderDataset",
     "Sa1bDataset",
     "batch_images",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 
@@ -38,12 +38,14 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def read_image_array(path: str) -> np.ndarray:
+def read_image_array(path: str | IO[bytes], name: str | None = None) -> np.ndarray:
     """An image file's pixels as stored: HxW or HxWxC, uint8 for 8-bit modes (palettes expanded to
     RGB/RGBA, 1-bit to 0/255), uint16 for 16-bit grey, int32 for 32-bit integer, float32 for float.
-    DatasetError naming ``path`` when it is not a readable image. Only the first frame of a
-    multi-page file is read."""
+    DatasetError naming ``name`` (default ``path``) when it is not a readable image. Only the first
+    frame of a multi-page file is read."""
     from PIL import Image, UnidentifiedImageError
+
+    name = name or str(path)
 
     try:
         with warnings.catch_warnings():
@@ -59,12 +61,12 @@ def read_image_array(path: str) -> np.ndarray:
                     img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV
                 array = np.asarray(img)
     except UnidentifiedImageError:
-        raise DatasetError(f"cannot read image {path}: not an image file") from None
+        raise DatasetError(f"cannot read image {name}: not an image file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DatasetError(f"cannot read image {path}: {reason}") from None
+        raise DatasetError(f"cannot read image {name}: {reason}") from None
     if array.size == 0:
-        raise DatasetError(f"image {path} is empty ({array.shape})")
+        raise DatasetError(f"image {name} is empty ({array.shape})")
     return array
 
 
@@ -132,13 +134,16 @@ def normalize_intensity(array: np.ndarray, percentiles: Sequence[float] = DEFAUL
     return np.rint(out).astype(np.uint8)
 
 
-def load_training_image(path: str, percentiles: Sequence[float] | None = DEFAULT_PERCENTILES) -> np.ndarray:
-    """Read ``path`` and apply the intensity rule; DatasetError naming the file on any failure."""
-    array = read_image_array(path)
+def load_training_image(
+    path: str | IO[bytes], percentiles: Sequence[float] | None = DEFAULT_PERCENTILES, name: str | None = None
+) -> np.ndarray:
+    """Read ``path`` (a file name or a binary file) and apply the intensity rule; DatasetError naming
+    the file (or ``name``) on any failure."""
+    array = read_image_array(path, name)
     try:
         return to_training_rgb(array, percentiles)
     except ImageError as err:
-        raise DatasetError(f"image {path}: {err}") from None
+        raise DatasetError(f"image {name or path}: {err}") from None
 
 
 def image_size_of(path: str) -> tuple[int, int]:
