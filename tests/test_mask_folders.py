@@ -202,16 +202,18 @@ def test_train_and_eval_from_a_folder(mode, small_frame_checkpoint, tmp_path):
     top = {"prompt_mode": mode}
     if mode == "point":
         top["point"] = {"num_iter": 2, "mask_only_iter": ["last"]}
+        top["max_steps"] = 1  # point rounds cost several decoder passes; one step shows the mode runs
     cfg = config_from_dict(make_config(root, tmp_path / "run", small_frame_checkpoint, **top))
     result = train(cfg)
     val = sorted(split_stems(list(truth), 0.25, 0, "val"))
     objects = sum(len(truth[s]) for s in val)
     assert len(val) == 2
-    assert result["eval"][next(k for k in result["eval"] if k.startswith("objects_1024"))] == objects
     final = str(tmp_path / "run" / "sam_final.pth")
     again = run_eval(config_from_dict(make_config(root, tmp_path / "eval", final, **top)))
-    for key in ("miou_1024", "miou_original"):
-        if key in result["eval"]:
+    counts = [v for k, v in again.items() if k.startswith("objects_1024")]
+    assert counts and all(c == objects for c in counts)  # exactly the held-out pictures' objects
+    if "eval" in result:  # the evaluation at the end of training agrees with eval.py
+        for key in ("miou_1024", "miou_original"):
             assert again[key] == pytest.approx(result["eval"][key], abs=1e-6)
 
 
