@@ -19,6 +19,7 @@ from samkit.data import CocoDataset, LabelmeDataset, MaskFolderDataset
 from samkit.errors import DatasetError
 from samkit.training.config import config_from_dict
 from samkit.training.evaluate import category_names
+from samkit.training.evaluate import run as run_eval
 from samkit.training.train import train
 
 from .conftest import SMALL_FRAME
@@ -215,3 +216,39 @@ def test_convert_bad_folders_write_nothing(problem, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_text_mode_trains_and_evaluates_label_names(small_frame_checkpoint, tmp_path):
+    """prompt_mode text (crop features of a tiny random CLIP) on a labelme folder, then the
+    category-name evaluation, which prompts with the label names of the held-out pictures."""
+    from .text_helpers import save_tiny_clip
+
+    root, _ = make_labelme_folder(tmp_path / "data", 6, seed=4, size=(64, 80))
+    clip = save_tiny_clip(tmp_path / "clip")
+    data = {
+        "type": "labelme",
+        "data_dir": str(root),
+        "val_fraction": 0.34,
+        "max_objects": 3,
+        "num_workers": 0,
+    }
+    cfg = {
+        "model": {"type": "vit_tiny", "checkpoint": small_frame_checkpoint, "image_size": SMALL_FRAME},
+        "train_data": data,
+        "eval_data": {**data, "max_objects": 8},
+        "prompt_mode": "text",
+        "text": {"encoder": "clip", "model": str(clip), "feature_dim": 12, "min_area": 10},
+        "work_dir": str(tmp_path / "run"),
+        "epochs": 1,
+        "max_steps": 1,
+        "batch_size": 2,
+        "eval_every": 0,
+        "tensorboard": False,
+        "progress": False,
+    }
+    train(config_from_dict(cfg))
+    final = str(tmp_path / "run" / "sam_final.pth")
+    evaluated = run_eval(config_from_dict({**cfg, "model": {**cfg["model"], "checkpoint": final}}))
+    val = LabelmeDataset(root, val_fraction=0.34, subset="val")
+    pairs = sum(len(set(val.read_objects(i)[2].tolist())) for i in range(len(val)))
+    assert evaluated["objects_1024_category_best"] == pairs > 0
