@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from samkit import build_model, sam_model_registry
 from samkit.build import read_checkpoint
@@ -129,6 +131,24 @@ def test_convert_command_and_errors(tiny_sam, hf_folder, tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() == (hf_folder / "model.safetensors").read_bytes()
     assert main(["convert", "--to", "safetensors", str(out), str(tmp_path / "t.safetensors")]) == 0
     assert_same_state(read_checkpoint(tmp_path / "t.safetensors"), tiny_sam.state_dict())
+    # A command takes the HF folder as --checkpoint and gives what the .pth gives.
+    picture = tmp_path / "pic.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(picture)
+    results = []
+    for name, weights in (("pth", pth), ("hf", out)):
+        args = [
+            "--model-type",
+            "vit_tiny",
+            "--checkpoint",
+            weights,
+            "--input",
+            picture,
+            "--output-dir",
+            tmp_path / name,
+        ]
+        assert main(["predict", "--prompt-type", "box", "--box", "5,6,40,30", *map(str, args)]) == 0
+        results.append({p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())})
+    assert results[0] and results[0] == results[1]
     capsys.readouterr()
 
     other = tmp_path / "bert"
