@@ -66,7 +66,7 @@ def test_shapes_holes_groups_and_embedded_pictures(tmp_path):
         shape("box", "rectangle", [[40, 2], [35, 9]]),  # corners in any order
         shape("disc", "circle", [[42, 30], [42, 34]]),
         shape("ring", "polygon", [[33, 33], [38, 33], [38, 38]], group_id=2),  # another ring object
-        shape("box", "line", [[0, 0], [10, 10]]),  # no area: ignored
+        shape("ruler", "line", [[0, 0], [10, 10]]),  # no area: no object, no category
     ]
     picture = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
     (tmp_path / "a").mkdir()

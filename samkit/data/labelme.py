@@ -11,7 +11,7 @@ present, else from ``imagePath`` (relative to the JSON file). Shapes become obje
 - Shapes with the same ``label`` and ``group_id`` (not null) are one object, combined by the
   even-odd rule: a polygon drawn inside another cuts a hole, disjoint ones add up (an object split
   by an occluder). Every shape without a group_id is its own object.
-- Categories are the label names of the whole folder, sorted, numbered from 1; objects of fewer
+- Categories are the label names of the whole folder's area shapes, sorted, numbered from 1; objects of fewer
   than ``min_area`` pixels are dropped and pictures without an object are left out.
 """
 
@@ -46,7 +46,7 @@ def read_labelme(path: str) -> dict[str, Any]:
     if not doc.get("imageData") and not doc.get("imagePath"):
         raise DatasetError(f"labelme file {path} has neither imageData nor imagePath")
     for i, shape in enumerate(doc["shapes"]):
-        kind = shape.get("shape_type") or "polygon" if isinstance(shape, dict) else None
+        kind = _kind(shape) if isinstance(shape, dict) else None
         if (
             kind is None
             or not isinstance(shape.get("label"), str)
@@ -58,11 +58,16 @@ def read_labelme(path: str) -> dict[str, Any]:
     return doc
 
 
+def _kind(shape: dict[str, Any]) -> str:
+    """A shape's type; labelme's oldest files have no shape_type and mean polygons."""
+    return shape.get("shape_type") or "polygon"
+
+
 def rasterize_shape(shape: dict[str, Any], size: tuple[int, int], where: str) -> np.ndarray:
     """One labelme shape -> HxW bool mask (``size`` = (H, W)), drawn as labelme's ``shape_to_mask``."""
     from PIL import Image, ImageDraw
 
-    kind = shape.get("shape_type") or "polygon"
+    kind = _kind(shape)
     try:
         points = [(float(x), float(y)) for x, y in shape["points"]]
     except (TypeError, ValueError):
@@ -115,8 +120,7 @@ def labelme_objects(
     masks: list[np.ndarray] = []
     ids: list[int] = []
     for i, shape in enumerate(doc["shapes"]):
-        kind = shape.get("shape_type") or "polygon"
-        if kind not in AREA_SHAPES:
+        if _kind(shape) not in AREA_SHAPES:
             continue
         mask = rasterize_shape(shape, size, f"shape {i} of {path}")
         group = shape.get("group_id")
@@ -169,7 +173,7 @@ class LabelmeDataset(ObjectFilesDataset):
         if not names:
             raise DatasetError(f"no labelme .json files in {self.data_dir}")
         docs = {os.path.splitext(n)[0]: read_labelme(os.path.join(self.data_dir, n)) for n in names}
-        labels = sorted({s["label"] for d in docs.values() for s in d["shapes"]})
+        labels = sorted({s["label"] for d in docs.values() for s in d["shapes"] if _kind(s) in AREA_SHAPES})
         self._ids = {name: i + 1 for i, name in enumerate(labels)}
         self.categories = {i: name for name, i in self._ids.items()}
         self._files = {os.path.splitext(n)[0]: n for n in names}
