@@ -76,8 +76,20 @@ def test_reads_what_transformers_writes(tmp_path):
     # the state dict (tied copies included), which many shared SAMs still are.
     (tmp_path / "bin").mkdir()
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    expected = hf_to_samkit_names(hf.state_dict())
-    for source in (tmp_path / "st", tmp_path / "bin", tmp_path / "bin" / "pytorch_model.bin"):
+    # Shards: two safetensors files listed in model.safetensors.index.json.
+    state = hf.state_dict()
+    names = sorted(state)
+    (tmp_path / "shards").mkdir()
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        (tmp_path / "shards" / file).write_bytes(safetensors_bytes({k: state[k] for k in part}))
+        weight_map.update({k: file for k in part})
+    (tmp_path / "shards" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.save({"state_dict": {"model": state}}, tmp_path / "wrapped.bin")
+    expected = hf_to_samkit_names(state)
+    sources = [tmp_path / "st", tmp_path / "bin", tmp_path / "bin" / "pytorch_model.bin", tmp_path / "shards"]
+    for source in [*sources, tmp_path / "wrapped.bin"]:
         sam = build_model("vit_tiny", source)
         assert_same_state(sam.state_dict(), expected)
 

@@ -245,8 +245,12 @@ def _read_bin(path: str) -> dict[str, torch.Tensor]:
     except Exception as err:  # torch raises many types for bad files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
+    for _ in range(2):  # {"model": {...}} or {"state_dict": {"model": ...}}, as build.read_checkpoint
+        if isinstance(state, Mapping):
+            state = next(
+                (state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), Mapping)),
+                state,
+            )
     if (
         not isinstance(state, Mapping)
         or not state
