@@ -195,7 +195,7 @@ def test_convert_output_trains_to_the_same_numbers(small_frame_checkpoint, tmp_p
         assert torch.equal(v, runs["coco_weights"][k]), k
 
 
-@pytest.mark.parametrize("problem", ["unpaired", "corrupt", "empty", "not_a_folder"])
+@pytest.mark.parametrize("problem", ["unpaired", "corrupt", "empty", "neither", "not_a_folder"])
 def test_convert_bad_folders_write_nothing(problem, tmp_path, capsys):
     root, _ = make_mask_folder(tmp_path / "src", 3, seed=1)
     if problem == "unpaired":
@@ -208,6 +208,9 @@ def test_convert_bad_folders_write_nothing(problem, tmp_path, capsys):
         for p in (root / "images").iterdir():
             p.unlink()
         message = "no image files in"
+    elif problem == "neither":
+        root = root / "labels"
+        message = "neither a mask folder (no images/) nor a labelme folder (no .json files)"
     else:
         root = root / "images" / "img_00.jpg"
         message = "not a folder"

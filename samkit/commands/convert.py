@@ -81,6 +81,10 @@ def _folder_dataset(args: argparse.Namespace) -> Any:
     common = {"min_area": args.min_area, "percentiles": args.percentiles}
     if os.path.isdir(os.path.join(source, "images")):
         return MaskFolderDataset(source, semantic=args.semantic, **common)
+    if not any(n.lower().endswith(".json") for n in os.listdir(source)):
+        raise DatasetError(
+            f"SOURCE {source}: neither a mask folder (no images/) nor a labelme folder (no .json files)"
+        )
     if args.semantic:
         raise SamkitError("--semantic is for label images (a folder with images/ and labels/)")
     return LabelmeDataset(source, **common)
