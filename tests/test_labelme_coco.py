@@ -195,9 +195,12 @@ def test_convert_output_trains_to_the_same_numbers(small_frame_checkpoint, tmp_p
         assert torch.equal(v, runs["coco_weights"][k]), k
 
 
-@pytest.mark.parametrize("problem", ["unpaired", "corrupt", "empty", "neither", "not_a_folder"])
+@pytest.mark.parametrize(
+    "problem", ["unpaired", "corrupt", "empty", "neither", "not_a_folder", "percentiles"]
+)
 def test_convert_bad_folders_write_nothing(problem, tmp_path, capsys):
     root, _ = make_mask_folder(tmp_path / "src", 3, seed=1)
+    flags: list[str] = []
     if problem == "unpaired":
         (root / "labels" / "img_01.png").unlink()
         message = "image without its label image"
@@ -211,11 +214,14 @@ def test_convert_bad_folders_write_nothing(problem, tmp_path, capsys):
     elif problem == "neither":
         root = root / "labels"
         message = "neither a mask folder (no images/) nor a labelme folder (no .json files)"
-    else:
+    elif problem == "not_a_folder":
         root = root / "images" / "img_00.jpg"
         message = "not a folder"
+    elif problem == "percentiles":
+        flags = ["--percentiles", "99", "1"]
+        message = "--percentiles must be two numbers 0 <= LOW < HIGH <= 100, got 99 1"
     out = tmp_path / "out"
-    assert main(["convert", "--to", "coco", str(root), str(out)]) == 2
+    assert main(["convert", "--to", "coco", str(root), str(out), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()

@@ -78,6 +78,11 @@ def _folder_dataset(args: argparse.Namespace) -> Any:
         raise DatasetError(
             f"SOURCE {source}: not a folder (a mask folder with images/, or labelme .json files)"
         )
+    low, high = args.percentiles
+    if not 0 <= low < high <= 100:
+        raise SamkitError(f"--percentiles must be two numbers 0 <= LOW < HIGH <= 100, got {low:g} {high:g}")
+    if args.min_area < 0:
+        raise SamkitError(f"--min-area must not be negative, got {args.min_area}")
     common = {"min_area": args.min_area, "percentiles": args.percentiles}
     if os.path.isdir(os.path.join(source, "images")):
         return MaskFolderDataset(source, semantic=args.semantic, **common)

@@ -167,6 +167,8 @@ class LabelmeDataset(ObjectFilesDataset):
         self.data_dir = check_folder(data_dir, "labelme folder")
         self.min_area = int(min_area)
         self.percentiles = None if percentiles is None else tuple(float(p) for p in percentiles)
+        if self.percentiles is not None and not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must be two numbers 0 <= low < high <= 100, got {percentiles}")
         names = sorted(
             n for n in os.listdir(self.data_dir) if n.lower().endswith(".json") and not n.startswith(".")
         )
