@@ -252,7 +252,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``name -> tensor`` dict with Meta's parameter names.
 
     Accepts Meta's ``.pth`` (also wrapped as ``{"model": state_dict}`` and with ``module.`` or
-    ``_orig_mod.`` prefixes), samkit's training checkpoints and the seed's MindSpore ``.ckpt``.
+    ``_orig_mod.`` prefixes), samkit's training checkpoints, the seed's MindSpore ``.ckpt``, and
+    Hugging Face SAMs (a folder, ``model.safetensors``, ``pytorch_model.bin``: :mod:`samkit.checkpoints.hf`).
     Pickled code never runs (``weights_only=True``).
     """
     from .checkpoints.mindspore import (
@@ -262,6 +263,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
     path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith((".safetensors", ".bin", ".json")):
+        from .checkpoints.hf import read_hf_checkpoint
+
+        return read_hf_checkpoint(path)  # a Hugging Face SAM folder or file, or samkit's .safetensors
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if looks_like_mindspore_checkpoint(path):

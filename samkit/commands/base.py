@@ -101,7 +101,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-type", default="vit_b", choices=list(sam_model_registry), help="default: vit_b"
     )
-    parser.add_argument("--checkpoint", metavar="PATH", help="weights file: Meta's .pth or the seed's .ckpt")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="weights: Meta's .pth, the seed's .ckpt, a Hugging Face SAM folder or .safetensors",
+    )
     parser.add_argument(
         "--download",
         action="store_true",
@@ -133,8 +137,10 @@ def checkpoint_or_none(args: argparse.Namespace) -> str | None:
     from ..checkpoints.download import ALIASES, CHECKPOINTS, checkpoint_url
 
     if args.checkpoint is not None:
-        if not os.path.isfile(args.checkpoint):
-            what = "a directory" if os.path.isdir(args.checkpoint) else "not found"
+        from ..checkpoints.hf import is_hf_folder
+
+        if not os.path.isfile(args.checkpoint) and not is_hf_folder(args.checkpoint):
+            what = "a directory without a Hugging Face SAM" if os.path.isdir(args.checkpoint) else "not found"
             raise CheckpointError(f"--checkpoint {args.checkpoint}: {what}")
         return args.checkpoint
     downloadable = ALIASES.get(args.model_type, args.model_type) in CHECKPOINTS

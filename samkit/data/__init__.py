@@ -1,4 +1,5 @@
-"""Datasets for box-prompt fine-tuning and evaluation: COCO, SA-1B and preprocessed FLARE22 slices.
+"""Datasets for box-prompt fine-tuning and evaluation: COCO, SA-1B, preprocessed FLARE22 slices, and
+users' own image + mask folders and labelme files.
 
 Every dataset returns samples of one contract (see :mod:`samkit.data.common`); batch them with
 :func:`collate`.
@@ -22,6 +23,8 @@ from .common import (
     unpack_masks,
 )
 from .flare import FlareDataset
+from .labelme import LabelmeDataset
+from .masks import MaskFolderDataset
 from .prompts import boxes_from_masks, choose_objects, jitter_boxes
 from .sa1b import Sa1bDataset
 
@@ -29,6 +32,8 @@ DATASETS: dict[str, type[BoxPromptDataset]] = {
     "coco": CocoDataset,
     "sa1b": Sa1bDataset,
     "flare": FlareDataset,
+    "masks": MaskFolderDataset,
+    "labelme": LabelmeDataset,
 }
 
 
@@ -44,6 +49,8 @@ __all__ = [
     "BoxPromptDataset",
     "CocoDataset",
     "FlareDataset",
+    "LabelmeDataset",
+    "MaskFolderDataset",
     "Sa1bDataset",
     "batch_images",
     "batch_masks",

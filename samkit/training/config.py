@@ -27,7 +27,7 @@ AMP_CHOICES = ("off", "bf16", "fp16")
 PROMPT_MODES = ("box", "point", "text")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
 EVAL_PROMPTS = ("box", "point", "text")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
 DECAY_CHOICES = ("cosine", "linear", "step", "constant")
-DATA_TYPES = ("coco", "sa1b", "flare")
+DATA_TYPES = ("coco", "sa1b", "flare", "masks", "labelme")
 
 
 def _fail(key: str, message: str, source: str) -> NoReturn:
@@ -67,19 +67,35 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    type: str = "coco"  # coco | sa1b | flare
+    type: str = "coco"  # coco | sa1b | flare | masks (image + mask folders) | labelme (labelme JSON)
     data_dir: str = ""
     annotation_path: Optional[str] = None  # COCO only
     max_objects: int = 20  # a seeded random subset when an image has more
     include_crowd: bool = False  # COCO only
     box_jitter: int = 0  # outward noise on box prompts, 0..box_jitter px per side (FLARE: 20)
-    min_area: int = 10000  # SA-1B only: masks below this area (original pixels) are dropped
+    # Masks below this area (original pixels) are dropped: SA-1B (default 10000), masks and labelme (default 0).
+    min_area: Optional[int] = None
     max_images: Optional[int] = None  # use only the first N images (quick runs)
     num_workers: int = 2
+    # masks/labelme only (samkit.data.masks, samkit.data.labelme):
+    semantic: bool = False  # masks: label values are classes; their connected components are the objects
+    # A seeded share of the pictures held out for validation: train_data takes the rest, eval_data (same
+    # data_dir and val_fraction) takes that share. null: all pictures (a separate validation folder).
+    val_fraction: Optional[float] = None
+    split_seed: int = 0  # the seed of that split (not the training seed: the split stays put)
+    # Pictures of more than 8 bits (16-bit, float): these percentiles map to 0 and 255 (null: / 257).
+    percentiles: Optional[list[float]] = field(default_factory=lambda: [1.0, 99.0])
 
     def validate(self, key: str, source: str) -> None:
         if self.type not in DATA_TYPES:
-            _fail(f"{key}.type", f"must be coco, sa1b or flare, got {self.type!r}", source)
+            _fail(f"{key}.type", f"must be one of {', '.join(DATA_TYPES)}, got {self.type!r}", source)
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            _fail(f"{key}.val_fraction", f"must be between 0 and 1, got {self.val_fraction}", source)
+        p = self.percentiles
+        if p is not None and (len(p) != 2 or not 0 <= p[0] < p[1] <= 100):
+            _fail(f"{key}.percentiles", f"must be two numbers 0 <= low < high <= 100, got {p}", source)
+        if self.min_area is not None and self.min_area < 0:
+            _fail(f"{key}.min_area", f"must not be negative, got {self.min_area}", source)
         if self.max_objects < 1:
             _fail(f"{key}.max_objects", f"must be at least 1, got {self.max_objects}", source)
         if self.box_jitter < 0 or self.num_workers < 0:

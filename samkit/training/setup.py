@@ -35,11 +35,23 @@ def build_data(data: DataConfig, *, image_size: int, seed: int, for_eval: bool) 
     else:
         kwargs["data_dir"] = data.data_dir
         if data.type == "sa1b":
-            kwargs["min_area"] = data.min_area
+            kwargs["min_area"] = 10000 if data.min_area is None else data.min_area
+    if data.type in ("masks", "labelme"):
+        kwargs.update(min_area=data.min_area or 0, percentiles=data.percentiles, split_seed=data.split_seed)
+        kwargs.update(val_fraction=data.val_fraction, subset=_subset(data, for_eval))
+        if data.type == "masks":
+            kwargs["semantic"] = data.semantic
     dataset = build_dataset(data.type, **kwargs)
     if data.max_images is not None and data.max_images < len(dataset):
         dataset = Subset(dataset, range(data.max_images))
     return dataset
+
+
+def _subset(data: DataConfig, for_eval: bool) -> str:
+    """With ``val_fraction`` the training data is the rest of the folder, the evaluation data that share."""
+    if data.val_fraction is None:
+        return "all"
+    return "val" if for_eval else "train"
 
 
 def build_sam(cfg: TrainConfig) -> Sam:
