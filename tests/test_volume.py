@@ -115,11 +115,16 @@ def case():
 
 
 @pytest.fixture(scope="module")
-def case_rows(volume_box_model, case):
-    """The 3D protocol's rows for case 0 (one box per organ vs a box on every slice)."""
-    ct, label = case
+def embedded(volume_box_model, case):
+    """Case 0's slices under the abdomen window, embedded once for the tests that only decode."""
     predictor = SamPredictor(volume_box_model)
-    return evaluate_case(predictor, to_uint8(ct, "abdomen"), label, (2.5, 0.8, 0.8))
+    return SliceEmbeddings(predictor, to_uint8(case[0], "abdomen"), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def case_rows(embedded, case):
+    """The 3D protocol's rows for case 0 (one box per organ vs a box on every slice)."""
+    return evaluate_case(embedded.predictor, embedded.slices, case[1], (2.5, 0.8, 0.8), embeddings=embedded)
 
 
 def test_one_box_comes_close_to_a_box_on_every_slice(case_rows):
@@ -135,7 +140,7 @@ def test_one_box_comes_close_to_a_box_on_every_slice(case_rows):
         assert 0 <= r["nsd_1mm"] <= r["nsd_2mm"] <= 100
 
 
-def test_a_split_organ_from_its_first_and_last_slice(volume_box_model, case):
+def test_a_split_organ_from_its_first_and_last_slice(embedded, case):
     """The fork (label 4) has two parts on its upper slices: prompted on its first and last slice only,
     the two propagations meet and cover the organ, both parts included."""
     from scipy import ndimage
@@ -144,72 +149,73 @@ def test_a_split_organ_from_its_first_and_last_slice(volume_box_model, case):
     truth = label == 4
     zs = np.flatnonzero(truth.any((1, 2)))
     prompts = [SlicePrompt(slice=int(z), box=tight_box(truth[z]), label=4) for z in (zs[0], zs[-1])]
-    out, results = segment_volume_objects(volume_box_model, ct, prompts, window="abdomen")
+    out, results = segment_volume_objects(embedded.predictor, embedded.slices, prompts, embeddings=embedded)
     assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 4}
     assert results[0].prompted == [int(zs[0]), int(zs[-1])]
     assert dice(out == 4, truth) > 0.7
     two_part = [z for z in zs if ndimage.label(truth[z])[1] == 2]
-    assert two_part and max(ndimage.label(out[z] == 4)[1] for z in two_part) == 2
+    assert len(two_part) >= 3
+    for z in two_part:  # each part mostly found
+        parts, _ = ndimage.label(truth[z])
+        for k in (1, 2):
+            assert ((out[z] == 4) & (parts == k)).sum() > 0.6 * (parts == k).sum(), z
 
 
-def test_several_objects_thresholds_and_labels(volume_box_model, case):
+def test_several_objects_thresholds_and_labels(embedded, case):
     ct, label = case
+    grey, shared = embedded.slices, {"embeddings": embedded}
     prompts = []
     for organ in (1, 3):
         m = label == organ
         z = int(m.sum((1, 2)).argmax())
         prompts.append(SlicePrompt(slice=z, box=tight_box(m[z]), label=organ * 100))
-    out = segment_volume(volume_box_model, ct, prompts, window="abdomen")
+    out, _ = segment_volume_objects(embedded.predictor, grey, prompts, **shared)
     assert set(np.unique(out)) == {0, 100, 300}
     assert dice(out == 100, label == 1) > 0.7 and dice(out == 300, label == 3) > 0.7
     # Thresholds nothing passes: only the prompted slices remain.
     for kwargs in ({"iou_thresh": 1.01}, {"min_area": 10**6}):
-        only = segment_volume(volume_box_model, ct, prompts, window="abdomen", **kwargs)
+        only, _ = segment_volume_objects(embedded.predictor, grey, prompts, **shared, **kwargs)
         assert sorted(np.flatnonzero(only.any((1, 2)))) == sorted(p.slice for p in prompts)
     # Labels above 255 give uint16.
-    big = segment_volume(volume_box_model, ct, [SlicePrompt(prompts[0].slice, prompts[0].box, label=300)],
-                         window="abdomen", min_area=10**6)  # fmt: skip
+    big, _ = segment_volume_objects(embedded.predictor, grey, [SlicePrompt(prompts[0].slice, prompts[0].box, label=300)],
+                                    min_area=10**6, **shared)  # fmt: skip
     assert big.dtype == np.uint16 and big.max() == 300
 
 
-def test_interior_points_and_mask_input_variants_run(volume_box_model, case):
+def test_interior_points_and_mask_input_variants_run(embedded, case):
     ct, label = case
     m = label == 2
     z = int(m.sum((1, 2)).argmax())
     point = SlicePrompt(slice=z, points=[(tight_box(m[z])[0] + 4, tight_box(m[z])[1] + 4)], label=1)
     box = SlicePrompt(slice=z, box=tight_box(m[z]))
     for prompts, kwargs in (([box], {"use_points": True}), ([box], {"use_mask_input": True}), ([point], {})):
-        out = segment_volume(volume_box_model, ct, prompts, window="abdomen", **kwargs)
+        out, _ = segment_volume_objects(
+            embedded.predictor, embedded.slices, prompts, embeddings=embedded, **kwargs
+        )
         assert out.shape == ct.shape and out[z].any()
 
 
-def test_axis_moves_the_slicing(volume_box_model, case):
-    ct, label = case
-    m = label == 3
-    z = int(m.sum((1, 2)).argmax())
-    prompt = SlicePrompt(slice=z, box=tight_box(m[z]))
-    along0 = segment_volume(volume_box_model, ct, [prompt], window="abdomen")
-    along2 = segment_volume(volume_box_model, np.moveaxis(ct, 0, 2), [prompt], axis=2, window="abdomen")
-    assert np.array_equal(np.moveaxis(along2, 2, 0), along0)
-
-
-def test_embeddings_batched_and_cached_in_the_embed_format(volume_box_model, case, tmp_path):
+def test_embeddings_batched_cached_in_the_embed_format_and_the_axis(volume_box_model, case, tmp_path):
+    """The kidney propagated with a cache folder: files in samkit embed's format, one per slice
+    reached; the same scan stored Z-last and sliced along axis 2 gives the same slices, so a second
+    run reads every embedding from the cache and gives the same labels."""
     from samkit.utils.embeddings import load_embedding, set_embedding
 
     ct, label = case
-    grey = to_uint8(ct, "abdomen")
     m = label == 2
     z = int(m.sum((1, 2)).argmax())
     prompt = [SlicePrompt(slice=z, box=tight_box(m[z]))]
     predictor = SamPredictor(volume_box_model)
+    grey = to_uint8(ct, "abdomen")
     first = SliceEmbeddings(predictor, grey, batch_size=3, cache_dir=tmp_path / "cache")
     out1, _ = segment_volume_objects(predictor, grey, prompt, embeddings=first)
     files = sorted((tmp_path / "cache").iterdir())
     assert first.computed == len(files) == len(first.records) and first.loaded == 0
-    again = SliceEmbeddings(predictor, grey, batch_size=3, cache_dir=tmp_path / "cache")
-    out2, _ = segment_volume_objects(predictor, grey, prompt, embeddings=again)
-    assert again.computed == 0 and again.loaded == first.computed
-    assert np.array_equal(out1, out2)
+    assert first.computed < len(grey)  # only the slices propagation reached (in batches of 3)
+    moved = np.moveaxis(ct, 0, 2)
+    out2 = segment_volume(predictor, moved, prompt, axis=2, window="abdomen", cache_dir=tmp_path / "cache")
+    assert np.array_equal(np.moveaxis(out2, 2, 0), out1)
+    assert len(list((tmp_path / "cache").iterdir())) == len(files)  # nothing computed again
     # A batch embeds like one slice at a time, and a cache file works as samkit embed's do.
     record = load_embedding(files[0], volume_box_model)
     k = next(k for k, r in first.records.items() if r.image_sha256 == record.image_sha256)

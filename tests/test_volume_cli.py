@@ -41,10 +41,6 @@ def volume_checkpoint(volume_box_model, tmp_path_factory):
     return str(path)
 
 
-def samkit(*args: str):
-    return run_cli([sys.executable, "-m", "samkit", *args])
-
-
 def test_volume_command_writes_labels_with_the_scans_geometry(scan, volume_checkpoint, tmp_path):
     path, label = scan
     z = int((label == 1).sum((1, 2)).argmax())
@@ -98,13 +94,16 @@ def bad_scans(tmp_path_factory, scan):
         ("good", "--label=0", "--label"),
     ],
 )
-def test_bad_inputs_give_one_line_and_write_nothing(bad_scans, tmp_path, which, prompt, words):
+def test_bad_inputs_give_one_line_and_write_nothing(bad_scans, tmp_path, capsys, which, prompt, words):
+    from samkit.commands.main import main
+
     out = tmp_path / "out"
-    done = samkit("volume", "--input", str(bad_scans[which]), prompt, "--model-type", "vit_tiny",
-                  "--output-dir", str(out), "--no-progress")  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], done.stderr
+    status = main(["volume", "--input", str(bad_scans[which]), prompt, "--model-type", "vit_tiny",
+                   "--output-dir", str(out), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
     assert not out.exists()
 
 

@@ -45,6 +45,7 @@ def evaluate_case(
     spacing: Sequence[float],
     *,
     batch_size: int = 4,
+    embeddings: SliceEmbeddings | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """One row per organ of a case: ``organ``, ``slices`` (that hold it), ``prompt_slice``, then
@@ -52,9 +53,10 @@ def evaluate_case(
 
     ``slices``: ZxHxW uint8 grey levels; ``labels``: ZxHxW integer ids; ``spacing``: (z, y, x) mm;
     ``options``: :class:`~samkit.volume.propagate.Propagator`'s thresholds. The slices are embedded
-    once for all organs and both protocols.
+    once for all organs and both protocols (``embeddings``: those of these slices, to reuse).
     """
-    embeddings = SliceEmbeddings(predictor, slices, batch_size=batch_size)
+    if embeddings is None:
+        embeddings = SliceEmbeddings(predictor, slices, batch_size=batch_size)
     oracle = Propagator(embeddings, **options)
     rows = []
     for organ in (int(v) for v in np.unique(labels) if v != 0):

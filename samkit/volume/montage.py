@@ -27,6 +27,9 @@ def montage(
     picks = pool[np.unique(np.linspace(0, len(pool) - 1, min(max_tiles, len(pool))).round().astype(int))]
     cols = int(np.ceil(np.sqrt(len(picks))))
     rows = int(np.ceil(len(picks) / cols))
+    zoom = max(1, 128 // max(slices.shape[1:]))  # small scans: nearest-neighbour tiles of 128+ pixels
+    if zoom > 1:
+        slices, labels = (a.repeat(zoom, axis=1).repeat(zoom, axis=2) for a in (slices, labels))
     h, w = slices.shape[1:]
     out = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
     for i, z in enumerate(picks):
