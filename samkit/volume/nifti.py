@@ -47,7 +47,10 @@ class Volume:
 
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a 3D NIfTI file; raises :class:`VolumeError` (one line naming the file) otherwise."""
-    import nibabel as nib
+    try:
+        import nibabel as nib
+    except ImportError:
+        raise VolumeError("reading NIfTI needs nibabel: pip install 'samkit[train]' (or nibabel)") from None
 
     path = os.fspath(path)
     if os.path.isdir(path):
