@@ -128,14 +128,16 @@ def case_rows(embedded, case):
 
 
 def test_one_box_comes_close_to_a_box_on_every_slice(case_rows):
-    """Measured (seed 0 case, 500-step model): see the README's volume section for the figures."""
+    """Measured on this scan: within 0.6 Dice points of the oracle per organ (the suite's model, and
+    also the same recipe trained with 1 thread); 6 scans: the README's volume section."""
     by_organ = {r["organ"]: r for r in case_rows}
     assert sorted(by_organ) == [1, 2, 3, 4]
     mean = np.mean([r["dice"] for r in case_rows])
     oracle = np.mean([r["oracle_dice"] for r in case_rows])
-    assert oracle > 70, case_rows
-    assert mean > oracle - 10, case_rows  # one box per organ: within 10 Dice points of the oracle
+    assert oracle > 80, case_rows
+    assert mean > oracle - 3, case_rows  # one box per organ: within 3 Dice points of the oracle
     for r in case_rows:
+        assert r["dice"] > r["oracle_dice"] - 5, r
         assert r["propagated_slices"] >= 0.7 * r["slices"], r  # it went most of the organ's length
         assert 0 <= r["nsd_1mm"] <= r["nsd_2mm"] <= 100
 
