@@ -139,3 +139,21 @@ def test_eval_volume_protocol_is_deterministic_and_splits_under_torchrun(
     for key in ("dice", "nsd_1mm", "nsd_2mm", "oracle_dice", "oracle_nsd_1mm", "oracle_nsd_2mm", "gap_dice"):
         assert r1[key] == pytest.approx(r3[key], abs=1e-9)
     assert 0 < r1["dice"] <= 100 and r1["oracle_dice"] > 50
+
+
+def test_train_refuses_the_volume_protocol_before_training(tmp_path, small_frame_checkpoint):
+    """``eval_prompt: volume`` scores NIfTI scans with eval.py; train.py says so before any step."""
+    from samkit.errors import ConfigError
+    from samkit.training.config import config_from_dict
+    from samkit.training.train import train
+
+    from .datagen import make_coco_dataset
+    from .test_train import make_config
+
+    images, annotations = make_coco_dataset(tmp_path / "coco", num_images=4, seed=0)
+    data = {"train": (str(images), str(annotations)), "val": (str(images), str(annotations))}
+    cfg = make_config(data, tmp_path / "run", small_frame_checkpoint, eval_every=1, eval_prompt="volume", batch_size=2,
+                      **{"model.image_size": 256})  # fmt: skip
+    with pytest.raises(ConfigError, match="eval_prompt volume"):
+        train(config_from_dict(cfg))
+    assert not list((tmp_path / "run").glob("**/*.pth"))
