@@ -110,6 +110,16 @@ def shapes_model(request):
     return ours, meta
 
 
+@pytest.fixture(scope="session")
+def volume_box_model(request):
+    """A vit_tiny trained with box prompts on generated CT-like slices (tests/volume_model.py), for
+    slice propagation; built before the first test runs and cached."""
+    folder = trained_models.model_dir(request.config, "volume_box_model")
+    model = build_model("vit_tiny")
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 @pytest.fixture
 def build_threads():
     """Runs the test with ``trained_models.BUILD_THREADS`` torch threads, as the trained models are

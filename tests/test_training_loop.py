@@ -41,7 +41,7 @@ def coco(tmp_path_factory):
 
 def test_config_names_the_modes_the_loop_has():
     assert config_module.PROMPT_MODES == tuple(modes.PROMPT_MODES)
-    assert config_module.EVAL_PROMPTS == tuple(modes.EVAL_PROTOCOLS)
+    assert config_module.EVAL_PROMPTS == (*modes.EVAL_PROTOCOLS, "volume")  # volume: whole scans, eval.py
 
 
 def snapshot(folder: Path) -> dict[str, int]:

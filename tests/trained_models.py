@@ -103,6 +103,35 @@ TRAINED_MODELS: dict[str, TrainedModel] = {
 }
 
 
+def _build_volume_box_model(folder: Path, *, seed: int, steps: int) -> None:
+    import torch
+
+    from .volume_model import train_volume_box_model
+
+    torch.save(train_volume_box_model(steps=steps, seed=seed).state_dict(), folder / "model.pt")
+
+
+# Issue 37's slice propagation: a vit_tiny trained with box prompts on generated CT-like slices.
+TRAINED_MODELS["volume_box_model"] = TrainedModel(
+    build=_build_volume_box_model,
+    sources=(
+        "tests/volume_model.py",
+        "tests/shapes.py",  # its losses and attention initialisation
+        "samkit/volume/synthetic.py",
+        "samkit/volume/intensity.py",
+        "samkit/data/ct_preprocess.py",  # the CT window
+        "samkit/build.py",
+        "samkit/modeling",
+        "samkit/fast",
+        "samkit/utils/transforms.py",
+        "samkit/training/numerics.py",
+    ),
+    settings={"seed": 0, "steps": 500},
+    packages=("torch", "numpy", "scikit-image"),
+    own_process=True,
+)
+
+
 def _build_text_clip(folder: Path, **settings: Any) -> None:
     from .text_models import build_text_clip
 

@@ -16,7 +16,7 @@ from .train import config_inputs
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (zero-shot or fine-tuned) on a config's eval_data: box, point (click) or text
-    (crop features; on COCO also category names) protocol."""
+    (crop features; on COCO also category names) protocol, or volume (NIfTI scans: one box per organ propagated)."""
     from ..training.config import load_config
     from ..training.evaluate import output_path
     from ..training.evaluate import run as evaluate_config
@@ -28,7 +28,12 @@ def run(args: argparse.Namespace) -> int:
     flag = "eval_output" if cfg.eval_output else "work_dir"
     check_output(output_path(cfg), flag, config_inputs(cfg, args.config), directory=False)
     metrics = evaluate_config(cfg)
-    if "output" in metrics:
+    if "output" in metrics and metrics.get("eval_prompt") == "volume":
+        from ..volume.evaluate import table
+
+        print(table({"mean": metrics, "organs": metrics["organs"]}))
+        print(f"{len(metrics['cases'])} (case, organ) pairs -> {metrics['output']}")
+    elif "output" in metrics:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
         objects = next((v for k, v in sorted(metrics.items()) if k.startswith("objects_1024")), "?")
         pairs = metrics.get("objects_1024_category_best")

@@ -10,7 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..version import __version__
-from . import amg, box, convert, embed, export_onnx, point, predict, preprocess_ct, serve, text, train
+from . import amg, box, convert, embed, export_onnx, point, predict, preprocess_ct, serve, text, train, volume
 from . import eval as eval_command
 from .base import AddArguments, ArgumentParser, Run, guarded, summary
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "serve": (serve.add_arguments, serve.run),
     "embed": (embed.add_arguments, embed.run),
     "convert": (convert.add_arguments, convert.run),
+    "volume": (volume.add_arguments, volume.run),
 }
 
 

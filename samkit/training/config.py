@@ -25,7 +25,7 @@ from ..errors import ConfigError
 
 AMP_CHOICES = ("off", "bf16", "fp16")
 PROMPT_MODES = ("box", "point", "text")  # the keys of samkit.training.modes.PROMPT_MODES (checked by a test)
-EVAL_PROMPTS = ("box", "point", "text")  # the keys of samkit.training.modes.EVAL_PROTOCOLS
+EVAL_PROMPTS = ("box", "point", "text", "volume")  # EVAL_PROTOCOLS' keys, and volume (whole NIfTI scans)
 DECAY_CHOICES = ("cosine", "linear", "step", "constant")
 DATA_TYPES = ("coco", "sa1b", "flare", "masks", "labelme")
 
@@ -251,7 +251,7 @@ class TrainConfig:
     resume: Optional[str] = None  # "auto" (newest checkpoint in work_dir) or a checkpoint path
     eval_output: Optional[str] = None  # eval.py's JSON (default <work_dir>/eval_<checkpoint>.json)
     prompt_mode: str = "box"  # box | point (iterative clicks, see point:) | text (crop features, see text:)
-    eval_prompt: Optional[str] = None  # evaluation protocol: box | point | text (default: the prompt_mode's)
+    eval_prompt: Optional[str] = None  # box | point | text | volume (eval.py) (default: the prompt_mode's)
 
     def validate(self, source: str = "config") -> None:
         """Every section's checks, then the run's own keys, then those that span sections; each error

@@ -16,7 +16,9 @@ object, deterministic; ``miou_*_click{1,3,5,10}``, ``miou_*_click1_oracle``, ``n
 Text protocol (``eval_prompt: text``, :mod:`samkit.training.modes.text`): the crop-feature protocol
 (``miou_1024``/``miou_original``, any dataset) and, on COCO, the category-name protocol (each category
 of an image prompted with ``text.template`` filled with its name: ``miou_*_category_best`` and
-``miou_*_category_union``, means over (image, category) pairs).
+``miou_*_category_union``, means over (image, category) pairs). Volume protocol (``eval_prompt: volume``,
+:mod:`samkit.training.volume_eval`): NIfTI volumes, one box per organ propagated through the scan
+against a box on every slice; 3D Dice and NSD at 1 and 2 mm.
 """
 
 from __future__ import annotations
@@ -108,22 +110,28 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             cfg.seed
         )  # a text branch new to a plain checkpoint: the same in every process and run
         sam = build_sam(cfg).to(env.device)  # with the text branch when prompt_mode is text
-        dataset = build_data(
-            cfg.eval_data, image_size=sam.image_encoder.img_size, seed=cfg.seed, for_eval=True
-        )
         protocol = cfg.eval_prompt or cfg.prompt_mode
-        metrics = evaluate(
-            build_prompt_mode(cfg, sam),
-            dataset,
-            protocol=protocol,
-            device=env.device,
-            amp=amp,
-            batch_size=cfg.eval_batch_size,
-            num_workers=cfg.eval_data.num_workers,
-            seed=cfg.seed,
-            env=env,
-            progress=cfg.progress,
-        )
+        if protocol == "volume":  # whole NIfTI volumes, not a dataset of slices
+            from .volume_eval import evaluate_volumes
+
+            with autocast(env.device, amp):
+                metrics = evaluate_volumes(cfg, sam, env)
+        else:
+            dataset = build_data(
+                cfg.eval_data, image_size=sam.image_encoder.img_size, seed=cfg.seed, for_eval=True
+            )
+            metrics = evaluate(
+                build_prompt_mode(cfg, sam),
+                dataset,
+                protocol=protocol,
+                device=env.device,
+                amp=amp,
+                batch_size=cfg.eval_batch_size,
+                num_workers=cfg.eval_data.num_workers,
+                seed=cfg.seed,
+                env=env,
+                progress=cfg.progress,
+            )
         metrics.update(
             checkpoint=cfg.model.checkpoint,
             model_type=cfg.model.type,

@@ -208,6 +208,11 @@ def _setup_data(cfg: TrainConfig, env: distributed.DistEnv, model: _Model) -> _D
         )
     eval_set = None
     if cfg.eval_data is not None and cfg.eval_every > 0:
+        if cfg.eval_prompt == "volume":
+            raise ConfigError(
+                "eval_prompt volume scores whole NIfTI scans with eval.py; in train.py set eval_every=0 "
+                "or an eval_prompt of box, point or text"
+            )
         eval_set = build_data(cfg.eval_data, image_size=image_size, seed=cfg.seed, for_eval=True)
     # One loader for the run: its workers persist across epochs; each epoch's batches are set on the
     # sampler, and every index travels with its epoch (EpochIndexed), so workers started in an earlier
