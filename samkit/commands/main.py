@@ -10,7 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..version import __version__
-from . import amg, box, embed, export_onnx, point, predict, preprocess_ct, serve, text, train
+from . import amg, box, embed, export_onnx, merge, point, predict, preprocess_ct, serve, text, train
 from . import eval as eval_command
 from .base import AddArguments, ArgumentParser, Run, guarded, summary
 
@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "export-onnx": (export_onnx.add_arguments, export_onnx.run),
     "serve": (serve.add_arguments, serve.run),
     "embed": (embed.add_arguments, embed.run),
+    "merge": (merge.add_arguments, merge.run),
 }
 
 
