@@ -2,6 +2,7 @@
 
     python benchmarks/lora_bottleneck.py                       # -> benchmarks/results/lora_bottleneck.json
     python benchmarks/lora_bottleneck.py --steps 40 --out /tmp/quick.json
+    python benchmarks/lora_bottleneck.py --combine a.json b.json --out c.json   # arms run side by side
 
 A vit_tiny SAM (2-block, 64-wide encoder; 256x256 frame) with random weights is the base checkpoint:
 its random image encoder gives features that say little about the shapes in an image, so a decoder
@@ -71,7 +72,7 @@ def arm_config(name: str, data: dict, work: Path, checkpoint: str, args: argpars
         "seed": args.seed,
     }  # fmt: skip
     if name.startswith("encoder_lora"):
-        cfg["model"]["lora"] = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": ENCODER_TARGETS}
+        cfg["model"]["lora"] = {"rank": args.rank, "alpha": args.alpha, "targets": ENCODER_TARGETS}
     elif name == "full_encoder":
         cfg["model"]["freeze"] = ["prompt_encoder"]
     return cfg
@@ -125,6 +126,29 @@ def merged_equals_unmerged(cfg: dict, work: Path, data: dict) -> dict:
     return {"mask_pixels": pixels, "same_mask_pixels": same, "max_abs_logit_diff": max_logit_diff}
 
 
+def combine(paths: list[str], out: str) -> int:
+    """One result from several runs of this script (arms run as separate processes side by side, on
+    the same generated data and base weights: both are seeded); each arm keeps its own command."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    result = {k: v for k, v in runs[0].items() if k not in ("arms", "settings", "command")}
+    result["command"] = " ; ".join(r["command"] for r in runs)
+    result["load_before"] = [max(r["load_before"][i] for r in runs) for i in range(3)]
+    result["load_after"] = [max(r["load_after"][i] for r in runs) for i in range(3)]
+    result["arms"] = {}
+    for r in runs:
+        for arm, row in r["arms"].items():
+            settings = r["settings"]
+            if (
+                arm.startswith("encoder_lora") and "_alpha" not in arm
+            ):  # results from before --alpha (2 x rank)
+                settings = {**settings, "alpha": settings.get("alpha", 2.0 * settings["rank"])}
+                arm = f"{arm}_alpha{settings['alpha']:g}"
+            result["arms"][arm] = {**row, "settings": settings}
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,12 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=66)
     parser.add_argument("--val-images", type=int, default=22)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--alpha", type=float, default=2.0, help="LoRA alpha: the adapters' output x alpha / rank"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arms", default="decoder_only,encoder_lora,full_encoder")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lora_bottleneck.json"))
+    parser.add_argument(
+        "--base", help="start every arm from this vit_tiny checkpoint (default: random weights)"
+    )
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="join the arms of results of this script"
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="lora_bottleneck_"))
@@ -147,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     base = tmp / "random_vit_tiny_256.pth"
     torch.save(build_model("vit_tiny", image_size=FRAME).state_dict(), base)
+    if args.base is not None:  # e.g. the decoder_only arm's sam_final.pth: its encoder is still random
+        base = Path(args.base)
 
     arms: dict[str, dict] = {}
     for arm in args.arms.split(","):
-        name = f"encoder_lora_r{args.rank}" if arm == "encoder_lora" else arm
+        name = f"encoder_lora_r{args.rank}_alpha{args.alpha:g}" if arm == "encoder_lora" else arm
         cfg = arm_config(name, data, tmp, str(base), args)
         start = time.perf_counter()
         result = train(config_from_dict(cfg))
@@ -193,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
-        "model": f"vit_tiny, random weights (seed 0), {FRAME} frame",
+        "model": f"vit_tiny, random weights (seed 0), {FRAME} frame"
+        + (f"; every arm starts from {args.base}" if args.base else ""),
         "data": f"generated COCO shapes: {args.train_images} train / {args.val_images} val images (tests/datagen.py)",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,

@@ -67,7 +67,9 @@ def run_child(cfg: dict, threads: int) -> int:
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
-        raise SystemExit(f"arm failed ({proc.returncode}): {err[-2000:]}")
+        raise RuntimeError(
+            f"exit status {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}"
+        )
     return usage.ru_maxrss
 
 
@@ -141,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name in args.arms.split(","):
         cfg = arm_config(name, ARMS[name], data, tmp, args)
-        peak_kib = run_child(cfg, args.threads)
+        try:
+            peak_kib = run_child(cfg, args.threads)
+        except RuntimeError as err:  # e.g. killed for memory: recorded, the other arms still run
+            rows[name] = {"trainable_parameters": trainable_parameters(cfg), "error": str(err)}
+            print(name, rows[name], flush=True)
+            continue
         lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
         speeds = [r["images_per_s"] for r in map(json.loads, lines) if r["kind"] == "train"]
         rows[name] = {

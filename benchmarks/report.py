@@ -541,17 +541,20 @@ def lora() -> list[str]:
     """LoRA fine-tuning: encoder LoRA against decoder-only where the encoder is the bottleneck
     (lora_bottleneck.json), and the memory and speed of each kind of run (lora_memory_*.json)."""
     lines = ["## LoRA fine-tuning", ""]
-    found = _one("lora_bottleneck.json")
-    if found is None:
+    found = load("lora_bottleneck*.json")
+    if not found:
         lines += not_measured(
             "encoder LoRA against decoder-only", "run `python benchmarks/lora_bottleneck.py`"
         )
-    else:
-        name, r = found
+    for name, r in found:
         lines += [
             f"`{r['command']}` ({name}; {r['machine']}; {when(r)}; load average {r['load_before'][0]:g} before,",
             f"{r['load_after'][0]:g} after). {r['model']}; {r['data']}; box prompts, every arm the same steps,",
-            "seed, data and schedule; val mIoU by `eval.py`'s box protocol on the held-out split:",
+            "seed, data and schedule (arms run side by side, one process each; AdamW lr "
+            f"{next(iter(r['arms'].values()))['settings']['lr']:g}, batch "
+            f"{next(iter(r['arms'].values()))['settings']['batch_size']}; LoRA on every linear layer of the "
+            "encoder blocks: qkv, proj, lin1, lin2); val mIoU (%) by `eval.py`'s box protocol on the held-out split"
+            + (f". {r['note']}:" if r.get("note") else ":"),
             "",
             "| arm | steps | val mIoU (1024) | val mIoU (original) | trainable parameters | LoRA parameters |"
             " sam_final.pth MB | adapter file MB |",
@@ -560,7 +563,7 @@ def lora() -> list[str]:
         for arm, row in r["arms"].items():
             adapter = f"{row['adapter_bytes'] / 1e6:.2f}" if "adapter_bytes" in row else "-"
             lines.append(
-                f"| {arm} | {row['steps']} | {row['val_miou_1024']:.3f} | {row['val_miou_original']:.3f} | "
+                f"| {arm} | {row['steps']} | {row['val_miou_1024']:.1f} | {row['val_miou_original']:.1f} | "
                 f"{row['trainable_parameters']:,} | {row.get('lora_parameters', 0):,} | "
                 f"{row['sam_final_bytes'] / 1e6:.2f} | {adapter} |"
             )
@@ -588,6 +591,9 @@ def lora() -> list[str]:
             "|---|---|---|---|---|",
         ]
         for arm, row in r["rows"].items():
+            if "error" in row:
+                lines.append(f"| {arm} | {row['trainable_parameters']:,} | failed: {row['error']} | | |")
+                continue
             lines.append(
                 f"| {arm} | {row['trainable_parameters']:,} | {row['peak_rss_mib']:.0f} | "
                 f"{row['peak_over_built_model_mib']:.0f} | {row['images_per_s_median']:.3f} |"
