@@ -583,7 +583,9 @@ def lora() -> list[str]:
         lines += [
             f"`{r['command']}` ({name}; {r['machine']}; {when(r)}; load average {r['load_before'][0]:g} before,",
             f"{r['load_after'][0]:g} after). {r['model']}, batch {r['batch_size']}, amp {r['amp']}, {r['steps']}",
-            "steps, box prompts; each arm in a fresh process. Peak RSS is the process's own (`wait4`); the",
+            "steps, box prompts; each arm in a fresh process (`lora_rN`: LoRA of rank N, alpha N, on the encoder's",
+            "qkv and proj with the decoder in full; `full`: the whole image encoder trains too; `_gc`:",
+            "`model.grad_checkpointing`). Peak RSS is the process's own (`wait4`); the",
             f"built model alone peaks at {r['built_model_peak_rss_mib']:.0f} MiB. images/s: median over the steps",
             "after the first, on a shared machine (compare within the table):",
             "",
