@@ -599,6 +599,73 @@ def memory() -> list[str]:
     return lines
 
 
+def lora() -> list[str]:
+    """LoRA fine-tuning: encoder LoRA against decoder-only where the encoder is the bottleneck
+    (lora_bottleneck.json), and the memory and speed of each kind of run (lora_memory_*.json)."""
+    lines = ["## LoRA fine-tuning", ""]
+    found = load("lora_bottleneck*.json")
+    if not found:
+        lines += not_measured(
+            "encoder LoRA against decoder-only", "run `python benchmarks/lora_bottleneck.py`"
+        )
+    for name, r in found:
+        lines += [
+            f"`{r['command']}` ({name}; {r['machine']}; {when(r)}; load average {r['load_before'][0]:g} before,",
+            f"{r['load_after'][0]:g} after). {r['model']}; {r['data']}; box prompts, every arm the same steps,",
+            "seed, data and schedule (arms run side by side, one process each; AdamW lr "
+            f"{next(iter(r['arms'].values()))['settings']['lr']:g}, batch "
+            f"{next(iter(r['arms'].values()))['settings']['batch_size']}; LoRA on every linear layer of the "
+            "encoder blocks: qkv, proj, lin1, lin2); val mIoU (%) by `eval.py`'s box protocol on the held-out split"
+            + (f". {r['note']}:" if r.get("note") else ":"),
+            "",
+            "| arm | steps | val mIoU (1024) | val mIoU (original) | trainable parameters | LoRA parameters |"
+            " sam_final.pth MB | adapter file MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, row in r["arms"].items():
+            adapter = f"{row['adapter_bytes'] / 1e6:.2f}" if "adapter_bytes" in row else "-"
+            lines.append(
+                f"| {arm} | {row['steps']} | {row['val_miou_1024']:.1f} | {row['val_miou_original']:.1f} | "
+                f"{row['trainable_parameters']:,} | {row.get('lora_parameters', 0):,} | "
+                f"{row['sam_final_bytes'] / 1e6:.2f} | {adapter} |"
+            )
+        lines.append("")
+        for arm, row in r["arms"].items():
+            check = row.get("merged_vs_unmerged")
+            if check:
+                lines.append(
+                    f"{arm}: the unmerged model (peft layers, last training checkpoint) and the merged "
+                    f"`sam_final.pth` agree on {check['same_mask_pixels']:,} of {check['mask_pixels']:,} val mask "
+                    f"pixels (largest logit difference {check['max_abs_logit_diff']:.1e}); base checkpoint + "
+                    f"adapter file {'is' if row['base_plus_adapter_is_sam_final'] else 'is NOT'} `sam_final.pth` "
+                    "bit for bit."
+                )
+        lines.append("")
+    for name, r in load("lora_memory_*.json"):
+        lines += [
+            f"`{r['command']}` ({name}; {r['machine']}; {when(r)}; load average {r['load_before'][0]:g} before,",
+            f"{r['load_after'][0]:g} after). {r['model']}, batch {r['batch_size']}, amp {r['amp']}, {r['steps']}",
+            "steps, box prompts; each arm in a fresh process (`lora_rN`: LoRA of rank N, alpha N, on the encoder's",
+            "qkv and proj with the decoder in full; `full`: the whole image encoder trains too; `_gc`:",
+            "`model.grad_checkpointing`). Peak RSS is the process's own (`wait4`); the",
+            f"built model alone peaks at {r['built_model_peak_rss_mib']:.0f} MiB. images/s: median over the steps",
+            "after the first, on a shared machine (compare within the table):",
+            "",
+            "| arm | trainable parameters | peak RSS MiB | over the built model MiB | images/s |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, row in r["rows"].items():
+            if "error" in row:
+                lines.append(f"| {arm} | {row['trainable_parameters']:,} | failed: {row['error']} | | |")
+                continue
+            lines.append(
+                f"| {arm} | {row['trainable_parameters']:,} | {row['peak_rss_mib']:.0f} | "
+                f"{row['peak_over_built_model_mib']:.0f} | {row['images_per_s_median']:.3f} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _one(pattern: str) -> tuple[str, dict] | None:
     """The result file ``pattern`` names, or None when it is absent."""
     runs = load(pattern)
@@ -803,6 +870,7 @@ def benchmarks_md() -> str:
         + serve_latency()
         + page_latency()
         + memory()
+        + lora()
     )
     return "\n".join(lines)
 

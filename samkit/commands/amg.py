@@ -40,7 +40,7 @@ from ..maskgen.output import (
     write_mask_folder,
 )
 from . import folder_jobs
-from .base import add_model_arguments, check_device, checkpoint_or_none
+from .base import add_model_arguments, check_device, checkpoint_or_none, with_adapter
 from .outputs import check_output, make_dirs
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -364,7 +364,7 @@ def _build_generator(
         return None
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
-    model = build_model(args.model_type, checkpoint).to(device=device, dtype=dtype)
+    model = with_adapter(build_model(args.model_type, checkpoint), args).to(device=device, dtype=dtype)
     # Notes come after the last check that can fail, so that an error stays the only line on stderr.
     if workers.is_main:
         if job.picture and args.convert_to_rle:

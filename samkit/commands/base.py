@@ -111,8 +111,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="without --checkpoint, download the official weights of --model-type (cached; $SAMKIT_CACHE)",
     )
+    add_adapter_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and compute dtype")
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        metavar="PATH",
+        help="a LoRA run's sam_final_adapter.safetensors, merged into the --checkpoint it was trained from",
+    )
+
+
+def with_adapter(model: Any, args: argparse.Namespace) -> Any:
+    """``model`` (built from --checkpoint, before any dtype cast) with --adapter merged in, when given
+    (:func:`samkit.lora.apply_adapter`: one error line when the base weights are not the adapter's)."""
+    if getattr(args, "adapter", None) is not None:
+        from ..lora import apply_adapter
+
+        apply_adapter(model, args.adapter)
+    return model
 
 
 def check_device(name: str) -> Any:
@@ -136,6 +155,11 @@ def checkpoint_or_none(args: argparse.Namespace) -> str | None:
     """The --checkpoint path (checked to exist), or None when the weights are to be downloaded or random."""
     from ..checkpoints.download import ALIASES, CHECKPOINTS, checkpoint_url
 
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not os.path.isfile(adapter):
+        raise CheckpointError(
+            f"--adapter {adapter}: {'a directory' if os.path.isdir(adapter) else 'not found'}"
+        )
     if args.checkpoint is not None:
         from ..checkpoints.hf import is_hf_folder
 

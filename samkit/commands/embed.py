@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import SamkitError
 from . import folder_jobs
 from .amg import IMAGE_EXTENSIONS, check_unique_stems, folder_images, image_stem
-from .base import add_model_arguments, check_device, checkpoint_or_none, one_line
+from .base import add_model_arguments, check_device, checkpoint_or_none, one_line, with_adapter
 from .outputs import check_not_input, check_output, make_dirs
 
 
@@ -122,7 +122,8 @@ class _Embedder:
 
         if checkpoint is None and args.download:
             checkpoint = download_checkpoint(args.model_type)
-        model = build_model(args.model_type, checkpoint).to(device=device, dtype=dtype).eval()
+        model = with_adapter(build_model(args.model_type, checkpoint), args)
+        model = model.to(device=device, dtype=dtype).eval()
         if checkpoint is None and workers.is_main:
             print(
                 f"warning: {args.model_type} runs with random weights: its embeddings are meaningless",

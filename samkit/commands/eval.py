@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from .base import run_standalone
 from .outputs import check_output
 from .train import add_arguments as add_arguments
-from .train import config_inputs
+from .train import config_inputs, overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.evaluate import output_path
     from ..training.evaluate import run as evaluate_config
 
-    cfg = load_config(args.config, args.override_cfg)
+    cfg = load_config(args.config, overrides(args))
     if cfg.eval_data is None:
         raise ConfigError(f"{args.config} has no eval_data section to evaluate on")
     # Checked before the model loads: the metrics must not land on an input, nor somewhere unwritable.

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import SamkitError
-from .base import checkpoint_or_none, run_standalone
+from .base import add_adapter_argument, checkpoint_or_none, run_standalone, with_adapter
 from .outputs import check_not_input
 from .outputs import check_output as check_writable_output
 
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--download", action="store_true", help="without --checkpoint, download the official weights (cached)"
     )
+    add_adapter_argument(parser)
     parser.add_argument(
         "--output", required=True, metavar="DIR", help="folder for encoder.onnx and decoder.onnx"
     )
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise SamkitError("--verify checks the default decoder: leave out the Meta decoder options to verify")
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
-    model = build_model(args.model_type, checkpoint).float().eval()
+    model = with_adapter(build_model(args.model_type, checkpoint), args).float().eval()
     if checkpoint is None:
         print(f"warning: {args.model_type} is exported with random weights", file=sys.stderr)
     try:

@@ -10,7 +10,21 @@ import sys
 from typing import Optional, Sequence
 
 from ..version import __version__
-from . import amg, box, convert, embed, export_onnx, point, predict, preprocess_ct, serve, text, train, volume
+from . import (
+    amg,
+    box,
+    convert,
+    embed,
+    export_onnx,
+    merge,
+    point,
+    predict,
+    preprocess_ct,
+    serve,
+    text,
+    train,
+    volume,
+)
 from . import eval as eval_command
 from .base import AddArguments, ArgumentParser, Run, guarded, summary
 
@@ -28,6 +42,7 @@ COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "embed": (embed.add_arguments, embed.run),
     "convert": (convert.add_arguments, convert.run),
     "volume": (volume.add_arguments, volume.run),
+    "merge": (merge.add_arguments, merge.run),
 }
 
 

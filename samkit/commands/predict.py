@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import PromptError, SamkitError
-from .base import add_model_arguments, check_device, checkpoint_or_none
+from .base import add_model_arguments, check_device, checkpoint_or_none, with_adapter
 from .outputs import check_not_input, check_output
 from .prompt_args import Box, Point, check_boxes, check_points, parse_box, parse_point
 
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
-    model = build_model(args.model_type, checkpoint).to(device=device, dtype=dtype)
+    model = with_adapter(build_model(args.model_type, checkpoint), args).to(device=device, dtype=dtype)
     # Notes come after the last check that can fail, so that an error stays the only line on stderr.
     for note in _unused_prompt_notes(args.prompt_type, points, boxes):
         print(f"note: {note}", file=sys.stderr)

@@ -25,7 +25,7 @@ import os
 import sys
 
 from ..errors import SamkitError
-from .base import add_model_arguments, check_device, checkpoint_or_none
+from .base import add_model_arguments, check_device, checkpoint_or_none, with_adapter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_or_none(args)
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
-    model = build_model(args.model_type, checkpoint).to(device=device, dtype=getattr(torch, args.dtype))
+    model = with_adapter(build_model(args.model_type, checkpoint), args)
+    model = model.to(device=device, dtype=getattr(torch, args.dtype))
     if checkpoint is None:
         print(
             f"warning: {args.model_type} runs with random weights: its masks are meaningless", file=sys.stderr

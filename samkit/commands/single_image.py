@@ -34,6 +34,7 @@ from .base import (
     check_device,
     checkpoint_or_none,
     run_standalone,
+    with_adapter,
 )
 from .outputs import check_not_input, check_output, make_dirs
 
@@ -133,6 +134,7 @@ def build_sam(
     if checkpoint is None and args.download:
         checkpoint = download_checkpoint(args.model_type)
     model = build(checkpoint) if build is not None else build_model(args.model_type, checkpoint)
+    model = with_adapter(model, args)
     model = model.to(device=device, dtype=getattr(torch, dtype_name))
     if checkpoint is None:  # after the last check that can fail: an error stays the only line on stderr
         print(

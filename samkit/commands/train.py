@@ -23,6 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. -o amp=bf16 optimizer.lr=1e-4 resume=auto",
     )
+    parser.add_argument(
+        "--adapter",
+        metavar="PATH",
+        help="a LoRA adapter file merged into model.checkpoint (= -o model.adapter=PATH)",
+    )
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """``-o`` items, with ``--adapter`` as ``model.adapter``."""
+    extra = [f"model.adapter={args.adapter}"] if getattr(args, "adapter", None) is not None else []
+    return list(args.override_cfg) + extra
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import load_config
     from ..training.train import train
 
-    cfg = load_config(args.config, args.override_cfg)
+    cfg = load_config(args.config, overrides(args))
     check_output(cfg.work_dir, "work_dir", config_inputs(cfg, args.config), directory=True)
     result = train(cfg)
     return 143 if result.get("interrupted") else 0
@@ -41,6 +52,7 @@ def config_inputs(cfg: Any, config_path: str) -> Inputs:
     inputs: dict[str, Optional[str]] = {
         "the config (-c)": config_path,
         "the checkpoint (model.checkpoint)": cfg.model.checkpoint,
+        "the adapter (model.adapter)": cfg.model.adapter,
     }
     for section in ("train_data", "eval_data"):
         data = getattr(cfg, section, None)

@@ -40,6 +40,32 @@ def _fail(key: str, message: str, source: str) -> NoReturn:
 
 
 @dataclass
+class LoraConfig:
+    """``model.lora``: low-rank adapters (``peft``) on the layers ``targets`` names (samkit.lora)."""
+
+    rank: int = 4
+    alpha: float = 4.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input (LoRA dropout)
+    # Groups of samkit.lora.LORA_TARGETS (encoder_qkv, encoder_proj, encoder_mlp, decoder_attn,
+    # decoder_mlp) or regular expressions over module names, e.g. image_encoder\.blocks\.11\.attn\.qkv.
+    targets: list[str] = field(default_factory=lambda: ["encoder_qkv", "encoder_proj"])
+
+    def validate(self, key: str, source: str) -> None:
+        from ..lora import target_pattern
+
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            _fail(key, f"needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {self.rank}, {self.alpha}, "
+                  f"{self.dropout}", source)  # fmt: skip
+        if not self.targets:
+            _fail(f"{key}.targets", "must name at least one group or pattern", source)
+        for target in self.targets:
+            try:
+                target_pattern(target)
+            except ValueError as err:
+                _fail(f"{key}.targets", str(err).replace("model.lora.targets ", ""), source)
+
+
+@dataclass
 class ModelConfig:
     type: str = "vit_b"
     # Meta's .pth, a seed .ckpt or a samkit checkpoint; null trains from random weights (tests only).
@@ -51,9 +77,22 @@ class ModelConfig:
     freeze: list[str] = field(default_factory=lambda: ["image_encoder", "prompt_encoder"])
     # ... except those starting with one of these (e.g. "prompt_encoder.text_proj").
     unfreeze: list[str] = field(default_factory=list)
+    # LoRA adapters (absent: none). The adapted layers' own weights are frozen; freeze/unfreeze still
+    # choose which other parameters train in full (by default the mask decoder).
+    lora: Optional[LoraConfig] = None
+    # An adapter file (samkit.lora) merged into the checkpoint's weights when the model is built.
+    adapter: Optional[str] = None
+    # Recompute each image-encoder block in the backward pass instead of keeping its activations
+    # (activation checkpointing): less memory for a trainable (LoRA or full) encoder, ~1/3 more compute.
+    grad_checkpointing: bool = False
 
     def validate(self, key: str, source: str) -> None:
         from ..build import sam_model_registry
+
+        if self.lora is not None:
+            self.lora.validate(f"{key}.lora", source)
+        if self.adapter is not None and not os.path.isfile(self.adapter):
+            _fail(f"{key}.adapter", f"must be an adapter file, got {self.adapter!r}", source)
 
         if self.type not in sam_model_registry:
             _fail(f"{key}.type", f"must be one of {', '.join(sam_model_registry)}, got {self.type!r}", source)

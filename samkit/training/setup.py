@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..errors import ConfigError
 from ..modeling import Sam
 from .config import DataConfig, TrainConfig
 from .modes import PROMPT_MODES, PromptMode
@@ -60,7 +61,12 @@ def build_sam(cfg: TrainConfig) -> Sam:
     samkit's fast modules (:func:`samkit.fast.accelerate`: same parameters and state-dict keys)."""
     from ..fast import accelerate
 
-    return accelerate(_build_sam(cfg))
+    sam = _build_sam(cfg)
+    if cfg.model.adapter is not None:
+        from ..lora import apply_adapter
+
+        apply_adapter(sam, cfg.model.adapter)
+    return accelerate(sam)
 
 
 def _build_sam(cfg: TrainConfig) -> Sam:
@@ -85,6 +91,40 @@ def _build_sam(cfg: TrainConfig) -> Sam:
     if state is not None:
         load_checkpoint(sam, state, keep_new_text_branch=True, source=checkpoint)
     return sam
+
+
+def add_lora_adapters(cfg: TrainConfig, sam: Sam) -> Optional[str]:
+    """``model.lora``: wrap the targeted layers with LoRA layers (their own weights frozen; the other
+    parameters train as freeze/unfreeze chose). Returns the base weights' identity that the adapter file
+    records (:func:`samkit.lora.base_identity`), or None without ``model.lora``."""
+    lora = cfg.model.lora
+    if lora is None:
+        return None
+    from ..lora import add_lora, base_identity, base_state_dict, trained_names
+
+    try:
+        add_lora(sam, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return base_identity(base_state_dict(sam), skip=trained_names(sam))
+
+
+def checkpoint_encoder_blocks(sam: Sam) -> None:
+    """``model.grad_checkpointing``: each image-encoder block, when autograd records it, keeps only its
+    input and recomputes its activations in the backward pass (``torch.utils.checkpoint``, non-reentrant:
+    the random state and autocast are replayed, so the gradients are the same). The blocks' forward is
+    wrapped on the instance: no module or state-dict key changes."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in sam.image_encoder.blocks:
+        forward = block.forward
+
+        def checkpointed(x: torch.Tensor, _forward: Any = forward) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, x, use_reentrant=False)
+            return _forward(x)
+
+        block.forward = checkpointed
 
 
 def build_prompt_mode(cfg: TrainConfig, sam: Sam) -> PromptMode:

@@ -49,10 +49,12 @@ from .schedule import lr_at
 from .setup import (
     EpochBatches,
     EpochIndexed,
+    add_lora_adapters,
     autocast,
     build_data,
     build_prompt_mode,
     build_sam,
+    checkpoint_encoder_blocks,
     describe_dataset,
     set_epoch,
 )
@@ -87,6 +89,7 @@ class _Model:
     amp: str  # off | bf16 | fp16
     trainable: int  # trainable parameters, for the log
     cache: Optional[EmbeddingCache] = None
+    base_sha256: Optional[str] = None  # model.lora: the base weights' identity, for the adapter file
 
 
 @dataclass
@@ -157,7 +160,7 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, log: TrainLogger) -> dict
     )
     result = _run_epochs(cfg, env, log, model, data, at, stop)
     if env.is_main and not result.get("interrupted"):
-        save_atomically(model.sam.state_dict(), os.path.join(cfg.work_dir, "sam_final.pth"))
+        _save_final(cfg, model)
     result.update(_close_caches(model, data.crops_cached))
     result["step"] = at.step
     return result
@@ -175,21 +178,27 @@ def _setup_model(cfg: TrainConfig, env: distributed.DistEnv) -> _Model:
         trainable = freeze_parameters(sam, cfg.model.freeze, cfg.model.unfreeze)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    base_sha256 = add_lora_adapters(cfg, sam)
+    if cfg.model.grad_checkpointing:
+        checkpoint_encoder_blocks(sam)
     sam.to(env.device)
     distributed.broadcast_parameters(sam)
     mode = build_prompt_mode(cfg, sam).to(env.device)
+    if cfg.cache_embeddings and base_sha256 is not None and mode.encoder_trainable:
+        raise ConfigError("cache_embeddings needs a frozen image encoder: model.lora.targets adapt it")
     if cfg.cache_embeddings and mode.encoder_trainable:
         raise ConfigError(
             "cache_embeddings needs a frozen image encoder (model.freeze: [image_encoder, ...])"
         )
     params = [p for p in sam.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
     opt = cfg.optimizer
     optimizer = build_optimizer(
         sam, env.device, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
     )
     amp = resolve_amp(cfg.amp, env.device.type)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == "fp16")
-    return _Model(sam, mode, params, optimizer, scaler, amp, trainable)
+    return _Model(sam, mode, params, optimizer, scaler, amp, trainable, base_sha256=base_sha256)
 
 
 def _setup_data(cfg: TrainConfig, env: distributed.DistEnv, model: _Model) -> _Data:
@@ -225,6 +234,10 @@ def _setup_data(cfg: TrainConfig, env: distributed.DistEnv, model: _Model) -> _D
         collate_fn=collate,
         pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.train_data.num_workers > 0,
+        # Each new iterator draws its workers' base seed from this generator, not from torch's global
+        # RNG, which then serves the model alone (LoRA dropout): a run resumed mid-epoch draws the
+        # same dropout masks as the run it continues.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     total_steps = steps_per_epoch * cfg.epochs
     return _Data(train_set, loader, sampler, steps_per_epoch, total_steps, eval_set, crops_cached)
@@ -479,6 +492,27 @@ def _save_checkpoint(cfg: TrainConfig, env: distributed.DistEnv, model: _Model, 
     }
     save_atomically(state, checkpoint_path(cfg.work_dir, at.step))
     prune_checkpoints(cfg.work_dir, cfg.keep_checkpoints)
+
+
+def _save_final(cfg: TrainConfig, model: _Model) -> None:
+    """``sam_final.pth``: the weights alone (Meta's names); with ``model.lora`` the merged plain SAM, and
+    the adapter file beside it (samkit.lora: the LoRA tensors, the fully trained parameters)."""
+    final = os.path.join(cfg.work_dir, "sam_final.pth")
+    if cfg.model.lora is None:
+        save_atomically(model.sam.state_dict(), final)
+        return
+    from ..lora import ADAPTER_NAME, adapter_state, merged_state_dict, save_adapter
+
+    save_atomically(merged_state_dict(model.sam), final)
+    save_adapter(
+        os.path.join(cfg.work_dir, ADAPTER_NAME),
+        adapter_state(model.sam),
+        rank=cfg.model.lora.rank,
+        alpha=cfg.model.lora.alpha,
+        targets=cfg.model.lora.targets,
+        model_type="vit_h" if cfg.model.type == "default" else cfg.model.type,
+        base_sha256=model.base_sha256 or "",
+    )
 
 
 def _evaluate(cfg: TrainConfig, env: distributed.DistEnv, model: _Model, eval_set: Dataset) -> dict[str, Any]:
