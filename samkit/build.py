@@ -264,9 +264,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = os.fspath(path)
     if os.path.isdir(path) or path.endswith((".safetensors", ".bin", ".json")):
-        from .checkpoints.hf import read_hf_checkpoint
+        from .checkpoints.hf import hf_to_samkit_names, is_hf_state_dict, read_hf_weights
 
-        return read_hf_checkpoint(path)  # a Hugging Face SAM folder or file, or samkit's .safetensors
+        # A Hugging Face SAM folder or file, or samkit's own .safetensors.
+        state = clean_state_dict(read_hf_weights(path))
+        return hf_to_samkit_names(state, path) if is_hf_state_dict(state) else state
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if looks_like_mindspore_checkpoint(path):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from samkit import build_model, sam_model_registry
 from samkit.build import read_checkpoint
-from samkit.checkpoints.hf import hf_to_samkit_names, safetensors_bytes, write_hf_folder
+from samkit.checkpoints.hf import hf_to_samkit_names, safetensors_bytes
+from samkit.checkpoints.hf_write import write_hf_folder
 from samkit.commands.main import main
 from samkit.errors import CheckpointError
 

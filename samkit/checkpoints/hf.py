@@ -162,10 +162,10 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
 
 
-def read_hf_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A Hugging Face SAM folder, a ``.safetensors`` file (HF's or samkit's names) or a ``.bin`` file
-    (``torch.load``, weights only) -> a flat state dict with samkit's names. One-line CheckpointError
-    for anything else (a folder without weights, another HF model type, a file that is not one)."""
+    (``torch.load``, weights only) -> its flat state dict as stored (``samkit.build.read_checkpoint``
+    cleans it and maps HF's names to samkit's). One-line CheckpointError for anything else (a folder without weights, another HF model type, a file that is not one)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         state = _read_folder(path)
@@ -177,10 +177,7 @@ def read_hf_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is a JSON file; pass the folder that holds it and the weights")
     else:
         state = _read_bin(path)
-    from ..build import clean_state_dict  # noqa: PLC0415 (build imports this module lazily)
-
-    state = clean_state_dict(state)
-    return hf_to_samkit_names(state, path) if is_hf_state_dict(state) else state
+    return state
 
 
 def _read_folder(path: str) -> dict[str, torch.Tensor]:
@@ -264,60 +261,6 @@ def _read_bin(path: str) -> dict[str, torch.Tensor]:
 # Writing
 
 
-def hf_config(state: Mapping[str, torch.Tensor]) -> dict:
-    """The ``config.json`` of an HF SamModel for a samkit state dict (sizes read from its tensors)."""
-    from ..build import ENCODER_CONFIGS, PATCH_SIZE, checkpoint_image_size, identify_model_size
-
-    size = identify_model_size(state)
-    if size not in ENCODER_CONFIGS:
-        raise CheckpointError(f"cannot write an HF config for a SAM of {size or 'unknown size'}")
-    dim, depth, heads, global_attn = ENCODER_CONFIGS[size]
-    image_size = checkpoint_image_size(state) or 1024
-    return {
-        "architectures": ["SamModel"],
-        "model_type": "sam",
-        "initializer_range": 0.02,
-        "vision_config": {
-            "model_type": "sam_vision_model",
-            "hidden_size": dim,
-            "num_hidden_layers": depth,
-            "num_attention_heads": heads,
-            "global_attn_indexes": list(global_attn),
-            "mlp_dim": dim * 4,
-            "output_channels": 256,
-            "image_size": image_size,
-            "patch_size": PATCH_SIZE,
-            "window_size": 14,
-            "num_pos_feats": 128,
-            "qkv_bias": True,
-            "use_abs_pos": True,
-            "use_rel_pos": True,
-            "layer_norm_eps": 1e-6,
-        },
-        "prompt_encoder_config": {
-            "model_type": "",
-            "hidden_size": 256,
-            "image_size": image_size,
-            "patch_size": PATCH_SIZE,
-            "mask_input_channels": 16,
-            "num_point_embeddings": 4,
-            "layer_norm_eps": 1e-6,
-        },
-        "mask_decoder_config": {
-            "model_type": "",
-            "hidden_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 8,
-            "mlp_dim": 2048,
-            "attention_downsample_rate": 2,
-            "num_multimask_outputs": 3,
-            "iou_head_depth": 3,
-            "iou_head_hidden_dim": 256,
-            "layer_norm_eps": 1e-6,
-        },
-    }
-
-
 def safetensors_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     """A state dict as the bytes of a ``.safetensors`` file (contiguous CPU tensors, no shared storage)."""
     try:
@@ -327,30 +270,11 @@ def safetensors_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
 
 
-def write_hf_folder(
-    state: Mapping[str, torch.Tensor], folder: str | os.PathLike, source: str = "state dict"
-) -> None:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` (each atomically) from a samkit
-    state dict, for ``transformers.SamModel.from_pretrained(folder)``."""
-    from ..utils.files import atomic_write
-
-    folder = os.fspath(folder)
-    config = hf_config(state)
-    data = safetensors_bytes(samkit_to_hf_names(state, source))
-    with atomic_write(os.path.join(folder, "model.safetensors"), make_parents=True) as f:
-        f.write(data)
-    with atomic_write(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-
-
 __all__ = [
-    "hf_config",
     "hf_to_samkit_names",
     "is_hf_folder",
     "is_hf_state_dict",
-    "read_hf_checkpoint",
+    "read_hf_weights",
     "safetensors_bytes",
     "samkit_to_hf_names",
-    "write_hf_folder",
 ]

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     state = _checked_state(args.source)
-    from ..checkpoints.hf import safetensors_bytes, write_hf_folder
+    from ..checkpoints.hf import safetensors_bytes
+    from ..checkpoints.hf_write import write_hf_folder
 
     if args.to == "hf":
         check_output(args.output, "OUT", inputs, directory=True)
