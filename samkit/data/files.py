@@ -120,6 +120,17 @@ def to_training_rgb(
     return to_rgb_uint8(array)
 
 
+def check_percentiles(percentiles: Sequence[float] | None) -> tuple[float, float] | None:
+    """The ``percentiles`` setting of a folder dataset as a (low, high) tuple (None: the inference rule);
+    ValueError unless 0 <= low < high <= 100."""
+    if percentiles is None:
+        return None
+    values = tuple(float(p) for p in percentiles)
+    if len(values) != 2 or not 0 <= values[0] < values[1] <= 100:
+        raise ValueError(f"percentiles must be two numbers 0 <= low < high <= 100, got {percentiles}")
+    return values
+
+
 def normalize_intensity(array: np.ndarray, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> np.ndarray:
     """Any-dtype image -> uint8 of the same shape: the ``percentiles`` (low, high) over all finite
     pixels map to 0 and 255, linear between, clipped outside, rounded; non-finite pixels -> 0."""

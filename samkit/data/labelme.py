@@ -27,7 +27,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DatasetError
-from .files import DEFAULT_PERCENTILES, image_size_of, load_training_image, read_image_array, split_stems
+from .files import (
+    DEFAULT_PERCENTILES,
+    check_percentiles,
+    image_size_of,
+    load_training_image,
+    read_image_array,
+    split_stems,
+)
 from .objects import ObjectFilesDataset, check_folder, drop_small
 
 AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
@@ -166,9 +173,7 @@ class LabelmeDataset(ObjectFilesDataset):
         )
         self.data_dir = check_folder(data_dir, "labelme folder")
         self.min_area = int(min_area)
-        self.percentiles = None if percentiles is None else tuple(float(p) for p in percentiles)
-        if self.percentiles is not None and not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
-            raise ValueError(f"percentiles must be two numbers 0 <= low < high <= 100, got {percentiles}")
+        self.percentiles = check_percentiles(percentiles)
         names = sorted(
             n for n in os.listdir(self.data_dir) if n.lower().endswith(".json") and not n.startswith(".")
         )

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import DatasetError
 from .files import (
     DEFAULT_PERCENTILES,
+    check_percentiles,
     image_files_by_stem,
     image_size_of,
     load_training_image,
@@ -121,9 +122,7 @@ class MaskFolderDataset(ObjectFilesDataset):
         )
         self.data_dir = check_folder(data_dir, "mask-folder dataset")
         self.semantic, self.min_area = bool(semantic), int(min_area)
-        self.percentiles = None if percentiles is None else tuple(float(p) for p in percentiles)
-        if self.percentiles is not None and not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
-            raise ValueError(f"percentiles must be two numbers 0 <= low < high <= 100, got {percentiles}")
+        self.percentiles = check_percentiles(percentiles)
         image_dir = check_folder(os.path.join(self.data_dir, "images"), "images/ folder of the dataset")
         self._images = image_files_by_stem(image_dir, "images")
         self._kind, partners = self._find_partners()
