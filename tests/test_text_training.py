@@ -368,3 +368,58 @@ def test_two_processes_equal_one_in_text_mode(coco, tiny_clip_dir, small_frame_c
     for key in CATEGORY_KEYS + ["miou_1024", "miou_original", "objects_1024_category_best"]:
         assert r1[key] == pytest.approx(e2[key], abs=1e-9), key
     assert r1["objects_1024_category_union"] == pairs_in(coco["val"][1])
+
+
+def test_lora_in_text_mode_and_the_adapter_on_samkit_text(coco, tiny_clip_dir, small_frame_checkpoint, tmp_path):  # noqa: F811  # fmt: skip
+    """Text mode with LoRA on the encoder's attention, started from a plain SAM (the text branch starts
+    fresh and trains in full): only the adapters and the free parameters change; the adapter file
+    carries the text branch and the decoder; the plain base + the adapter file is ``sam_final.pth`` bit
+    for bit; ``samkit text --checkpoint BASE --adapter FILE`` gives the masks of ``--checkpoint
+    sam_final.pth`` (the text feature size read from the adapter, the base having no text branch)."""
+    from PIL import Image
+
+    from samkit.commands.main import main
+    from samkit.lora import ADAPTER_NAME, apply_adapter, read_adapter
+
+    pytest.importorskip("peft")
+    plain = torch.load(small_frame_checkpoint, weights_only=True)
+    assert not any("text" in k for k in plain)
+    cfg = config_to_dict(config(coco, tmp_path / "run", tiny_clip_dir, small_frame_checkpoint, epochs=1,
+                                image_size=SMALL_FRAME))  # fmt: skip
+    cfg["model"]["lora"] = {"rank": 4, "alpha": 4.0, "targets": ["encoder_qkv", "encoder_proj"]}
+    from samkit.training.config import config_from_dict
+
+    assert train(config_from_dict(cfg))["step"] > 0
+    final = final_state(tmp_path / "run")
+    info = read_adapter(tmp_path / "run" / ADAPTER_NAME)
+    full = {k for k in info.tensors if ".lora_" not in k}
+    assert {"prompt_encoder.text_proj.weight", "prompt_encoder.text_embeddings.weight"} <= full
+    assert all(k.startswith(("mask_decoder.", "prompt_encoder.text_")) for k in full)
+    assert len(info.tensors) - len(full) == 2 * 2 * 2  # A and B of qkv and proj in 2 blocks
+    for key, value in plain.items():  # the encoders' weights are frozen: LoRA's change is merged in
+        adapted = key.endswith((".attn.qkv.weight", ".attn.proj.weight"))
+        if key.startswith(("image_encoder.", "prompt_encoder.")):
+            assert torch.equal(final[key], value) != adapted, key
+
+    model = build_model("vit_tiny", text_feature_dim=12, image_size=SMALL_FRAME)
+    from samkit.build import load_checkpoint
+
+    load_checkpoint(model, plain, keep_new_text_branch=True, source=small_frame_checkpoint)
+    apply_adapter(model, tmp_path / "run" / ADAPTER_NAME)
+    assert_same_weights(model.state_dict(), final)
+
+    image = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((160, 200, 3)) * 255).astype(np.uint8)).save(image)
+
+    def text(out, checkpoint, *extra):
+        return main(["text", "--model-type", "vit_tiny", "--checkpoint", checkpoint, "--image-path", str(image),
+                     "--text-prompt", "a", "--text-prompt", "b", "--text-model-type", "clip",
+                     "--text-model", str(tiny_clip_dir), "--output-dir", str(out), *extra])  # fmt: skip
+
+    adapter = str(tmp_path / "run" / ADAPTER_NAME)
+    assert text(tmp_path / "adapter", small_frame_checkpoint, "--adapter", adapter) == 0
+    assert text(tmp_path / "merged", str(tmp_path / "run" / "sam_final.pth")) == 0
+    (a,) = (tmp_path / "adapter").glob("*.npz")
+    (b,) = (tmp_path / "merged").glob("*.npz")
+    assert np.array_equal(np.load(a)["masks"], np.load(b)["masks"])
+    assert np.array_equal(np.load(a)["iou"], np.load(b)["iou"])

@@ -57,6 +57,14 @@ def text_feature_dim(state: dict, source: str) -> int:
     return int(weight.shape[1])
 
 
+def adapter_text_branch(path: str) -> Any:
+    """The text projection weight an adapter file carries (a text-mode LoRA run trains the text branch in
+    full), or None; the file's own errors (missing, not an adapter) are one line each."""
+    from ..lora import read_adapter
+
+    return read_adapter(path).tensors.get(TEXT_PROJ_WEIGHT)
+
+
 def label_anchor(mask: np.ndarray) -> tuple[float, float] | None:
     """Where a mask's label goes: its centroid when that lies in the mask, else the mask pixel nearest
     to it (x, y); None for an empty mask."""
@@ -185,21 +193,28 @@ def run(args: argparse.Namespace) -> int:
         check_checkpoint_size(state, args.model_type, checkpoint)
     encoder = build_feature_encoder(args.text_model_type, args.text_model, device=device)
     dim = encoder.feature_dim
-    if state is not None:
+    # A LoRA run in text mode from a plain SAM trains the text branch in full: its adapter file holds it.
+    adapter_text = adapter_text_branch(args.adapter) if getattr(args, "adapter", None) else None
+    if adapter_text is not None:
+        dim = int(adapter_text.shape[1])
+    elif state is not None:
         dim = text_feature_dim(state, checkpoint)
-        if dim != encoder.feature_dim:
-            model_name = args.text_model or DEFAULT_MODELS[args.text_model_type]
-            raise CheckpointError(
-                f"{checkpoint} takes text features of size {dim}, the {args.text_model_type} feature model "
-                f"{model_name} gives {encoder.feature_dim}: pass the --text-model-type/--text-model the SAM "
-                "was fine-tuned with"
-            )
+    if dim != encoder.feature_dim:  # the checkpoint's or the adapter's text branch
+        model_name = args.text_model or DEFAULT_MODELS[args.text_model_type]
+        source = args.adapter if adapter_text is not None else checkpoint
+        raise CheckpointError(
+            f"{source} takes text features of size {dim}, the {args.text_model_type} feature model "
+            f"{model_name} gives {encoder.feature_dim}: pass the --text-model-type/--text-model the SAM "
+            "was fine-tuned with"
+        )
 
     def build(_: Any) -> Any:
         size = None if state is None else checkpoint_image_size(state)  # the checkpoint's input frame
         model = build_model(args.model_type, text_feature_dim=dim, image_size=size)
         if state is not None:
-            load_checkpoint(model, state, source=str(checkpoint))
+            load_checkpoint(
+                model, state, keep_new_text_branch=adapter_text is not None, source=str(checkpoint)
+            )
         return model
 
     model = si.build_sam(args, checkpoint, device, dtype_name, build=build)
