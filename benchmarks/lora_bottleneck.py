@@ -1,24 +1,33 @@
 """LoRA on the image encoder against decoder-only fine-tuning where the frozen encoder is the bottleneck.
 
-    python benchmarks/lora_bottleneck.py                       # -> benchmarks/results/lora_bottleneck.json
+    python benchmarks/lora_bottleneck.py --data stripes --steps 600 --alpha 8   # -> benchmarks/results/lora_bottleneck.json
     python benchmarks/lora_bottleneck.py --steps 40 --out /tmp/quick.json
     python benchmarks/lora_bottleneck.py --combine a.json b.json --out c.json   # arms run side by side
 
-A vit_tiny SAM (2-block, 64-wide encoder; 256x256 frame) with random weights is the base checkpoint:
-its random image encoder gives features that say little about the shapes in an image, so a decoder
-trained on them alone is limited by them. Each arm fine-tunes that same base with samkit's training
-loop (``samkit.training.train.train``, box prompts) on the same generated COCO-format shapes for the
-same number of steps, then scores the held-out split with ``eval.py``'s box protocol:
+A vit_tiny SAM (2-block, 64-wide encoder; 256x256 frame) with random weights is the base checkpoint.
+Each arm fine-tunes that same base with samkit's training loop (``samkit.training.train.train``, box
+prompts) on the same generated COCO-format pictures for the same number of steps, then scores the
+held-out split with ``eval.py``'s box protocol:
 
 - ``decoder_only``: the seed's recipe (image and prompt encoders frozen, the mask decoder trains);
-- ``encoder_lora_r<R>``: the same, plus LoRA (``peft``) on every linear layer of the encoder blocks;
+- ``encoder_lora_r<R>_alpha<A>``: the same, plus LoRA (``peft``) on every linear layer of the encoder
+  blocks (qkv, proj, lin1, lin2);
 - ``full_encoder``: the image encoder trains in full too (what LoRA approximates).
+
+Two kinds of pictures (``--data``): ``shapes``, tests/datagen.py's flat-coloured shapes, which the random
+encoder's features already tell apart by colour (a decoder on them alone does well); ``stripes``, the
+same shapes each filled with stripes (its own period, angle and phase) of two colours whose mean is the
+flat background's colour, so that an object differs from the background and from its neighbours by
+texture only: what tells them apart is a non-linear function of each patch (the stripes' energy and
+orientation), which the encoder's MLPs can learn and the decoder, reading the frozen features mostly
+linearly, hardly can.
 
 Reported per arm: val mIoU (1024 frame and original size), trainable parameters, the size of
 ``sam_final.pth`` and of the adapter file, wall time; for the LoRA arm also whether the unmerged (peft)
 model of the last training checkpoint and the merged plain checkpoint give the same masks on the
 val images, and whether base + adapter file (``samkit.lora.apply_adapter``) is ``sam_final.pth`` bit
-for bit. Runs on ``--threads`` torch threads (default 2); the host's load is recorded.
+for bit. Runs on ``--threads`` torch threads (default 2); the host's load is recorded. ``--seed`` is the
+training seed (LoRA's initial A, the batch order); the base weights and the data stay the same.
 """
 
 from __future__ import annotations
@@ -43,14 +52,62 @@ from samkit.lora import ADAPTER_NAME, apply_adapter  # noqa: E402
 from samkit.training.checkpointing import latest_checkpoint  # noqa: E402
 from samkit.training.config import config_from_dict  # noqa: E402
 from samkit.training.train import train  # noqa: E402
-from tests.datagen import make_coco_splits  # noqa: E402
+from tests.datagen import _box_area, _rle, make_coco_splits  # noqa: E402
+from tests.shapes import make_shapes_image  # noqa: E402
 
 FRAME = 256
 ENCODER_TARGETS = ["encoder_qkv", "encoder_proj", "encoder_mlp"]
 
 
+def stripes_image(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``make_shapes_image``'s shapes, each filled with stripes (its own period of 3-6 px, angle and
+    phase) of two colours whose mean is the flat background's colour: an object differs from the
+    background and from its neighbours by texture only, not by its mean colour."""
+    _, masks = make_shapes_image(rng, size)
+    h, w = size
+    mean = rng.uniform(70, 185, 3)
+    image = np.broadcast_to(mean, (h, w, 3)).copy()
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    for mask in masks:
+        angle, period, phase = rng.uniform(0, np.pi), rng.uniform(3, 6), rng.uniform(0, 2 * np.pi)
+        wave = np.cos(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period + phase)
+        offset = rng.normal(0, 1, 3)
+        offset *= rng.uniform(45, 65) / np.linalg.norm(offset)
+        image[mask] = mean + np.sign(wave[mask])[:, None] * offset
+    image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+    return image, masks
+
+
+def make_stripes_splits(root: Path, train_images: int, val_images: int) -> dict[str, tuple[str, str]]:
+    """COCO-format train (seed 1) and val (seed 2) splits of :func:`stripes_image` pictures (96x128)."""
+    from PIL import Image
+
+    splits = {}
+    for split, count, seed in (("train", train_images, 1), ("val", val_images, 2)):
+        rng = np.random.default_rng(seed)
+        image_dir = root / split / f"{split}2017"
+        image_dir.mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(count):
+            image, masks = stripes_image(rng, (96, 128))
+            Image.fromarray(image).save(image_dir / f"{i:012d}.png")
+            images.append({"id": i, "file_name": f"{i:012d}.png", "height": 96, "width": 128})
+            for mask in masks:
+                rle = _rle(mask)
+                bbox, area = _box_area(rle)
+                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1,
+                                    "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0})  # fmt: skip
+        ann = root / split / "annotations" / f"instances_{split}2017.json"
+        ann.parent.mkdir()
+        categories = [{"id": 1, "name": "shape", "supercategory": "shape"}]
+        ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+        splits[split] = (str(image_dir), str(ann))
+    return splits
+
+
 def arm_config(name: str, data: dict, work: Path, checkpoint: str, args: argparse.Namespace) -> dict:
-    usable = args.train_images - 2  # datagen: the last two images have no usable object
+    # datagen's shapes: the last two images have no usable object; every stripes image has objects
+    usable = args.train_images - (2 if args.data == "shapes" else 0)
     steps_per_epoch = usable // args.batch_size
     epochs = max(1, -(-args.steps // steps_per_epoch))
     cfg: dict = {
@@ -135,6 +192,7 @@ def combine(paths: list[str], out: str) -> int:
     result["load_before"] = [max(r["load_before"][i] for r in runs) for i in range(3)]
     result["load_after"] = [max(r["load_after"][i] for r in runs) for i in range(3)]
     result["arms"] = {}
+    several_seeds = len({r["settings"]["seed"] for r in runs}) > 1
     for r in runs:
         for arm, row in r["arms"].items():
             settings = r["settings"]
@@ -143,6 +201,8 @@ def combine(paths: list[str], out: str) -> int:
             ):  # results from before --alpha (2 x rank)
                 settings = {**settings, "alpha": settings.get("alpha", 2.0 * settings["rank"])}
                 arm = f"{arm}_alpha{settings['alpha']:g}"
+            if several_seeds:
+                arm = f"{arm} seed {settings['seed']}"
             result["arms"][arm] = {**row, "settings": settings}
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
@@ -164,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--data", choices=["shapes", "stripes"], default="shapes",
+        help="shapes: tests/datagen.py's flat-coloured shapes; stripes: the same shapes told apart by texture only",
+    )  # fmt: skip
     parser.add_argument("--arms", default="decoder_only,encoder_lora,full_encoder")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lora_bottleneck.json"))
     parser.add_argument(
@@ -178,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="lora_bottleneck_"))
-    data = make_coco_splits(tmp / "data", train_images=args.train_images, val_images=args.val_images)
+    make = make_coco_splits if args.data == "shapes" else make_stripes_splits
+    data = make(tmp / "data", train_images=args.train_images, val_images=args.val_images)
     torch.manual_seed(0)
     base = tmp / "random_vit_tiny_256.pth"
     torch.save(build_model("vit_tiny", image_size=FRAME).state_dict(), base)
@@ -232,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "model": f"vit_tiny, random weights (seed 0), {FRAME} frame"
         + (f"; every arm starts from {args.base}" if args.base else ""),
-        "data": f"generated COCO shapes: {args.train_images} train / {args.val_images} val images (tests/datagen.py)",
+        "data": (
+            f"generated COCO shapes: {args.train_images} train / {args.val_images} val images (tests/datagen.py)"
+            if args.data == "shapes"
+            else f"generated COCO striped shapes (told apart by texture only, not by mean colour): "
+            f"{args.train_images} train / {args.val_images} val images (stripes_image)"
+        ),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "arms": arms,

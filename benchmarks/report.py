@@ -612,7 +612,8 @@ def lora() -> list[str]:
         lines += [
             f"`{r['command']}` ({name}; {r['machine']}; {when(r)}; load average {r['load_before'][0]:g} before,",
             f"{r['load_after'][0]:g} after). {r['model']}; {r['data']}; box prompts, every arm the same steps,",
-            "seed, data and schedule (arms run side by side, one process each; AdamW lr "
+            "data and schedule, the same training seed unless the arm names one (arms run side by side, one "
+            "process each; AdamW lr "
             f"{next(iter(r['arms'].values()))['settings']['lr']:g}, batch "
             f"{next(iter(r['arms'].values()))['settings']['batch_size']}; LoRA on every linear layer of the "
             "encoder blocks: qkv, proj, lin1, lin2); val mIoU (%) by `eval.py`'s box protocol on the held-out split"
@@ -630,6 +631,7 @@ def lora() -> list[str]:
                 f"{row['sam_final_bytes'] / 1e6:.2f} | {adapter} |"
             )
         lines.append("")
+        lines += _lora_seed_summary(r["arms"])
         for arm, row in r["arms"].items():
             check = row.get("merged_vs_unmerged")
             if check:
@@ -664,6 +666,27 @@ def lora() -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _lora_seed_summary(arms: dict) -> list[str]:
+    """A line per arm run with several training seeds (``<arm> seed <n>``): its val mIoU per seed, mean and
+    range; nothing for the arms that ran once."""
+    by_arm: dict[str, list[tuple[int, float]]] = {}
+    for name, row in arms.items():
+        if " seed " in name:
+            base, seed = name.rsplit(" seed ", 1)
+            by_arm.setdefault(base, []).append((int(seed), row["val_miou_1024"]))
+    by_arm = {base: rows for base, rows in by_arm.items() if len(rows) > 1}
+    if not by_arm:
+        return []
+    lines = ["Over the training seeds (val mIoU at 1024, %):", ""]
+    for base, rows in by_arm.items():
+        values = [v for _, v in sorted(rows)]
+        per_seed = ", ".join(f"{v:.1f} (seed {s})" for s, v in sorted(rows))
+        lines.append(
+            f"- {base}: mean {sum(values) / len(values):.1f}, range {min(values):.1f}-{max(values):.1f}; {per_seed}"
+        )
+    return lines + [""]
 
 
 def _one(pattern: str) -> tuple[str, dict] | None:
