@@ -1,6 +1,7 @@
 """LoRA on the image encoder against decoder-only fine-tuning where the frozen encoder is the bottleneck.
 
-    python benchmarks/lora_bottleneck.py --data stripes --steps 600 --alpha 8   # -> benchmarks/results/lora_bottleneck.json
+    python benchmarks/lora_bottleneck.py --seed 4 --arms decoder_only --out /tmp/d4.json   # defaults: the headline run's
+    python benchmarks/lora_bottleneck.py --data shapes --steps 1000 --alpha 2 --out /tmp/shapes.json
     python benchmarks/lora_bottleneck.py --steps 40 --out /tmp/quick.json
     python benchmarks/lora_bottleneck.py --combine a.json b.json --out c.json   # arms run side by side
 
@@ -213,19 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--train-images", type=int, default=66)
+    parser.add_argument("--train-images", type=int, default=202)
     parser.add_argument("--val-images", type=int, default=22)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument(
-        "--alpha", type=float, default=2.0, help="LoRA alpha: the adapters' output x alpha / rank"
+        "--alpha", type=float, default=8.0, help="LoRA alpha: the adapters' output x alpha / rank"
     )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--data", choices=["shapes", "stripes"], default="shapes",
+        "--data", choices=["shapes", "stripes"], default="stripes",
         help="shapes: tests/datagen.py's flat-coloured shapes; stripes: the same shapes told apart by texture only",
     )  # fmt: skip
     parser.add_argument("--arms", default="decoder_only,encoder_lora,full_encoder")
