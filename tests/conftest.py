@@ -4,6 +4,11 @@ training."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +158,48 @@ def text_sam_model(request):
     text mode on generated named-shape images, and ``clip``, the tiny CLIP it was trained with
     (tests/text_models.py). Built before the first test runs and cached."""
     return trained_models.model_dir(request.config, "text_sam_model")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real browser for the web page tests (tests/test_serve_browser.py, tests/test_serve_webdecode.py).
+
+CHROMIUM = "/usr/bin/chromium"
+# Playwright adds --headless and a fresh temporary profile (--user-data-dir) itself.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when missing; a failed install fails loudly."""
+    if not os.path.exists(CHROMIUM):
+        started = time.time()
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        steps = [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]]
+        for step in steps:
+            if shutil.which(step[0]) is None:
+                pytest.fail(f"{CHROMIUM} is missing and {step[0]} is not available to install it")
+            done = subprocess.run(step, capture_output=True, text=True, env=env, timeout=900)
+            if done.returncode != 0:
+                pytest.fail(f"installing chromium failed ({' '.join(step)}):\n{done.stderr[-2000:]}")
+        print(f"installed chromium in {time.time() - started:.0f} s")
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is still missing after apt-get install chromium")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        yield instance
+        instance.close()

@@ -31,6 +31,8 @@ from samkit.serve.app import create_app  # noqa: E402
 from samkit.serve.state import Limits, ModelService  # noqa: E402
 from samkit.utils.amg import rle_to_mask  # noqa: E402
 
+from .serve_helpers import serving  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 H, W = 40, 56
 
@@ -540,26 +542,12 @@ def test_lookups_stay_responsive_while_the_model_is_busy(client, service, image_
 
 def test_concurrent_clients_on_a_real_server_get_their_own_masks(tiny_model):
     """4 clients x 5 prompts through uvicorn at once: every reply is the one a lone request gets."""
-    import socket
     import threading
 
     import httpx
-    import uvicorn
 
     service = ModelService(tiny_model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started:
-            assert time.time() < deadline
-            time.sleep(0.05)
+    with serving(create_app(service)) as port:
         base = f"http://127.0.0.1:{port}"
         ids = [
             httpx.post(
@@ -588,9 +576,6 @@ def test_concurrent_clients_on_a_real_server_get_their_own_masks(tiny_model):
         for t in threads:
             t.join()
         assert together == alone
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_everything_takes_the_cached_embedding_and_runs_the_encoder_only_for_crops(client, service, image_id):

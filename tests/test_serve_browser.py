@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import shutil
-import socket
-import subprocess
-import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="samkit[serve] is part of the dev install")
-import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from samkit.serve.app import create_app  # noqa: E402
@@ -32,44 +25,10 @@ from samkit.serve.state import ModelService  # noqa: E402
 from samkit.serve.webdecoder import prepare_web_decoder  # noqa: E402
 from samkit.utils.amg import rle_to_mask  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-# Playwright adds --headless and a fresh temporary profile (--user-data-dir) itself.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from .serve_helpers import page_server  # noqa: E402
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "outputs" / "test_artifacts"
 TOKEN = "t0k"
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's Chromium, installed with apt when missing; a failed install fails loudly."""
-    if not os.path.exists(CHROMIUM):
-        started = time.time()
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        steps = [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]]
-        for step in steps:
-            if shutil.which(step[0]) is None:
-                pytest.fail(f"{CHROMIUM} is missing and {step[0]} is not available to install it")
-            done = subprocess.run(step, capture_output=True, text=True, env=env, timeout=900)
-            if done.returncode != 0:
-                pytest.fail(f"installing chromium failed ({' '.join(step)}):\n{done.stderr[-2000:]}")
-        print(f"installed chromium in {time.time() - started:.0f} s")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is still missing after apt-get install chromium")
-    return CHROMIUM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,38 +37,12 @@ def server(shapes_model, tmp_path_factory):
     with a token: ``url``, ``service`` and ``api`` (an httpx client that sends the token). Its
     onnxruntime-web folder is empty, so the page decodes on the server (the masks checked below are the
     API's exactly; tests/test_serve_webdecode.py checks the page's own decoding)."""
-    import uvicorn
-
     model, _ = shapes_model
-    port = free_port()
     service = ModelService(model)
     web = prepare_web_decoder(model, "vit_tiny", runtime_dir=tmp_path_factory.mktemp("no-runtime"))
     assert not web.available and "ort.wasm.min.js is missing" in web.reason
-    app = create_app(service, token=TOKEN, web=web)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    api = httpx.Client(base_url=url, timeout=120, headers={"X-Samkit-Token": TOKEN})
-    yield SimpleNamespace(url=url, service=service, api=api)
-    api.close()
-    instance.should_exit = True
-    thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser(chromium):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        yield instance
-        instance.close()
+    with page_server(create_app(service, token=TOKEN, web=web), service, TOKEN) as server:
+        yield server
 
 
 def watch(page) -> list[str]:

@@ -5,9 +5,6 @@ refused with a 4xx (or handled right) and the server keeps serving."""
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 import urllib.parse
 
 import numpy as np
@@ -23,6 +20,7 @@ from samkit.serve.guard import Access  # noqa: E402
 from samkit.serve.state import Limits, ModelService  # noqa: E402
 from samkit.utils.image import load_image  # noqa: E402
 
+from .serve_helpers import serving  # noqa: E402
 from .test_serve_api import local_client, picture, png, refused  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -196,23 +194,8 @@ def test_the_allow_flags_are_checked_on_the_command_line(capsys):
 @pytest.fixture(scope="module")
 def real_server(service):
     """The app on a real uvicorn socket (header encoding and connection drops happen only there)."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="critical")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(service), log_level="critical") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_hostile_request_list_gets_4xx_and_the_server_keeps_serving(real_server):

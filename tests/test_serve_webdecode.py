@@ -15,16 +15,13 @@ predictions within 2e-3; the selected candidate's low-res logits within 1e-3 of 
 from __future__ import annotations
 
 import re
-import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="samkit[serve] is part of the dev install")
 pytest.importorskip("onnx", reason="samkit[onnx] is part of the dev install")
-import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from samkit.export.verify import BOUNDS  # noqa: E402
@@ -33,11 +30,9 @@ from samkit.serve.state import ModelService  # noqa: E402
 from samkit.serve.webdecoder import find_runtime, prepare_web_decoder  # noqa: E402
 from samkit.utils.amg import rle_to_mask  # noqa: E402
 
-from .test_serve_browser import (  # noqa: E402, F401  (chromium: a session fixture)
+from .serve_helpers import page_server  # noqa: E402
+from .test_serve_browser import (  # noqa: E402
     ARTIFACTS,
-    CHROMIUM_FLAGS,
-    chromium,
-    free_port,
     inside_point,
     open_image,
     watch,
@@ -50,8 +45,6 @@ FP32 = BOUNDS["fp32"]
 @pytest.fixture(scope="module")
 def server(shapes_model, tmp_path_factory):
     """The app with the decoder exported into a fresh cache and the installed runtime, on 127.0.0.1."""
-    import uvicorn
-
     runtime, reason = find_runtime()
     if runtime is None:
         pytest.fail(f"{reason}: the in-browser decoding tests need it (make web-runtime installs it)")
@@ -59,34 +52,8 @@ def server(shapes_model, tmp_path_factory):
     web = prepare_web_decoder(model, "vit_tiny", tmp_path_factory.mktemp("decoders"))
     assert web.available, web.reason
     service = ModelService(model)
-    port = free_port()
-    instance = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service, token=TOKEN, web=web), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    api = httpx.Client(base_url=url, timeout=120, headers={"X-Samkit-Token": TOKEN})
-    yield SimpleNamespace(url=url, service=service, api=api)
-    api.close()
-    instance.should_exit = True
-    thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser(chromium):  # noqa: F811
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        yield instance
-        instance.close()
+    with page_server(create_app(service, token=TOKEN, web=web), service, TOKEN) as server:
+        yield server
 
 
 def same_masks(page_reply: dict, page_low: list, server_reply: dict, service: ModelService) -> None:
@@ -204,17 +171,22 @@ def test_the_page_decodes_in_the_browser_as_the_server_does(browser, server, sha
     page.close()
 
 
+def goto_decoding_on_the_server(page, url: str, because: str) -> None:
+    """Open the page at ``url``; it must settle on server decoding, its header saying so and why."""
+    page.goto(url)
+    page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
+    assert page.evaluate("window.samkit.state.decoding") == "server"
+    assert page.inner_text("#decoding") == "decoding on the server"
+    assert because in page.get_attribute("#decoding", "title")
+
+
 def test_the_page_decodes_on_the_server_when_the_wasm_does_not_load(browser, server, shapes_image, tmp_path):
     image, shapes = shapes_image
     path = tmp_path / "fallback.png"
     Image.fromarray(image).save(path)
     page = browser.new_page(viewport={"width": 1280, "height": 760})
     page.route("**/runtime/ort-wasm-simd-threaded.wasm", lambda route: route.abort())
-    page.goto(server.url + f"/?token={TOKEN}")
-    page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
-    assert page.evaluate("window.samkit.state.decoding") == "server"
-    assert page.inner_text("#decoding") == "decoding on the server"
-    assert "onnxruntime-web failed" in page.get_attribute("#decoding", "title")
+    goto_decoding_on_the_server(page, server.url + f"/?token={TOKEN}", because="onnxruntime-web failed")
     open_image(page, path)
     page.uncheck("#hover")
     box = page.locator("#view").bounding_box()
@@ -337,11 +309,7 @@ def test_decode_server_in_the_address_loads_no_wasm(browser, server, shapes_imag
     wasm = ("/runtime/", "/api/decoder.onnx", "/embedding")
     fetched: list[str] = []
     page.on("request", lambda r: fetched.append(r.url) if any(k in r.url for k in wasm) else None)
-    page.goto(server.url + f"/?decode=server&token={TOKEN}")
-    page.wait_for_function("window.samkit.state.decoding !== 'starting'", timeout=60_000)
-    assert page.evaluate("window.samkit.state.decoding") == "server"
-    assert page.inner_text("#decoding") == "decoding on the server"
-    assert "?decode=server" in page.get_attribute("#decoding", "title")
+    goto_decoding_on_the_server(page, server.url + f"/?decode=server&token={TOKEN}", because="?decode=server")
     open_image(page, path)
     assert fetched == [] and page.evaluate("window.ort === undefined")
     page.close()

@@ -6,9 +6,6 @@ bound to 0.0.0.0 answering requests that name it by IP address."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -25,6 +22,7 @@ from samkit.serve.guard import Access  # noqa: E402
 from samkit.serve.state import ModelService  # noqa: E402
 from samkit.serve.webdecoder import RUNTIME_FILES, export_cached_decoder, prepare_web_decoder  # noqa: E402
 
+from .serve_helpers import serving  # noqa: E402
 from .test_serve_api import local_client, picture, png  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -139,20 +137,8 @@ def test_the_web_flags_are_checked_on_the_command_line(tmp_path, capsys):
 def test_a_wildcard_bind_answers_ip_literal_hosts(tiny_model):
     """``--host 0.0.0.0``: other machines name the server by address (v4 or v6), which a rebinding attack
     cannot use; a name is still refused. A real socket on 0.0.0.0, as the command binds it."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        port = s.getsockname()[1]
     app = create_app(ModelService(tiny_model), access=Access("0.0.0.0"))
-    server = uvicorn.Server(uvicorn.Config(app, host="0.0.0.0", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
+    with serving(app, host="0.0.0.0", log_level="critical") as port:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             for host in (f"192.168.1.20:{port}", "10.0.0.7", f"[fe80::1]:{port}", f"127.0.0.1:{port}"):
                 reply = http.get("/api/health", headers={"host": host})
@@ -160,6 +146,3 @@ def test_a_wildcard_bind_answers_ip_literal_hosts(tiny_model):
             for host in ("attacker.example", f"rebind.example:{port}", "192.168.1.20.nip.io"):
                 reply = http.get("/api/images", headers={"host": host})
                 assert reply.status_code == 403 and "--allow-host" in reply.json()["error"], host
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
