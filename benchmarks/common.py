@@ -19,6 +19,10 @@ from samkit.fast import accelerate
 from samkit.fast.allocator import allocator_tuned, tune_cpu_allocator
 from samkit.modeling import Sam
 
+# The training loop's settings for a timed run: no evaluation, no TensorBoard, no progress bar, a log
+# line every step (the benchmarks read the step times from metrics.jsonl).
+QUIET_TRAINING: dict[str, Any] = {"eval_every": 0, "log_every": 1, "tensorboard": False, "progress": False}
+
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

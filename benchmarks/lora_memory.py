@@ -74,6 +74,8 @@ def run_child(cfg: dict, threads: int) -> int:
 
 
 def arm_config(name: str, spec: dict, data: tuple[str, str], work: Path, args: argparse.Namespace) -> dict:
+    from common import QUIET_TRAINING  # benchmarks/ is on sys.path (main)
+
     model: dict = {"type": args.model, "checkpoint": None, "freeze": ["image_encoder", "prompt_encoder"]}
     if spec.get("lora"):
         model["lora"] = {
@@ -92,10 +94,7 @@ def arm_config(name: str, spec: dict, data: tuple[str, str], work: Path, args: a
         "max_steps": args.steps,
         "batch_size": args.batch_size,
         "amp": args.amp,
-        "eval_every": 0,
-        "log_every": 1,
-        "tensorboard": False,
-        "progress": False,
+        **QUIET_TRAINING,
         "seed": 0,
     }  # fmt: skip
 

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import command_line, shared_random_weights, write_result
+from common import QUIET_TRAINING, command_line, shared_random_weights, write_result
 
 from samkit.build import ENCODER_CONFIGS
 from samkit.training.config import config_from_dict
@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "amp": args.amp,
-            "eval_every": 0,
-            "log_every": 1,
-            "tensorboard": False,
-            "progress": False,
+            **QUIET_TRAINING,
             "prompt_mode": args.prompt_mode,
         }
         if args.prompt_mode == "point":  # the seed's recipe: first click, then one click per round

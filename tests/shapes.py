@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import colorsys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -291,6 +292,18 @@ def _train_step(
     return loss, float(iou[rows, best].mean())
 
 
+def decoder_optimizer(model: Sam, steps: int, lr: float) -> tuple[torch.optim.AdamW, Any]:
+    """AdamW over everything but the image encoder, and its schedule: a linear warm-up over the first
+    5% of ``steps``, then a square-root decay to zero (the test models' recipe)."""
+    params = [p for name, p in model.named_parameters() if not name.startswith("image_encoder.")]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps) ** 0.5
+    )
+    return optimizer, schedule
+
+
 def train_tiny_shapes_model(
     steps: int = TRAIN_STEPS,
     seed: int = 0,
@@ -309,12 +322,7 @@ def train_tiny_shapes_model(
     rng = np.random.default_rng(seed)
     _tie_cross_attention(model)
     data = _embed_training_images(model, rng, min(TRAIN_IMAGES, max(4, steps // 20)))
-    params = [p for name, p in model.named_parameters() if not name.startswith("image_encoder.")]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps) ** 0.5
-    )
+    optimizer, schedule = decoder_optimizer(model, steps, LR)
     coarse = round(steps * COARSE_FRACTION)
     model.image_encoder.requires_grad_(False)
     try:

@@ -34,6 +34,7 @@ from .test_train import (
     losses_of,
     make_config,
     run_cli,
+    set_keys,
     torchrun,
     write_config,
 )
@@ -51,13 +52,7 @@ def coco(tmp_path_factory):
 def lora_config(coco, work_dir, checkpoint, targets=ENCODER_AND_DECODER, **overrides) -> dict:
     cfg = make_config(coco, work_dir, checkpoint, epochs=1, batch_size=2, **{"model.image_size": SMALL_FRAME})
     cfg["model"]["lora"] = {"rank": 4, "alpha": 8, "targets": list(targets)}
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return set_keys(cfg, overrides)
 
 
 @pytest.fixture(scope="module")

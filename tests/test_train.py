@@ -66,6 +66,11 @@ def make_config(coco, work_dir, checkpoint, **overrides) -> dict:
         "progress": False,
         "seed": 7,
     }
+    return set_keys(cfg, overrides)
+
+
+def set_keys(cfg: dict, overrides: dict) -> dict:
+    """``cfg`` with each dotted key of ``overrides`` (``"model.image_size"``) set to its value, in place."""
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

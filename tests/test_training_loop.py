@@ -29,7 +29,15 @@ from samkit.training.train import train
 
 from .conftest import SMALL_FRAME
 from .datagen import make_coco_dataset
-from .test_train import assert_same_weights, final_state, losses_of, make_config, torchrun, write_config
+from .test_train import (
+    assert_same_weights,
+    final_state,
+    losses_of,
+    make_config,
+    set_keys,
+    torchrun,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +79,7 @@ def test_a_refused_run_writes_nothing(coco, tiny_checkpoint, tmp_path):
         "unknown freeze prefix": {"model.freeze": ["image_encodr"]},
     }
     for name, overrides in cases.items():
-        cfg = copy.deepcopy(good)
-        for key, value in overrides.items():
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        cfg = set_keys(copy.deepcopy(good), overrides)
         with pytest.raises(SamkitError):
             train(config_from_dict(cfg))
         assert not run.exists(), name

@@ -25,7 +25,7 @@ from samkit.utils.transforms import ResizeLongestSide
 from samkit.volume.intensity import to_uint8
 from samkit.volume.synthetic import synthetic_volume
 
-from .shapes import _balanced_bce, _dice_loss, _tie_cross_attention, masks_to_low_res
+from .shapes import _balanced_bce, _dice_loss, _tie_cross_attention, decoder_optimizer, masks_to_low_res
 
 TRAIN_SEED0 = 1000
 TRAIN_VOLUMES = 6
@@ -120,12 +120,7 @@ def train_volume_box_model(steps: int = 500, seed: int = 0, verbose: bool = Fals
     rng = np.random.default_rng(seed)
     _tie_cross_attention(model)
     data = _embed(model, seed)
-    params = [p for name, p in model.named_parameters() if not name.startswith("image_encoder.")]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps) ** 0.5
-    )
+    optimizer, schedule = decoder_optimizer(model, steps, LR)
     coarse = round(steps * COARSE_FRACTION)
     model.image_encoder.requires_grad_(False)
     try:
